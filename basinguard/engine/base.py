@@ -1,0 +1,54 @@
+"""The one contract every backend implements: named numpy arrays in, named numpy arrays out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from basinguard.errors import BasinguardError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as the model file declares it."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]  # str/None: a dynamic axis
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+class LoadedModel(Protocol):
+    """A loaded model of any backend (ONNX Runtime, TensorRT)."""
+
+    name: str
+    provider: str  # the backend that actually runs it, recorded in traces and manifests
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class EngineError(BasinguardError, RuntimeError):
+    """A model file that cannot be loaded or run; the message names the file and the cause."""
+
+
+def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
+    """Cast `value` to what the model declares, and fit a batch vector to a scalar or (1,) input.
+
+    Exporters disagree on the UNet's `timestep`: optimum declares a float scalar or (1,) vector,
+    others an int64 or float per-sample vector. The runtime always passes a per-sample vector;
+    a model that takes one value gets it when all samples share it (they always do here).
+    """
+    value = np.asarray(value)
+    takes_one = spec.rank == 0 or (spec.rank == 1 and spec.shape[0] == 1)
+    if takes_one:
+        if value.size > 1 and not np.all(value == value.flat[0]):
+            raise EngineError(f"input {spec.name!r} takes a single value but got differing values {value.tolist()}")
+        value = value.reshape(-1)[:1].reshape(() if spec.rank == 0 else (1,))
+    return value.astype(spec.dtype, copy=False)

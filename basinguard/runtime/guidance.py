@@ -1,0 +1,164 @@
+"""Guidance policies: small per-sample state machines that see d and return the CFG scale.
+
+Names follow Jain et al. (CVPR 2025): `pre_scale` is the scale used inside the attraction basin
+(0: no guidance; -opposite_scale: opposite guidance), `guidance_scale` is λ after the
+transition, `transition_step` is the index of the first step at λ.
+
+Every policy answers for a batch of N samples at once; every sample switches on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from basinguard.errors import BasinguardError
+
+POLICY_NAMES = ("cfg", "stp", "dtp", "og-stp", "og-dtp")
+NO_TRANSITION = -1
+
+
+class PolicyError(BasinguardError, ValueError):
+    """Policy parameters outside their allowed range."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """What a user chooses; `make_policy` turns it into a fresh state machine per batch."""
+
+    name: str = "cfg"
+    guidance_scale: float = 7.5  # λ
+    transition_t: int = 500  # τ for the static policies: λ applies once t <= τ
+    pre_scale: float = 0.0  # s_pre for stp/dtp
+    opposite_scale: float = 1.0  # λ_og for og-*: s_pre = -λ_og
+    # `auto`: detection-gated mitigation (Wen et al.): d at step 0 above the threshold → mitigation.
+    detect_threshold: float | None = None
+    mitigation: str = "og-dtp"
+
+    def validate(self, num_train_timesteps: int = 1000) -> None:
+        if self.name not in (*POLICY_NAMES, "auto"):
+            raise PolicyError(f"unknown policy {self.name!r}; choose one of {', '.join((*POLICY_NAMES, 'auto'))}")
+        if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise PolicyError(f"guidance scale must be >= 0 (got {self.guidance_scale}); "
+                              "opposite guidance is chosen with an og-* policy and --opposite-scale")
+        if not 0 <= self.transition_t <= num_train_timesteps:
+            raise PolicyError(f"transition t must be in [0, {num_train_timesteps}] (got {self.transition_t})")
+        if not np.isfinite(self.pre_scale):
+            raise PolicyError(f"pre-scale must be a finite number (got {self.pre_scale})")
+        if not np.isfinite(self.opposite_scale) or self.opposite_scale <= 0:
+            raise PolicyError(f"opposite scale must be > 0 (got {self.opposite_scale})")
+        if self.name == "auto":
+            if self.detect_threshold is None or not np.isfinite(self.detect_threshold):
+                raise PolicyError("policy 'auto' needs a detection threshold (--detect-threshold)")
+            if self.mitigation not in POLICY_NAMES or self.mitigation == "cfg":
+                raise PolicyError(f"mitigation must be one of stp, dtp, og-stp, og-dtp (got {self.mitigation!r})")
+
+    def parameters(self) -> dict:
+        """What a trace records: only the parameters this policy uses."""
+        used = {"name", "guidance_scale"}
+        if self.name in ("stp", "og-stp"):
+            used.add("transition_t")
+        if self.name in ("stp", "dtp"):
+            used.add("pre_scale")
+        if self.name.startswith("og-"):
+            used.add("opposite_scale")
+        if self.name == "auto":
+            used = set(asdict(self))
+        return {k: v for k, v in asdict(self).items() if k in used}
+
+
+class GuidancePolicy:
+    """Base: constant λ (plain CFG). Subclasses override `_pre_switch` and the switch rule."""
+
+    def __init__(self, n: int, guidance_scale: float, pre_scale: float = 0.0):
+        self.n = n
+        self.guidance_scale = guidance_scale
+        self.pre_scale = pre_scale
+        self.transition_step = np.zeros(n, np.int64)  # cfg: λ from the first step
+
+    def needs_cond(self, step: int, t: float) -> bool:
+        """Whether this step needs ε(x_t, e_p); False lets the loop run the UNet at batch N."""
+        return True
+
+    def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
+        return np.full(self.n, self.guidance_scale)
+
+    def _switched(self) -> np.ndarray:
+        return self.transition_step != NO_TRANSITION
+
+    def _scales(self) -> np.ndarray:
+        return np.where(self._switched(), self.guidance_scale, self.pre_scale)
+
+
+class StaticTransition(GuidancePolicy):
+    """STP / OG-STP: s_pre while t > τ, then λ."""
+
+    def __init__(self, n: int, guidance_scale: float, pre_scale: float, transition_t: float):
+        super().__init__(n, guidance_scale, pre_scale)
+        self.transition_t = transition_t
+        self.transition_step = np.full(n, NO_TRANSITION, np.int64)
+
+    def needs_cond(self, step: int, t: float) -> bool:
+        # With s_pre = 0 the guided ε is ε_∅ alone before τ; d is then not measured.
+        return t <= self.transition_t or self.pre_scale != 0
+
+    def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
+        if t <= self.transition_t:
+            self.transition_step[~self._switched()] = step
+        return self._scales()
+
+
+class DynamicTransition(GuidancePolicy):
+    """DTP / OG-DTP (Algorithm 1): s_pre until d's first local minimum d[i-2] > d[i-1] < d[i]; λ from step i on."""
+
+    def __init__(self, n: int, guidance_scale: float, pre_scale: float):
+        super().__init__(n, guidance_scale, pre_scale)
+        self.transition_step = np.full(n, NO_TRANSITION, np.int64)
+        self._d1 = np.full(n, -np.inf)  # d[i-1]; -inf as Algorithm 1 starts, so no minimum in the first two steps
+        self._d2 = np.full(n, -np.inf)  # d[i-2]
+
+    def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
+        assert d is not None, "DTP measures d at every step"
+        minimum = (self._d2 > self._d1) & (self._d1 < d)
+        self.transition_step[minimum & ~self._switched()] = step
+        self._d2, self._d1 = self._d1, d.astype(np.float64)
+        return self._scales()
+
+
+class DetectionGated(GuidancePolicy):
+    """`auto`: score = d at step 0; flagged samples follow the mitigation policy, the rest plain CFG."""
+
+    def __init__(self, n: int, mitigation: GuidancePolicy, threshold: float):
+        super().__init__(n, mitigation.guidance_scale)
+        self.mitigation = mitigation
+        self.threshold = threshold
+        self.score = np.full(n, np.nan)
+        self.flagged = np.zeros(n, bool)
+
+    def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
+        assert d is not None, "detection measures d at every step"
+        if step == 0:
+            self.score = d.astype(np.float64)
+            self.flagged = self.score > self.threshold
+        mitigated = self.mitigation.scale(step, t, d)
+        self.transition_step = np.where(self.flagged, self.mitigation.transition_step, 0)
+        return np.where(self.flagged, mitigated, self.guidance_scale)
+
+
+def make_policy(config: PolicyConfig, n: int, num_train_timesteps: int = 1000) -> GuidancePolicy:
+    """A fresh per-batch state machine for N samples."""
+    config.validate(num_train_timesteps)
+    name = config.mitigation if config.name == "auto" else config.name
+    pre = -config.opposite_scale if name.startswith("og-") else config.pre_scale
+    policy: GuidancePolicy
+    if name == "cfg":
+        policy = GuidancePolicy(n, config.guidance_scale)
+    elif name in ("stp", "og-stp"):
+        policy = StaticTransition(n, config.guidance_scale, pre, config.transition_t)
+    else:
+        policy = DynamicTransition(n, config.guidance_scale, pre)
+    if config.name == "auto":
+        assert config.detect_threshold is not None
+        policy = DetectionGated(n, policy, config.detect_threshold)
+    return policy

@@ -1,0 +1,207 @@
+"""prompt → tokens → embeddings → loop (UNet, policy, scheduler) → VAE → image + trace.
+
+One object per stage (text encoder, UNet, VAE decoder) as NVIDIA's TensorRT demo does, with a
+per-stage timing table; the denoising loop is `denoise`, Algorithm 1 of Jain et al. over any scheduler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from basinguard.engine import LoadedModel, load_model
+from basinguard.runtime.errors import InputError
+from basinguard.runtime.guidance import GuidancePolicy, PolicyConfig, make_policy
+from basinguard.runtime.model_folder import ModelFolder
+from basinguard.runtime.schedulers import Scheduler, make_scheduler, scheduler_name_for_config
+from basinguard.runtime.tokenizer import PromptTokenizer
+
+
+class StageTimer:
+    """Wall time and call count per stage; `loop` minus `unet` is the scheduler + policy cost."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+            self.calls[stage] += 1
+
+    def summary(self) -> dict[str, float]:
+        s = dict(self.seconds)
+        if "loop" in s:
+            s["scheduler+policy"] = s.pop("loop") - s.get("unet", 0.0)
+        return s
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 50
+    scheduler: str | None = None  # None: the model's own scheduler config
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+
+@dataclass
+class Generation:
+    pixels: np.ndarray  # float32 (H, W, 3) in [0, 1]
+    trace: dict
+
+    def to_pil(self):  # -> PIL.Image.Image
+        from PIL import Image
+
+        return Image.fromarray((self.pixels * 255).round().astype(np.uint8))
+
+
+def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np.ndarray,
+            e_uncond: np.ndarray, e_pair: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reverse diffusion with a per-sample guidance policy. Returns x_0, d per step (NaN where not
+    measured) and the scale applied per step, both (steps, N)."""
+    n = len(x)
+    gap = np.full((len(scheduler.timesteps), n), np.nan)
+    scale = np.zeros_like(gap)
+    for i, t in enumerate(scheduler.timesteps):
+        x_in = scheduler.scale_model_input(x, i)
+        if policy.needs_cond(i, t):
+            eps = unet(np.concatenate([x_in, x_in]), t, e_pair)  # [ε(x, e_∅); ε(x, e_p)]
+            eps_uncond, guidance = eps[:n], eps[n:] - eps[:n]
+            gap[i] = np.linalg.norm(guidance.reshape(n, -1), axis=1)  # d_t, free: both halves are here
+            scale[i] = policy.scale(i, t, gap[i])
+            eps = eps_uncond + scale[i].reshape(-1, 1, 1, 1).astype(x.dtype) * guidance
+        else:  # the policy guarantees scale 0 here: ε̂ = ε_∅, at batch N
+            eps = unet(x_in, t, e_uncond)
+            scale[i] = policy.scale(i, t, None)
+            assert not scale[i].any(), "a policy that skips the conditional branch must use scale 0"
+        x = scheduler.step(eps, i, x)
+    return x, gap, scale
+
+
+class UNetStage:
+    def __init__(self, model: LoadedModel, timer: StageTimer):
+        for name in ("sample", "timestep", "encoder_hidden_states"):
+            if name not in model.inputs:
+                raise InputError(f"unet model lacks input {name!r} (has {', '.join(model.inputs)})")
+        self.model, self.timer = model, timer
+        self.output = next(iter(model.outputs))
+
+    def __call__(self, x: np.ndarray, t: float, embeddings: np.ndarray) -> np.ndarray:
+        with self.timer("unet"):
+            out = self.model.run({"sample": x, "timestep": np.full(len(x), t, np.float32),
+                                  "encoder_hidden_states": embeddings})[self.output]
+        return out.astype(np.float32, copy=False)
+
+
+class Pipeline:
+    """An exported model folder loaded on one provider."""
+
+    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None):
+        self.folder = ModelFolder.open(folder)
+        self.provider = provider
+        self.timer = StageTimer()
+        self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer")
+        self.text_encoder = load_model(self.folder.path / "text_encoder/model.onnx", provider, threads)
+        self.unet = UNetStage(load_model(self.folder.path / "unet/model.onnx", provider, threads), self.timer)
+        self.vae_decoder = load_model(self.folder.path / "vae_decoder/model.onnx", provider, threads)
+        outs = self.text_encoder.outputs
+        self._text_output = "last_hidden_state" if "last_hidden_state" in outs else next(iter(outs))
+
+    def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
+        ids = self.tokenizer.encode(list(prompts))
+        with self.timer("text_encoder"):
+            out = self.text_encoder.run({"input_ids": ids})[self._text_output]
+        return out.astype(np.float32, copy=False)
+
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
+        """x_T per image from its own seed, so an image does not depend on what it was batched with."""
+        f = self.folder.vae_scale_factor
+        shape = (self.folder.latent_channels, height // f, width // f)
+        return np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents → float32 images (N, H, W, 3) in [0, 1], with the VAE's own scaling (and shift)."""
+        cfg = self.folder.vae_config
+        z = latents / cfg.get("scaling_factor", 0.18215) + (cfg.get("shift_factor") or 0.0)
+        with self.timer("vae"):
+            img = self.vae_decoder.run({"latent_sample": z})["sample"].astype(np.float32, copy=False)
+        return np.clip(img / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    def resolve(self, sampling: SamplingConfig) -> SamplingConfig:
+        """Fill unset size and validate everything before any model runs."""
+        height = sampling.height or self.folder.default_size
+        width = sampling.width or self.folder.default_size
+        self.folder.check_size(height, width)
+        sampling.policy.validate(self.folder.num_train_timesteps)
+        return replace(sampling, height=height, width=width)
+
+    def make_scheduler(self, sampling: SamplingConfig) -> Scheduler:
+        try:
+            return make_scheduler(self.folder.scheduler_config, sampling.steps, sampling.scheduler)
+        except ValueError as exc:  # steps out of range, unknown scheduler: the scheduler names the range
+            raise InputError(str(exc)) from None
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seeds: Sequence[int] | None = None,
+                 negative_prompts: Sequence[str] | None = None, latents: np.ndarray | None = None) -> list[Generation]:
+        """One batch of N images, prompt i with seed i (or latents[i]); each image gets its own trace."""
+        n = len(prompts)
+        negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * n
+        if n == 0 or len(negative_prompts) != n:
+            raise InputError(f"need one or more prompts and as many negative prompts (got {n} and {len(negative_prompts)})")
+        sampling = self.resolve(sampling)
+        scheduler = self.make_scheduler(sampling)
+        if latents is None:
+            if seeds is None or len(seeds) != n:
+                raise InputError(f"need one seed per image ({n})")
+            latents = self.initial_latents(seeds, sampling.height, sampling.width)
+        else:
+            f = self.folder.vae_scale_factor
+            want = (n, self.folder.latent_channels, sampling.height // f, sampling.width // f)
+            if latents.shape != want:
+                raise InputError(f"latents have shape {latents.shape}; this model at {sampling.height}x{sampling.width} "
+                                 f"with {n} images needs {want}")
+        policy = make_policy(sampling.policy, n, self.folder.num_train_timesteps)
+
+        e = self.encode_text([*negative_prompts, *prompts])  # [e_∅; e_p], one text-encoder call
+        x = latents.astype(np.float32) * np.float32(scheduler.init_noise_sigma)
+        with self.timer("loop"):
+            x, gap, scale = denoise(self.unet, scheduler, policy, x, e[:n], e)
+        pixels = self.decode(x)
+        return [Generation(pixels[k], self._trace(k, prompts, negative_prompts, seeds, sampling, scheduler,
+                                                   policy, gap, scale)) for k in range(n)]
+
+    def _trace(self, k: int, prompts, negative_prompts, seeds, sampling: SamplingConfig, scheduler: Scheduler,
+               policy: GuidancePolicy, gap: np.ndarray, scale: np.ndarray) -> dict:
+        transition = int(policy.transition_step[k])
+        score = getattr(policy, "score", None)
+        return {
+            "prompt": prompts[k],
+            "negative_prompt": negative_prompts[k],
+            "seed": None if seeds is None else int(seeds[k]),
+            "policy": sampling.policy.parameters(),
+            "scheduler": sampling.scheduler or scheduler_name_for_config(self.folder.scheduler_config),
+            "steps": sampling.steps,
+            "height": sampling.height,
+            "width": sampling.width,
+            "provider": self.unet.model.provider,
+            "timesteps": [float(t) for t in scheduler.timesteps],
+            "gap": [None if np.isnan(v) else float(v) for v in gap[:, k]],
+            "scale": [float(v) for v in scale[:, k]],
+            "transition_step": transition if transition >= 0 else None,
+            "detection_score": None if score is None else float(score[k]),
+        }
