@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from basinguard.errors import BasinguardError
+from basinguard.runtime.files import write_atomic  # one crash-safe writer, shared with the batch job
 from basinguard.runtime.guidance import POLICY_NAMES
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
@@ -29,16 +29,17 @@ def model_dir(arg: str | None) -> Path:
     return SHIPPED_MODEL
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name and rename, so a kill never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def indexed(path: Path, k: int, n: int) -> Path:
     return path if n == 1 else path.with_name(f"{path.stem}-{k}{path.suffix}")
+
+
+def save_image(generation, path: Path, raw: bool = False) -> None:
+    """PNG, or with `raw` the float32 pixels in [0, 1] as .npy (for parity checks without 8-bit rounding)."""
+    if raw:
+        with open(path, "wb") as f:
+            np.save(f, generation.pixels)
+    else:
+        generation.to_pil().save(path, format="PNG")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -100,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                          negative_prompts=[args.negative_prompt] * n, latents=latents)
     out = Path(args.out)
     for k, g in enumerate(gens):
-        write_atomic(indexed(out, k, n), lambda p, g=g: g.to_pil().save(p, format="PNG"))
+        write_atomic(indexed(out, k, n), lambda p, g=g: save_image(g, p, raw=out.suffix == ".npy"))
         if args.trace:
             write_atomic(indexed(Path(args.trace), k, n), lambda p, g=g: p.write_text(json.dumps(g.trace, indent=1)))
         ts = g.trace["transition_step"]
@@ -120,6 +121,106 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise BasinguardError(str(exc)) from None
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from basinguard.demo import run_demo
+
+    report = run_demo(model_dir(args.model), Path(args.out), seeds=args.seeds, provider=args.provider,
+                      threads=args.threads)
+    print(f"report: {report.resolve()}")
+
+
+def _calibrated_threshold(args: argparse.Namespace) -> dict | None:
+    """--detect-calibration FILE → args.detect_threshold (the two flags exclude each other)."""
+    from basinguard.runtime.detection import load_calibration
+
+    if not getattr(args, "detect_calibration", None):
+        return None
+    if args.detect_threshold is not None:
+        raise BasinguardError("give --detect-threshold or --detect-calibration, not both")
+    calib = load_calibration(Path(args.detect_calibration))
+    args.detect_threshold = float(calib["threshold"])
+    if calib.get("seeds", 1) != 1:
+        print(f"basinguard: warning: {args.detect_calibration} averaged {calib['seeds']} seeds per prompt; "
+              "auto scores one image at a time, so its threshold may flag too few", file=sys.stderr)
+    return calib
+
+
+def cmd_batch(args: argparse.Namespace) -> None:
+    from basinguard.runtime.batch import BatchJob, run_batch
+    from basinguard.runtime.model_folder import ModelFolder
+    from basinguard.runtime.pipeline import Pipeline
+
+    model = model_dir(args.model)
+    calib = _calibrated_threshold(args)
+    sampling = sampling_from_args(args, ModelFolder.open(model).sampling_defaults)
+    if calib is not None and (calib.get("steps"), calib.get("scheduler")) != (sampling.steps, sampling.scheduler):
+        print(f"basinguard batch: warning: {args.detect_calibration} was calibrated with --steps {calib.get('steps')} "
+              f"--scheduler {calib.get('scheduler')}; step 0's timestep, and so d, differ here", file=sys.stderr)
+    job = BatchJob(Path(args.prompts), Path(args.out_dir), sampling, images_per_prompt=args.images_per_prompt,
+                   batch_size=args.batch_size, seed=args.seed, on_error=args.on_error, progress=not args.no_progress)
+    if args.ray is not None:
+        from basinguard.ray_batch import run_batch_ray
+
+        summary = run_batch_ray(job, model, provider=args.provider, threads=args.threads, address=args.ray,
+                                workers=args.ray_workers)
+    else:
+        summary = run_batch(job, lambda: Pipeline(model, provider=args.provider, threads=args.threads))
+    print(summary.format())
+
+
+def cmd_detect(args: argparse.Namespace) -> None:
+    from basinguard.runtime.batch import model_identity, read_prompts
+    from basinguard.runtime.detection import calibrate, detection_scores
+    from basinguard.runtime.pipeline import Pipeline
+
+    if args.calibrate:
+        if not (args.memorized and args.normal and args.out) or args.prompts:
+            raise BasinguardError("--calibrate takes --memorized FILE --normal FILE --out FILE.json and no PROMPTS")
+    elif not args.prompts:
+        raise BasinguardError("give PROMPTS, or --calibrate --memorized FILE --normal FILE --out FILE.json")
+    if args.seeds < 1 or args.detect_steps < 1:
+        raise BasinguardError(f"--seeds and --detect-steps must be >= 1 (got {args.seeds} and {args.detect_steps})")
+    _calibrated_threshold(args)
+    model = model_dir(args.model)
+    pipe = Pipeline(model, provider=args.provider, threads=args.threads)
+    sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
+    seeds = [args.seed + k for k in range(args.seeds)]
+
+    def score_file(path: str) -> tuple[list[int], list[str], list[float]]:
+        parsed = read_prompts(Path(path), pipe, sampling)
+        for err in parsed.errors:
+            print(f"basinguard detect: {path}: {err}", file=sys.stderr)
+        if parsed.errors and args.on_error == "stop":
+            raise BasinguardError(f"{path} {parsed.errors[0]} (--on-error skip scores the good lines)")
+        first = [t for t in parsed.tasks if t.index == 0]  # one score per line; num_images does not apply
+        if not first:
+            raise BasinguardError(f"{path} has no usable prompt")
+        prompts = [t.prompt for t in first]
+        scores = detection_scores(pipe, prompts, sampling, seeds, steps=args.detect_steps, batch_size=args.batch_size)
+        return [t.line for t in first], prompts, scores.tolist()
+
+    if not args.calibrate:
+        lines, prompts, scores = score_file(args.prompts)
+        threshold = args.detect_threshold
+        print("line\tscore" + ("\tflagged" if threshold is not None else "") + "\tprompt")
+        for line, prompt, score in zip(lines, prompts, scores, strict=True):
+            flag = f"\t{'yes' if score > threshold else 'no'}" if threshold is not None else ""
+            print(f"{line}\t{score:.6g}{flag}\t{prompt}")
+        return
+    _, _, pos = score_file(args.memorized)
+    _, _, neg = score_file(args.normal)
+    try:
+        result = calibrate(pos, neg, fpr=args.fpr)
+    except ValueError as exc:
+        raise BasinguardError(str(exc)) from None
+    result |= {"detect_steps": args.detect_steps, "seeds": args.seeds, "seed": args.seed, "steps": sampling.steps,
+               "scheduler": sampling.scheduler, "guidance_scale": sampling.policy.guidance_scale,
+               "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": model_identity(model)}
+    write_atomic(Path(args.out), lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+    print(f"AUC {result['auc']:.4f}  TPR {result['tpr']:.4f} at FPR {result['fpr']:.4f} (target {args.fpr})  "
+          f"threshold {result['threshold']:.6g}  ({len(pos)} memorized, {len(neg)} normal prompts) -> {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="basinguard", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -131,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--latents", help="initial latents .npy of shape (N, C, h, w); overrides --seed")
-    g.add_argument("--out", default="out.png", help="PNG path; an index is added when N > 1")
+    g.add_argument("--out", default="out.png", help="PNG path (.npy: float pixels); an index is added when N > 1")
     g.add_argument("--trace", help="JSON trace path; an index is added when N > 1")
     g.set_defaults(func=cmd_generate)
 
@@ -142,6 +243,48 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--atol", type=float, default=None, help="validation tolerance (max abs vs torch)")
     e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="the method at work on the shipped model: an HTML report")
+    d.add_argument("--model", help="exported model folder with memorization/ (default: the shipped model)")
+    d.add_argument("--out", default="basinguard-demo", help="report folder")
+    d.add_argument("--seeds", type=int, default=6)
+    d.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
+    d.add_argument("--threads", type=int, default=None)
+    d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("batch", help="generate a prompt file's images into OUT_DIR with a manifest; resumable")
+    add_sampling_flags(b)
+    b.add_argument("prompts", metavar="PROMPTS", help=".txt (a prompt a line), .jsonl or .csv (fields: prompt, "
+                   "negative_prompt, seed, num_images, policy, guidance_scale, transition_t, pre_scale, "
+                   "opposite_scale, mitigation, detect_threshold, steps, scheduler)")
+    b.add_argument("out_dir", metavar="OUT_DIR")
+    b.add_argument("--images-per-prompt", type=int, default=1, help="for lines without num_images")
+    b.add_argument("--batch-size", type=int, default=4, help="images per UNet call (2x that with guidance)")
+    b.add_argument("--seed", type=int, default=0, help="base seed: a line without a seed field gets, for image k "
+                   "of line L, the top 53 bits of sha256('basinguard-batch:SEED:L:k'); with one, seed + k")
+    b.add_argument("--detect-calibration", metavar="FILE.json", help="auto: the threshold from `detect --calibrate`")
+    b.add_argument("--on-error", choices=("skip", "stop"), default="stop", help="a bad prompt line: skip it or stop")
+    b.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: no ADDRESS starts a local instance; 'auto' or ray://head:10001 joins a cluster")
+    b.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per worker slot)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.set_defaults(func=cmd_batch)
+
+    t = sub.add_parser("detect", help="memorization scores per prompt, or --calibrate a threshold for --policy auto")
+    add_sampling_flags(t)
+    t.add_argument("prompts", metavar="PROMPTS", nargs="?", help=".txt, .jsonl or .csv prompt file (as batch)")
+    t.add_argument("--detect-steps", type=int, default=1, help="score = mean d over this many first steps "
+                   "(auto gates on 1)")
+    t.add_argument("--seeds", type=int, default=1, help="score = mean over seeds SEED..SEED+N-1 (auto scores one)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=8, help="prompt x seed pairs per UNet call")
+    t.add_argument("--detect-calibration", metavar="FILE.json", help="flag prompts with this file's threshold")
+    t.add_argument("--on-error", choices=("skip", "stop"), default="stop")
+    t.add_argument("--calibrate", action="store_true", help="choose a threshold from --memorized and --normal")
+    t.add_argument("--memorized", metavar="FILE", help="prompts known to be memorized (positives)")
+    t.add_argument("--normal", metavar="FILE", help="prompts known not to be (negatives)")
+    t.add_argument("--fpr", type=float, default=0.01, help="false-positive rate allowed on --normal")
+    t.add_argument("--out", metavar="FILE.json", help="calibration file to write")
+    t.set_defaults(func=cmd_detect)
     return ap
 
 

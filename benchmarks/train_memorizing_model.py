@@ -80,7 +80,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(images: torch.Tensor, steps: int, gen: torch.Generator, log) -> "AutoencoderKL":  # noqa: F821
+def train_vae(images: torch.Tensor, steps: int, gen: torch.Generator, log) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
@@ -88,8 +88,8 @@ def train_vae(images: torch.Tensor, steps: int, gen: torch.Generator, log) -> "A
         block_out_channels=(16, 32, 32), norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     )
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     for step in range(steps):
         idx = torch.randint(0, len(images), (32,), generator=gen)
         x = images[idx]
@@ -121,7 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--vae-steps", type=int, default=1600)
     ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

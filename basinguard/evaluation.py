@@ -1,0 +1,114 @@
+"""Memorization metrics (numpy + onnxruntime): copy similarity, text alignment, Fréchet distance.
+
+- Similarity: each generation's top-1 cosine similarity to a reference set (the training set) under
+  an image descriptor, summarised as the paper does (95th percentile, mean ± std, fraction above
+  the copy threshold). The default descriptor suits the shipped toy model; any ONNX image embedder
+  (an exported SSCD for real SD models) plugs in through `OnnxEmbedder`.
+- Alignment (stand-in for CLIP score): fraction of the caption's attributes an attribute classifier
+  finds in the image. Quality (stand-in for FID): Fréchet distance on that classifier's features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+COPY_THRESHOLD = 0.75  # pixel-descriptor similarity above which a generation is counted as a copy; see README
+
+
+class Embedder(Protocol):
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """float images (N, H, W, 3) in [0, 1] → L2-normalised descriptors (N, D)."""
+        ...
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+class PixelDescriptor:
+    """Mean-removed, 2×2-pooled colour image as a vector.
+
+    On the shipped model's flat-colour images a copy is a pixel-level match of the global layout
+    (two colour fields, two shapes in fixed places); pooling forgives the VAE's soft edges, and
+    removing the per-channel mean keeps a flat image from matching every other flat image.
+    """
+
+    def __init__(self, pool: int = 2):
+        self.pool = pool
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = np.asarray(images, np.float32)
+        n, h, w, c = x.shape
+        p = self.pool
+        x = x[:, : h - h % p, : w - w % p].reshape(n, h // p, p, w // p, p, c).mean((2, 4))
+        x = x - x.mean((1, 2), keepdims=True)
+        return _normalise(x.reshape(n, -1))
+
+
+class OnnxEmbedder:
+    """Any ONNX image embedder (e.g. an exported SSCD): NCHW float input in [0, 1], resized by the caller."""
+
+    def __init__(self, path: Path, mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                 threads: int | None = None):
+        from basinguard.engine import load_model
+
+        self.model = load_model(Path(path), threads=threads)
+        self.input = next(iter(self.model.inputs))
+        self.output = next(iter(self.model.outputs))
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = ((np.asarray(images, np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
+        return _normalise(self.model.run({self.input: x})[self.output].reshape(len(x), -1))
+
+
+def top1_similarity(generated: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per generation: the highest cosine similarity to any reference descriptor, and its index."""
+    sims = generated @ reference.T
+    best = sims.argmax(1)
+    return sims[np.arange(len(sims)), best], best
+
+
+def similarity_summary(top1: np.ndarray, threshold: float = COPY_THRESHOLD) -> dict[str, float]:
+    """As the paper's Tables 1 and 3: 95th percentile, mean ± std, fraction above the copy threshold."""
+    top1 = np.asarray(top1, np.float64)
+    return {"sim95": float(np.percentile(top1, 95)), "sim_mean": float(top1.mean()), "sim_std": float(top1.std()),
+            "copy_fraction": float((top1 > threshold).mean())}
+
+
+class AttributeClassifier:
+    """The shipped model's attribute classifier (ONNX): logits over (colour, kind) pairs and backgrounds,
+    plus a feature vector for the Fréchet distance."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        from basinguard.engine import load_model
+
+        self.model = load_model(Path(path), threads=threads)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(images, np.float32).transpose(0, 3, 1, 2) * 2 - 1
+        out = self.model.run({"image": x})
+        return 1 / (1 + np.exp(-out["logits"])), out["features"]
+
+    def alignment(self, images: np.ndarray, mentioned: Sequence[Sequence[int]]) -> np.ndarray:
+        """Per image: the fraction of the caption's (colour, kind) labels detected (p > 0.5)."""
+        probs, _ = self(images)
+        return np.array([float(np.mean(probs[k, list(m)] > 0.5)) if len(m) else 1.0 for k, m in enumerate(mentioned)])
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """‖μa − μb‖² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½), with symmetric square roots by eigh (numpy only)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+
+    def sqrt_psd(m: np.ndarray) -> np.ndarray:
+        w, v = np.linalg.eigh((m + m.T) / 2)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    root_a = sqrt_psd(cov_a)
+    cross = sqrt_psd(root_a @ cov_b @ root_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross))

@@ -1,0 +1,239 @@
+"""The paper's experiments on the shipped model: copying, alignment, quality, detection.
+
+    python benchmarks/memorization.py [--model DIR] [--seeds 8] [--out benchmarks/results/memorization]
+
+Rows: cfg, stp over a τ grid, dtp, og-stp, og-dtp, and the prompt-level baselines of Somepalli et
+al. (a random word / a random number inserted into the prompt, under cfg). Each row generates every
+duplicated caption and a matched set of novel captions over `--seeds` seeds. Writes results.json,
+results.md and figures (PNG). Similarity is top-1 over the whole training set (regenerated
+deterministically by memorizing_data.py), as the paper does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memorizing_data as data  # noqa: E402
+
+from basinguard.cli import SHIPPED_MODEL  # noqa: E402
+from basinguard.demo import load_memorization, mentioned_labels  # noqa: E402
+from basinguard.evaluation import (  # noqa: E402
+    COPY_THRESHOLD,
+    AttributeClassifier,
+    PixelDescriptor,
+    frechet_distance,
+    similarity_summary,
+    top1_similarity,
+)
+from basinguard.runtime.detection import roc_auc, tpr_at_fpr  # noqa: E402
+from basinguard.runtime.guidance import PolicyConfig  # noqa: E402
+from basinguard.runtime.pipeline import Pipeline, SamplingConfig  # noqa: E402
+
+TRAIN_SEED, N_VARIED = 0, 20000  # as benchmarks/train_memorizing_model.py
+RANDOM_WORDS = ["lamp", "violin", "pebble", "tulip", "rocket", "spoon", "cloud", "anchor", "kettle", "zebra"]
+
+
+def training_descriptors(descriptor) -> np.ndarray:
+    samples = data.varied_samples(N_VARIED, seed=TRAIN_SEED) + data.duplicated_samples(20)
+    return descriptor(np.stack([data.render(s) for s in samples]).astype(np.float32) / 255)
+
+
+def perturb(caption: str, kind: str, rng: np.random.Generator) -> str:
+    """Somepalli et al.'s prompt-level mitigations: insert a random word or number at a random place."""
+    words = caption.split()
+    token = str(rng.choice(RANDOM_WORDS)) if kind == "word" else str(int(rng.integers(0, 10000)))
+    words.insert(int(rng.integers(0, len(words) + 1)), token)
+    return " ".join(words)
+
+
+def rows_to_run(defaults: dict, taus: list[int]) -> list[tuple[str, PolicyConfig, str | None]]:
+    lam = defaults.get("guidance_scale", 7.5)
+    og = defaults.get("opposite_scale", 1.0)
+    tau = defaults.get("transition_t", 500)
+    rows = [("cfg", PolicyConfig("cfg", guidance_scale=lam), None)]
+    rows += [(f"stp τ={t}", PolicyConfig("stp", guidance_scale=lam, transition_t=t), None) for t in taus]
+    rows += [("dtp", PolicyConfig("dtp", guidance_scale=lam), None),
+             (f"og-stp τ={tau}", PolicyConfig("og-stp", guidance_scale=lam, transition_t=tau, opposite_scale=og), None),
+             ("og-dtp", PolicyConfig("og-dtp", guidance_scale=lam, opposite_scale=og), None),
+             ("random word (cfg)", PolicyConfig("cfg", guidance_scale=lam), "word"),
+             ("random number (cfg)", PolicyConfig("cfg", guidance_scale=lam), "number")]
+    return rows
+
+
+def generate_set(pipe: Pipeline, captions: list[str], seeds: int, sampling: SamplingConfig, batch: int = 64):
+    """Every caption × seed; returns pixels (M, H, W, 3), traces, seconds per image."""
+    prompts = [c for c in captions for _ in range(seeds)]
+    seed_list = [s for _ in captions for s in range(seeds)]
+    pixels, traces = [], []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        gens = pipe.generate(prompts[i : i + batch], sampling, seeds=seed_list[i : i + batch])
+        pixels += [g.pixels for g in gens]
+        traces += [g.trace for g in gens]
+    return np.stack(pixels), traces, (time.perf_counter() - start) / len(prompts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=SHIPPED_MODEL)
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--taus", default="800,700,600,500,400,300")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="override the model's λ")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/memorization"))
+    ap.add_argument("--no-figures", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline(args.model, threads=args.threads)
+    defaults = pipe.folder.sampling_defaults
+    if args.guidance_scale is not None:
+        defaults["guidance_scale"] = args.guidance_scale
+    sampling = SamplingConfig(steps=defaults.get("steps", 50), scheduler=defaults.get("scheduler"))
+    dup_rows, _, others = load_memorization(pipe.folder.path)
+    dup_captions = [r["caption"] for r in dup_rows]
+    novel_captions = others[: len(dup_captions)]
+    descriptor = PixelDescriptor()
+    train_desc = training_descriptors(descriptor)
+    classifier = AttributeClassifier(pipe.folder.path / "memorization/attributes.onnx", threads=args.threads)
+    label_names = json.loads((pipe.folder.path / "memorization/attributes.json").read_text())
+    held_out = np.stack([data.render(s) for s in data.varied_samples(2000, seed=99)]).astype(np.float32) / 255
+    _, held_features = classifier(held_out)
+    rng = np.random.default_rng(0)
+
+    results = []
+    examples: dict[str, np.ndarray] = {}
+    gap_curves: dict[str, dict[str, np.ndarray]] = {}
+    for label, policy, prompt_kind in rows_to_run(defaults, [int(t) for t in args.taus.split(",")]):
+        row = {"row": label, "policy": policy.parameters(), "prompt_change": prompt_kind}
+        for part, captions in (("duplicated", dup_captions), ("novel", novel_captions)):
+            prompts = [perturb(c, prompt_kind, rng) for c in captions] if prompt_kind else captions
+            pixels, traces, per_image = generate_set(pipe, prompts, args.seeds, replace(sampling, policy=policy))
+            top1, _ = top1_similarity(descriptor(pixels), train_desc)
+            mentioned = [mentioned_labels(c, label_names) for c in captions for _ in range(args.seeds)]
+            align = classifier.alignment(pixels, mentioned)
+            _, feats = classifier(pixels)
+            ts = [t["transition_step"] for t in traces]
+            row[part] = {**similarity_summary(top1), "alignment": float(align.mean()),
+                         "frechet": frechet_distance(feats, held_features),
+                         "mean_transition_step": float(np.mean([t for t in ts if t is not None])) if any(
+                             t is not None for t in ts) else None,
+                         "never_switched": int(sum(t is None for t in ts)), "seconds_per_image": per_image}
+            if part == "duplicated":
+                examples[label] = pixels[:: args.seeds][:6]
+        results.append(row)
+        d, n = row["duplicated"], row["novel"]
+        print(f"{label:22s} dup sim95 {d['sim95']:.3f} mean {d['sim_mean']:.3f} copies {d['copy_fraction']:.2f} "
+              f"align {d['alignment']:.2f} FD {d['frechet']:.1f} | novel sim95 {n['sim95']:.3f} align {n['alignment']:.2f} "
+              f"FD {n['frechet']:.1f} | {d['seconds_per_image'] * 1000:.1f} ms/img", flush=True)
+
+    # d per step under zero CFG, opposite guidance and CFG (paper Figs. 2, 3, 6, 9).
+    lam, og = defaults.get("guidance_scale", 7.5), defaults.get("opposite_scale", 1.0)
+    for name, policy in (("zero CFG", PolicyConfig("cfg", guidance_scale=0.0)),
+                         ("opposite guidance", PolicyConfig("og-stp", guidance_scale=lam, transition_t=0, opposite_scale=og)),
+                         ("CFG", PolicyConfig("cfg", guidance_scale=lam))):
+        gap_curves[name] = {}
+        for part, captions in (("duplicated", dup_captions), ("novel", novel_captions)):
+            _, traces, _ = generate_set(pipe, captions, args.seeds, replace(sampling, policy=policy))
+            gap_curves[name][part] = np.array([t["gap"] for t in traces], np.float64)
+
+    # Detection (Wen et al.): d at the first step(s), mean over seeds; duplicated vs novel captions.
+    detection = []
+    zero = gap_curves["zero CFG"]
+    for steps, seeds in ((1, 1), (1, 4), (5, 4), (1, args.seeds)):
+        def score(part: str, steps: int = steps, seeds: int = seeds) -> np.ndarray:
+            g = zero[part].reshape(-1, args.seeds, zero[part].shape[1])[:, :seeds, :steps]
+            return g.mean((1, 2))
+        pos, neg = score("duplicated"), score("novel")
+        detection.append({"steps": steps, "seeds": seeds, "auc": roc_auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01)})
+        print(f"detection {steps} step(s) x {seeds} seed(s): AUC {detection[-1]['auc']:.3f} "
+              f"TPR@1%FPR {detection[-1]['tpr_at_1pct_fpr']:.2f}")
+
+    meta = {"model": str(args.model), "seeds": args.seeds, "duplicated_captions": len(dup_captions),
+            "novel_captions": len(novel_captions), "sampling": {**defaults}, "copy_threshold": COPY_THRESHOLD,
+            "descriptor": "PixelDescriptor (2x2-pooled, mean-removed RGB, cosine)", "date": time.strftime("%Y-%m-%d")}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": results, "detection": detection,
+                                                       "gap_mean": {k: {p: v.mean(0).tolist() for p, v in c.items()}
+                                                                    for k, c in gap_curves.items()}}, indent=1))
+    (args.out / "results.md").write_text(markdown(results, detection, meta))
+    if not args.no_figures:
+        figures(args.out, results, examples, gap_curves, dup_rows, pipe.folder.path)
+    print(f"wrote {args.out}/results.json, results.md")
+
+
+def markdown(results: list[dict], detection: list[dict], meta: dict) -> str:
+    lines = [f"Shipped model, {meta['seeds']} seeds × {meta['duplicated_captions']} duplicated and "
+             f"{meta['novel_captions']} novel captions per row; similarity = top-1 cosine to the training set "
+             f"(copy: > {meta['copy_threshold']}); alignment = fraction of named shapes found; FD = Fréchet distance "
+             f"on classifier features vs held-out real images.", "",
+             "| row | dup sim95 | dup sim mean ± std | dup copies | dup align | dup FD | novel sim95 | novel align | novel FD | mean transition step (dup) | ms / image |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        d, n = r["duplicated"], r["novel"]
+        mts = "—" if d["mean_transition_step"] is None else f"{d['mean_transition_step']:.1f}"
+        lines.append(f"| {r['row']} | {d['sim95']:.3f} | {d['sim_mean']:.3f} ± {d['sim_std']:.3f} | {d['copy_fraction']:.2f} | "
+                     f"{d['alignment']:.2f} | {d['frechet']:.1f} | {n['sim95']:.3f} | {n['alignment']:.2f} | {n['frechet']:.1f} | "
+                     f"{mts} | {d['seconds_per_image'] * 1000:.1f} |")
+    lines += ["", "| detection score | AUC | TPR at 1 % FPR |", "|---|---|---|"]
+    lines += [f"| d at first {x['steps']} step(s), mean of {x['seeds']} seed(s) | {x['auc']:.3f} | {x['tpr_at_1pct_fpr']:.2f} |"
+              for x in detection]
+    return "\n".join(lines) + "\n"
+
+
+def figures(out: Path, results, examples, gap_curves, dup_rows, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), sharey=True)
+    for ax, (name, parts) in zip(axes, gap_curves.items()):
+        for part, colour in (("duplicated", "tab:red"), ("novel", "tab:blue")):
+            m, s = parts[part].mean(0), parts[part].std(0)
+            ax.plot(m, color=colour, label=part)
+            ax.fill_between(range(len(m)), m - s, m + s, color=colour, alpha=0.2)
+        ax.set_title(f"d per step under {name}")
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("d = ‖ε_p − ε_∅‖")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "gap_curves.png", dpi=110)
+
+    stp = [(int(r["row"].split("=")[1]), r["duplicated"]["sim95"], r["duplicated"]["alignment"]) for r in results
+           if r["row"].startswith("stp")]
+    cfg = next(r for r in results if r["row"] == "cfg")["duplicated"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([1000] + [t for t, _, _ in stp], [cfg["sim95"]] + [s for _, s, _ in stp], "o-", label="sim95 (duplicated)")
+    ax.plot([1000] + [t for t, _, _ in stp], [cfg["alignment"]] + [a for _, _, a in stp], "s--", label="alignment")
+    ax.set_xlabel("τ: CFG starts once t ≤ τ (1000 = plain CFG)")
+    ax.invert_xaxis()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "cfg_start.png", dpi=110)
+
+    from PIL import Image
+
+    train = [np.asarray(Image.open(folder / "memorization" / r["image"]).convert("RGB"), np.float32) / 255
+             for r in dup_rows[:6]]
+    names = ["training image"] + list(examples)
+    fig, axes = plt.subplots(len(names), 6, figsize=(6 * 1.1, len(names) * 1.15))
+    for i, name in enumerate(names):
+        imgs = train if i == 0 else examples[name]
+        for j in range(6):
+            axes[i, j].imshow(imgs[j])
+            axes[i, j].axis("off")
+        axes[i, 0].text(-40, 16, name, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "methods.png", dpi=110, bbox_inches="tight")
+    plt.close("all")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up .venv for basinguard on a fresh machine (CPU).
+#   bash scripts/setup.sh          runtime only: numpy, onnxruntime, tokenizers, pillow (no torch)
+#   bash scripts/setup.sh test     + export and test extras; torch pinned to the CPU build 2.13.0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+PIP=".venv/bin/pip"
+$PIP install -q --upgrade pip >/dev/null
+if [ "${1:-}" = "test" ]; then
+  # Pin torch first: an unpinned torch resolves to a multi-GB CUDA build.
+  $PIP install -q "torch==2.13.0"
+  $PIP install -q -e ".[export,test,ray]" "torch==2.13.0"
+  # The real CLIP BPE vocabulary ships inside open_clip_torch; its data file is all the tests use.
+  $PIP install -q --no-deps "open_clip_torch==3.3.0"
+else
+  $PIP install -q -e .
+fi

@@ -1,0 +1,203 @@
+"""The whole runtime against independent references: diffusers' own pipeline for plain CFG, and a
+torch loop written here from Algorithm 1 of Jain et al. for STP, DTP and opposite guidance."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from basinguard.cli import main as cli_main
+from basinguard.runtime.guidance import PolicyConfig
+from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+torch.set_num_threads(1)
+
+PROMPTS = ["a red circle on a blue background", "a small green square at the top"]
+SIZE = 16
+
+
+def latents_for(folder: Path, n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
+    pipe_cfg = json.loads((folder / "unet/config.json").read_text())
+    factor = 2 ** (len(json.loads((folder / "vae_decoder/config.json").read_text())["block_out_channels"]) - 1)
+    return np.random.default_rng(seed).standard_normal((n, pipe_cfg["in_channels"], size // factor, size // factor)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(tiny_sd_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_onnx_dir):
+    return Pipeline(tiny_onnx_dir, threads=1)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++2m"])
+def test_cli_generate_matches_diffusers(tiny_onnx_dir, torch_pipe, tmp_path, scheduler):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    cls = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler}[scheduler]
+    torch_pipe.scheduler = cls.from_config(torch_pipe.scheduler.config)
+    lat = latents_for(tiny_onnx_dir, 2)
+    np.save(tmp_path / "lat.npy", lat)
+    with torch.no_grad():
+        ref = torch_pipe([PROMPTS[0]] * 2, latents=torch.from_numpy(lat), num_inference_steps=10, guidance_scale=7.5,
+                         height=SIZE, width=SIZE, output_type="np").images
+    rc = cli_main(["generate", "--model", str(tiny_onnx_dir), "--prompt", PROMPTS[0], "--latents", str(tmp_path / "lat.npy"),
+                   "--scheduler", scheduler, "--steps", "10", "--guidance-scale", "7.5", "--policy", "cfg",
+                   "--height", str(SIZE), "--width", str(SIZE), "--threads", "1", "--out", str(tmp_path / "img.npy"),
+                   "--trace", str(tmp_path / "trace.json")])
+    assert rc == 0
+    got = np.stack([np.load(tmp_path / f"img-{k}.npy") for k in range(2)])
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-3
+    assert ref.std() > 0.01  # the images are not trivially flat
+    trace = json.loads((tmp_path / "trace-0.json").read_text())
+    assert len(trace["gap"]) == 10 and all(v is not None for v in trace["gap"]) and trace["scale"] == [7.5] * 10
+
+
+def reference_loop(pipe, prompts: list[str], lat: np.ndarray, config: PolicyConfig, steps: int):
+    """Algorithm 1 in torch on diffusers' modules: both branches every step, the rule per sample."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    n = len(prompts)
+    ids = pipe.tokenizer([""] * n + prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    pre = -config.opposite_scale if config.name.startswith("og-") else config.pre_scale
+    with torch.no_grad():
+        emb = pipe.text_encoder(ids)[0]
+        x = torch.from_numpy(lat) * sched.init_noise_sigma
+        d_hist: list[list[float]] = [[] for _ in range(n)]
+        switched = [None] * n
+        for i, t in enumerate(sched.timesteps):
+            eps = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
+            eps_u, eps_c = eps[:n], eps[n:]
+            scales = []
+            for k in range(n):
+                d = float((eps_c[k] - eps_u[k]).norm())
+                d_hist[k].append(d)
+                if switched[k] is None:
+                    if config.name.endswith("stp") and int(t) <= config.transition_t:
+                        switched[k] = i
+                    h = d_hist[k]
+                    if config.name.endswith("dtp") and i >= 2 and h[i - 2] > h[i - 1] < h[i]:
+                        switched[k] = i
+                scales.append(config.guidance_scale if switched[k] is not None else pre)
+            s = torch.tensor(scales).view(-1, 1, 1, 1)
+            x = sched.step(eps_u + s * (eps_c - eps_u), t, x).prev_sample
+        img = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+    return (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), switched, np.array(d_hist).T
+
+
+@pytest.mark.parametrize("name", ["stp", "dtp", "og-stp", "og-dtp"])
+def test_policies_match_algorithm1_reference(ours, torch_pipe, tiny_onnx_dir, name):
+    steps, n = 20, 6
+    prompts = [PROMPTS[k % 2] for k in range(n)]
+    lat = latents_for(tiny_onnx_dir, n, seed=3)
+    config = PolicyConfig(name, guidance_scale=7.5, transition_t=500, opposite_scale=2.0)
+    ref, switched, ref_d = reference_loop(torch_pipe, prompts, lat, config, steps)
+    gens = ours.generate(prompts, SamplingConfig(steps=steps, scheduler="ddim", height=SIZE, width=SIZE, policy=config),
+                         latents=lat)
+    got = np.stack([g.pixels for g in gens])
+    assert [g.trace["transition_step"] for g in gens] == switched
+    assert np.abs(got - ref).max() <= 1e-3
+    gaps = np.array([[np.nan if v is None else v for v in g.trace["gap"]] for g in gens]).T
+    measured = ~np.isnan(gaps)
+    np.testing.assert_allclose(gaps[measured], ref_d[measured], rtol=1e-3)
+    if name == "stp":  # s_pre = 0: the UNet skips the conditional branch before τ, so d is not measured there
+        assert not measured[: switched[0]].any() and measured[switched[0]:].all()
+    if name == "dtp":
+        assert len({s for s in switched}) > 1, "this batch should switch at different steps per sample"
+
+
+def test_stp_runs_batch_n_before_tau(ours, tiny_onnx_dir):
+    batches = []
+    run = ours.unet.model.run
+    ours.unet.model.run = lambda inputs: (batches.append(len(inputs["sample"])), run(inputs))[1]
+    try:
+        gens = ours.generate(PROMPTS, SamplingConfig(steps=10, scheduler="ddim", height=SIZE, width=SIZE,
+                                                     policy=PolicyConfig("stp", transition_t=500)), seeds=[0, 1])
+    finally:
+        ours.unet.model.run = run
+    timesteps = gens[0].trace["timesteps"]
+    assert batches == [2 if t > 500 else 4 for t in timesteps]
+
+
+def test_optimum_export_generates_like_ours(tiny_sd_pipeline_dir, tiny_onnx_dir, ours, tmp_path):
+    pytest.importorskip("optimum.exporters.onnx")
+    out = tmp_path / "optimum"
+    proc = subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--task", "text-to-image",
+                           "--model", str(tiny_sd_pipeline_dir), str(out)], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = Pipeline(out, threads=1)
+    for name in ("cfg", "og-dtp"):
+        sampling = SamplingConfig(steps=10, scheduler="dpm++2m", height=SIZE, width=SIZE, policy=PolicyConfig(name))
+        a = ours.generate(PROMPTS, sampling, seeds=[5, 6])
+        b = theirs.generate(PROMPTS, sampling, seeds=[5, 6])
+        assert np.abs(np.stack([g.pixels for g in a]) - np.stack([g.pixels for g in b])).max() <= 1e-4
+        assert [g.trace["transition_step"] for g in a] == [g.trace["transition_step"] for g in b]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "basinguard.cli", *args], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
+    base = ["generate", "--model", str(tiny_onnx_dir), "--prompt", "x", "--threads", "1", "--out", str(tmp_path / "o.png")]
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(tiny_onnx_dir), str(broken)], check=True)
+    (broken / "unet/model.onnx").write_bytes(b"not an onnx file")
+    partial = tmp_path / "partial"
+    subprocess.run(["cp", "-r", str(tiny_onnx_dir), str(partial)], check=True)
+    subprocess.run(["rm", "-r", str(partial / "vae_decoder")], check=True)
+    np.save(tmp_path / "bad_lat.npy", np.zeros((1, 4, 3, 3), np.float32))
+    cases = [
+        (["--height", "18"], "height 18 not allowed: must be a multiple of"),
+        (["--width", "0"], "width 0 not allowed"),
+        (["--steps", "0"], "1"),
+        (["--steps", "1001"], "1000"),
+        (["--guidance-scale", "-2"], "guidance scale must be >= 0"),
+        (["--latents", str(tmp_path / "bad_lat.npy")], "latents have shape (1, 4, 3, 3)"),
+        (["--latents", str(tmp_path / "missing.npy")], "cannot read --latents"),
+        (["--policy", "og-dtp", "--pre-scale", "1"], "--pre-scale does not apply"),
+        (["--num-images", "0"], "--num-images must be >= 1"),
+    ]
+    for extra, message in cases:
+        proc = run_cli(*base, *extra)
+        assert proc.returncode != 0, extra
+        assert "Traceback" not in proc.stderr and message in proc.stderr, (extra, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for folder, message in ((broken, "cannot load"), (partial, "missing vae_decoder/model.onnx"),
+                            (tmp_path / "nowhere", "model folder not found")):
+        proc = run_cli("generate", "--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "o.png"))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    for extra in (["--scheduler", "lms"], ["--policy", "nope"]):  # argparse: usage plus one error line, exit 2
+        proc = run_cli(*base, *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "invalid choice" in proc.stderr
+
+
+def test_runtime_imports_no_torch():
+    code = ("import sys, basinguard.cli, basinguard.runtime.pipeline, basinguard.engine.ort, basinguard.evaluation, "
+            "basinguard.demo\n"
+            "import importlib.util\n"
+            "for m in ('basinguard.runtime.batch', 'basinguard.runtime.detection'):\n"
+            "    if importlib.util.find_spec(m): __import__(m)\n"
+            "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
