@@ -115,10 +115,44 @@ def cmd_export(args: argparse.Namespace) -> None:
         from basinguard.export.onnx_export import ExportError, export_pipeline
     except ImportError as exc:
         raise BasinguardError(f"export needs the export extra: pip install 'basinguard[export]' ({exc})") from None
+    if getattr(args, "tensorrt", False):
+        from basinguard.engine.tensorrt import native_problem
+
+        problem = native_problem()  # before the export, which takes minutes
+        if problem:
+            raise BasinguardError(f"--tensorrt: {problem}")
     try:
         export_pipeline(args.src, Path(args.out), fp16=args.fp16, opset=args.opset, atol=args.atol)
     except ExportError as exc:
         raise BasinguardError(str(exc)) from None
+    if getattr(args, "tensorrt", False):
+        from basinguard.engine.tensorrt import build_engines
+
+        build_engines(Path(args.out))  # build-engines' defaults: batch 1, the native size
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    """'512' or 'HxW' ('512x768') → (height, width) in pixels."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW in pixels, e.g. 512 or 512x768 (got {text!r})")
+    return (values[0], values[-1])
+
+
+def cmd_build_engines(args: argparse.Namespace) -> None:
+    from basinguard.engine.tensorrt import BuildSpec, build_engines
+
+    spec = BuildSpec(batch=args.batch, min_batch=args.min_batch, image=args.image_size, min_image=args.min_image_size,
+                     max_image=args.max_image_size, static=args.static, fp16=not args.fp32, vae_fp16=args.vae_fp16,
+                     workspace_mib=args.workspace_mib, opt_level=args.opt_level)
+    records = build_engines(Path(args.onnx_dir), spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                            roles=args.models, force=args.force)
+    for role, record in records.items():
+        print(f"{role}\t{record.plan}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -242,7 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fp16", action="store_true", help="fp16 text encoder and UNet (for GPU); VAE stays fp32")
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--atol", type=float, default=None, help="validation tolerance (max abs vs torch)")
+    e.add_argument("--tensorrt", action="store_true", help="then build TensorRT plans (build-engines' defaults)")
     e.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("build-engines", help="TensorRT plans for an exported ONNX folder (for --provider tensorrt)")
+    r.add_argument("onnx_dir", metavar="ONNX_DIR")
+    r.add_argument("--cache-dir", help="where plans live (default: $BASINGUARD_ENGINE_DIR, else ONNX_DIR/tensorrt)")
+    r.add_argument("--batch", type=int, default=1, help="images per call N: the UNet profile spans N..2N")
+    r.add_argument("--min-batch", type=int, default=None, help="smallest UNet batch (default N; 1 serves batch "
+                   "jobs' smaller tail batches)")
+    r.add_argument("--image-size", type=parse_hw, default=None, metavar="HxW", help="size the kernels are tuned for "
+                   "(default: the model's native size)")
+    r.add_argument("--min-image-size", type=parse_hw, default=None, metavar="HxW", help="default: --image-size")
+    r.add_argument("--max-image-size", type=parse_hw, default=None, metavar="HxW", help="default: --image-size")
+    r.add_argument("--static", action="store_true", help="fixed shapes, one profile per batch size (N, 2N): faster, "
+                   "and BASINGUARD_CUDA_GRAPH=1 then captures CUDA graphs")
+    r.add_argument("--fp32", action="store_true", help="no fp16 anywhere (default: fp16 text encoder and UNet)")
+    r.add_argument("--vae-fp16", action="store_true", help="fp16 VAE decoder too (may overflow to NaN)")
+    r.add_argument("--models", nargs="+", choices=("text_encoder", "unet", "vae_decoder"),
+                   default=["text_encoder", "unet", "vae_decoder"])
+    r.add_argument("--workspace-mib", type=int, default=None, help="cap on the builder's scratch GPU memory")
+    r.add_argument("--opt-level", type=int, default=None, help="builder optimization level 0-5 (TensorRT's default 3)")
+    r.add_argument("--force", action="store_true", help="rebuild even when a valid cached plan exists")
+    r.set_defaults(func=cmd_build_engines)
 
     d = sub.add_parser("demo", help="the method at work on the shipped model: an HTML report")
     d.add_argument("--model", help="exported model folder with memorization/ (default: the shipped model)")

@@ -1,0 +1,305 @@
+"""Export a diffusers Stable Diffusion (1.x/2.x) pipeline to an ONNX model folder in optimum's layout.
+
+OUT holds model_index.json, text_encoder/, unet/, vae_decoder/ (each model.onnx + the component's config.json),
+tokenizer/ (the source's files plus a tokenizer.json), scheduler/scheduler_config.json and basinguard.json, our
+manifest: versions, opset, dtypes, every model's inputs/outputs/dynamic axes, the source and the validation
+results. Names and layout are optimum's; see `basinguard.export.graphs` for where dtypes and axes differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from basinguard.export.errors import ExportError, first_line
+from basinguard.export.graphs import GraphSpec, TorchModels, build_specs, pin_static_dims, trace_to_onnx
+from basinguard.export.graphs import unet_size_multiple as _unet_size_multiple
+from basinguard.export.onnx_files import convert_to_half, save_checked
+from basinguard.export.validate import graph_io, validate_graph
+from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
+
+__all__ = ["DEFAULT_ATOL", "ExportError", "check_source", "export_pipeline"]
+
+# Measured on the tiny test pipeline: fp32 max |onnx - torch| ~5e-6; fp16 graphs vs the fp32 module ~3e-3.
+DEFAULT_ATOL = {"float32": 1e-3, "float16": 2e-2}
+MIN_OPSET = 14  # scaled_dot_product_attention
+REQUIRED = ("model_index.json", "unet", "text_encoder", "vae", "tokenizer", "scheduler")
+EXPECTED_CLASSES = {"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel", "vae": "AutoencoderKL"}
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+_TOKENIZER_CHECK = ["a photo of an astronaut riding a horse on mars", "A Cat, DETAILED; 8k!!! (masterpiece:1.2)",
+                    "", "  extra   spaces\tand\nnewlines  ", "café naïve 3.14 it's", " ".join(["castle"] * 90)]
+_CONVERT_HINT = ("convert it in a trusted environment, e.g. `StableDiffusionPipeline.from_pretrained(SRC)"
+                 ".save_pretrained(DIR, safe_serialization=True)`, then export DIR")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {path}: {first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"cannot read {path}: expected a JSON object")
+    return data
+
+
+def _resolve_source(src: str | Path, log: Callable[[str], object]) -> Path:
+    """A local pipeline folder; a hub id is downloaded (safetensors only) into the Hugging Face cache."""
+    path = Path(src).expanduser()
+    if path.is_file():
+        kind = "a pickle checkpoint, which is not loaded" if path.suffix in PICKLE_SUFFIXES else "a single file"
+        raise ExportError(f"{path} is {kind}; export needs a diffusers pipeline folder: {_CONVERT_HINT}")
+    if path.is_dir():
+        return path
+    text = str(src)
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ExportError(f"source folder not found: {src}")
+    log(f"{src}: not a local folder, fetching it from the Hugging Face Hub (safetensors only)")
+    try:
+        from diffusers import DiffusionPipeline
+
+        # Components passed as None are not downloaded: the safety checker alone is over 1 GB.
+        return Path(DiffusionPipeline.download(text, use_safetensors=True, safety_checker=None,
+                                               feature_extractor=None))
+    except Exception as exc:  # network, auth and missing-file errors all land here
+        raise ExportError(f"{src!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+                          f"(offline? download it and pass the folder): {first_line(exc)}") from None
+
+
+def _weights(component: Path) -> tuple[list[Path], list[Path]]:
+    files = [p for p in component.iterdir() if p.is_file()]
+    safe = [p for p in files if p.name.endswith((".safetensors", ".safetensors.index.json"))]
+    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES or p.name.endswith(".bin.index.json")]
+    return safe, pickles
+
+
+def _check_component(folder: Path, name: str, index: dict) -> None:
+    """A model part: the class we export, a config.json and safetensors weights (never pickle)."""
+    expected, declared = EXPECTED_CLASSES[name], index.get(name, [None, None])[-1]
+    if declared not in (expected, None):
+        raise ExportError(f"{name} is a {declared}; the exporter supports {expected} (SD 1.x/2.x)")
+    if not (folder / name / "config.json").is_file():
+        raise ExportError(f"{folder / name} has no config.json")
+    safe, pickles = _weights(folder / name)
+    if not safe and pickles:
+        raise ExportError(f"{folder / name} has only pickle weights ({pickles[0].name}); pickle checkpoints are "
+                          f"not loaded because unpickling can run arbitrary code: {_CONVERT_HINT}")
+    if not safe:
+        raise ExportError(f"{folder / name} has no weights (*.safetensors)")
+
+
+def check_source(folder: Path) -> dict:
+    """Refuse what cannot be exported, naming what is missing; returns model_index.json."""
+    missing = [name for name in REQUIRED if not (folder / name).exists()]
+    if missing:
+        raise ExportError(f"{folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}")
+    index = _read_json(folder / "model_index.json")
+    if "text_encoder_2" in index:
+        raise ExportError(f"{folder} has a second text encoder (SDXL); only SD 1.x/2.x pipelines are supported")
+    for name in EXPECTED_CLASSES:
+        _check_component(folder, name, index)
+    tok = folder / "tokenizer"
+    slow_files = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+    if not slow_files and not (tok / "tokenizer.json").is_file():
+        raise ExportError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json")
+    if not (folder / "scheduler/scheduler_config.json").is_file():
+        raise ExportError(f"{folder / 'scheduler'} has no scheduler_config.json")
+    return index
+
+
+def _variant(component: Path) -> str | None:
+    """"fp16" when a component has only fp16-variant weights (a common hub layout); None otherwise."""
+    names = [p.name for p in _weights(component)[0]]
+    return "fp16" if names and all(".fp16." in n for n in names) else None
+
+
+def _load_models(folder: Path) -> TorchModels:
+    """float32 torch modules, safetensors only (diffusers/transformers refuse pickle with use_safetensors=True)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    no_accelerate = {"low_cpu_mem_usage": False}  # diffusers otherwise nags that `accelerate` is missing
+    # Eager attention: plain matmul/softmax ops, traced the same on every transformers version.
+    loaders = {"text_encoder": (CLIPTextModel, {"attn_implementation": "eager"}),
+               "unet": (UNet2DConditionModel, no_accelerate), "vae": (AutoencoderKL, no_accelerate)}
+    loaded = {}
+    for name, (cls, extra) in loaders.items():
+        try:
+            model = cls.from_pretrained(folder / name, use_safetensors=True, variant=_variant(folder / name), **extra)
+            loaded[name] = model.float().eval()  # fp16-variant weights load as saved; export from float32
+        except Exception as exc:  # corrupt weights, config mismatches
+            raise ExportError(f"cannot load {folder / name}: {first_line(exc)}") from None
+    steps = _read_json(folder / "scheduler/scheduler_config.json").get("num_train_timesteps", 1000)
+    return TorchModels(loaded["text_encoder"], loaded["unet"], loaded["vae"], folder, int(steps))
+
+
+def _prepare_out(out: Path) -> Path:
+    """A fresh working folder next to OUT; it becomes OUT by one rename once everything is written."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"output {out} already exists; remove it or choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode
+    return tmp
+
+
+def _write_tokenizer(src: Path, dst: Path, validate: bool, log: Callable[[str], object]) -> dict:
+    """Copy the source tokenizer; add a tokenizer.json converted by CLIPTokenizerFast from the slow files."""
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    shutil.copytree(src, dst)
+    slow_files = (src / "vocab.json").is_file() and (src / "merges.txt").is_file()
+    try:
+        if not (dst / "tokenizer.json").is_file():
+            fast = CLIPTokenizerFast.from_pretrained(src, from_slow=True)
+            fast.backend_tokenizer.save(str(dst / "tokenizer.json"))
+        ours = PromptTokenizer.from_folder(dst)
+        reference = (CLIPTokenizer if slow_files else CLIPTokenizerFast).from_pretrained(src) if validate else None
+    except Exception as exc:  # transformers and tokenizers raise assorted errors on bad tokenizer files
+        raise ExportError(f"cannot convert the tokenizer in {src}: {first_line(exc)}") from None
+    if reference is None:
+        return {"max_length": ours.max_length}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        got = ours.encode(_TOKENIZER_CHECK).tolist()
+    want = reference(_TOKENIZER_CHECK, padding="max_length", max_length=ours.max_length, truncation=True).input_ids
+    bad = [p for p, g, w in zip(_TOKENIZER_CHECK, got, want, strict=True) if g != w]
+    if bad:
+        raise ExportError(f"tokenizer check failed: basinguard's tokenizer and {type(reference).__name__} disagree "
+                          f"on {bad[0]!r}")
+    log(f"  tokenizer: {len(got)} prompts tokenized as {type(reference).__name__} does")
+    return {"max_length": ours.max_length, "reference": type(reference).__name__, "prompts_checked": len(got)}
+
+
+def _copy_static(folder: Path, tmp: Path, validate: bool, log: Callable[[str], object]) -> dict:
+    shutil.copy2(folder / "model_index.json", tmp / "model_index.json")
+    (tmp / "scheduler").mkdir()
+    shutil.copy2(folder / "scheduler/scheduler_config.json", tmp / "scheduler/scheduler_config.json")
+    return _write_tokenizer(folder / "tokenizer", tmp / "tokenizer", validate, log)
+
+
+@dataclass
+class _Options:
+    fp16: bool
+    opset: int
+    atol: float | None
+    validate: bool
+    log: Callable[[str], object]
+
+
+def _trace(spec: GraphSpec, raw: Path, opts: _Options) -> str | None:
+    """Trace the graph to `raw`; returns how float16 was made (None for a float32 graph)."""
+    if not spec.half:
+        trace_to_onnx(spec, raw, opts.opset, half=False)
+        return None
+    try:
+        trace_to_onnx(spec, raw, opts.opset, half=True)
+        return "torch_half"
+    except ExportError as exc:  # e.g. "... not implemented for 'Half'" where torch lacks CPU float16 kernels
+        opts.log(f"  {spec.name}: float16 tracing failed ({exc}); converting the float32 ONNX graph instead")
+    trace_to_onnx(spec, raw, opts.opset, half=False)
+    convert_to_half(raw, spec.name, spec.fixed_float32)
+    return "onnxruntime_float16_conversion"
+
+
+def _export_graph(spec: GraphSpec, tmp: Path, opts: _Options) -> dict:
+    """Trace, save, check and validate one graph; returns its manifest entry."""
+    dtype = "float16" if spec.half else "float32"
+    raw, final = tmp / "_raw" / spec.name / "model.onnx", tmp / spec.name / "model.onnx"
+    final.parent.mkdir()
+    opts.log(f"exporting {spec.name} ({dtype})")
+    fp16_method = _trace(spec, raw, opts)
+    pin_static_dims(spec, raw)
+    save_checked(raw, final)
+    shutil.copy2(spec.config, final.parent / "config.json")
+    entry = {"path": f"{spec.name}/model.onnx", "dtype": dtype, **graph_io(final),
+             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes.items()}}
+    if fp16_method:
+        entry["fp16_method"] = fp16_method
+    if opts.validate:
+        atol = DEFAULT_ATOL[dtype] if opts.atol is None else opts.atol
+        entry["validation"] = validate_graph(spec, final, spec.half, atol, opts.log)
+    return entry
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "basinguard"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "unknown"
+    if versions["basinguard"] == "unknown":
+        import basinguard
+
+        versions["basinguard"] = getattr(basinguard, "__version__", "unknown")
+    return versions
+
+
+def _check_lengths(tokenizer: dict, models: TorchModels) -> None:
+    positions = models.text_encoder.config.max_position_embeddings
+    if tokenizer["max_length"] != positions:
+        raise ExportError(f"the tokenizer pads to {tokenizer['max_length']} tokens but the text encoder takes "
+                          f"{positions} (max_position_embeddings); fix tokenizer_config.json's model_max_length")
+
+
+def _build(folder: Path, tmp: Path, opts: _Options) -> dict:
+    """Write everything but the manifest into `tmp`; returns the manifest's export part."""
+    tokenizer = _copy_static(folder, tmp, opts.validate, opts.log)
+    models = _load_models(folder)
+    _check_lengths(tokenizer, models)
+    entries = {spec.name: _export_graph(spec, tmp, opts) for spec in build_specs(models, opts.fp16)}
+    shutil.rmtree(tmp / "_raw")
+    validation = {name: e.pop("validation") for name, e in entries.items() if "validation" in e}
+    validation["tokenizer"] = tokenizer
+    return {"versions": _versions(), "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+            "opset": opts.opset, "fp16": opts.fp16, "latent_size_multiple": _unet_size_multiple(models.unet),
+            "models": entries, "validation": validation if opts.validate else None}
+
+
+def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: int = 17, atol: float | None = None,
+                    validate: bool = True, log: Callable[[str], object] = print) -> dict:
+    """Export the diffusers pipeline `src` (folder or hub id) to the ONNX folder `out`; returns the manifest.
+
+    Only safetensors weights are loaded. `fp16` exports the text encoder and UNet in float16 (the UNet's
+    timestep stays float32) and keeps the VAE decoder in float32, as SD VAEs overflow in float16.
+
+    Validation: each model is run by ONNX Runtime CPU and by its float32 torch module on random inputs (batch 2
+    and 3, non-square latents). An output passes when max |onnx - torch| <= atol * max(1, max |torch|):
+    absolute for outputs within [-1, 1], relative to the peak for larger ones (CLIP's hidden states reach ~30).
+    Default atol: 1e-3 for float32 graphs (the tiny test models measure <= 5e-6), 2e-2 for float16 graphs
+    (~3e-3 measured; ~8e-3 for the UNet through the onnxruntime conversion fallback). A float16 graph that
+    ONNX Runtime's CPU provider cannot run is reported through `log` and not validated.
+
+    `out` must not exist or be empty; it appears only when everything succeeded (the work happens in a hidden
+    sibling folder renamed at the end). Raises ExportError with a one-line message on any failure.
+    """
+    if atol is not None and not atol >= 0:
+        raise ExportError(f"atol must be a number >= 0, got {atol}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: attention exports need opset >= {MIN_OPSET}")
+    out = Path(out)
+    folder = _resolve_source(src, log)
+    index = check_source(folder)
+    tmp = _prepare_out(out)
+    try:
+        manifest = {"format": "basinguard-onnx", "format_version": 1, "source": str(src),
+                    "pipeline_class": index.get("_class_name"),
+                    **_build(folder, tmp, _Options(fp16, opset, atol, validate, log))}
+        (tmp / "basinguard.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # an empty folder left for us (checked in _prepare_out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    return manifest

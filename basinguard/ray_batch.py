@@ -1,0 +1,140 @@
+"""`basinguard batch --ray [ADDRESS]`: the batch job on a Ray cluster. Ray is imported only when this runs.
+
+The driver (the `basinguard batch` process) locks OUT_DIR, merges earlier shards, reads and checks the prompt
+file with the model's tokenizer and configs (no ONNX session on the driver), and shards the missing images
+by prompt line over one actor per worker slot. Each actor holds a Pipeline, packs its own lines into full
+batches, writes its PNGs into OUT_DIR and appends its entries to its own shard, `manifest.part-K.jsonl`
+(one write + fsync per entry, as the local job does). At the end the driver merges the shards into
+`manifest.jsonl`, each image id once (`basinguard.runtime.batch.merge_parts`); a killed job leaves shards that
+the next run (Ray or not) merges before it decides what is missing, so resume works across shards.
+
+Pointing it at a cluster
+  basinguard batch PROMPTS OUT_DIR --ray                    a local Ray instance (or RAY_ADDRESS's cluster if set)
+  basinguard batch PROMPTS OUT_DIR --ray auto               the cluster this node belongs to (`ray start` ran here)
+  basinguard batch PROMPTS OUT_DIR --ray ray://head:10001   Ray Client: the driver runs off-cluster
+(--ray takes an optional value, so put it after the positional arguments or give it an address.)
+Every node needs the same Python environment with basinguard installed (or pass it in a runtime_env), the
+model folder at the same path, and OUT_DIR on a filesystem all nodes share (e.g. NFS) at the same path:
+workers write their images there. The lock on OUT_DIR guards against a second driver on the same node.
+`--ray-workers K` sets the actor count (default: the cluster's CPUs // CPUs per worker, or its GPUs for
+--provider cuda/tensorrt); each actor reserves `--threads` CPUs (default 1) and, on GPU, one GPU.
+If an actor dies the job stops with Ray's error; run it again with the same arguments to finish it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from basinguard.errors import BasinguardError
+from basinguard.runtime.batch import (
+    MANIFEST,
+    BatchJob,
+    BatchSummary,
+    ImageTask,
+    ManifestWriter,
+    SpecChecker,
+    check_same_job,
+    load_job,
+    merge_parts,
+    model_identity,
+    output_lock,
+    pack,
+    prepare_output,
+    progress_bar,
+    slim,
+    summarize,
+    write_batch,
+)
+
+LOCAL = "local"  # `--ray` without an address
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BasinguardError("--ray needs Ray: pip install 'basinguard[ray]'") from None
+    return ray
+
+
+class BatchWorker:
+    """One worker slot: a Pipeline and its manifest shard. Wrapped with `ray.remote` at run time."""
+
+    def __init__(self, model: str, provider: str, threads: int | None, out_dir: str, shard: int, identity: dict):
+        from basinguard.runtime.pipeline import Pipeline
+
+        self.pipeline = Pipeline(Path(model), provider=provider, threads=threads)
+        self.out_dir = Path(out_dir)
+        self.identity = identity
+        self.shard = shard
+        self.manifest = ManifestWriter(self.out_dir / MANIFEST.replace(".jsonl", f".part-{shard}.jsonl"))
+
+    def run(self, batch: list[ImageTask]) -> list[dict]:
+        return write_batch(self.pipeline, batch, self.out_dir, self.identity, self.manifest, {"shard": self.shard})
+
+    def close(self) -> None:
+        self.manifest.close()
+
+
+def shard_by_line(tasks: Sequence[ImageTask], workers: int) -> list[list[ImageTask]]:
+    """Whole prompt lines per worker, each line to the worker with the fewest images so far (file order)."""
+    lines: dict[int, list[ImageTask]] = {}
+    for task in tasks:
+        lines.setdefault(task.line, []).append(task)
+    shards: list[list[ImageTask]] = [[] for _ in range(workers)]
+    for line_tasks in lines.values():
+        min(shards, key=len).extend(line_tasks)
+    return shards
+
+
+def _default_workers(ray, provider: str, cpus: int) -> int:
+    resources = ray.cluster_resources()
+    if provider != "cpu":
+        return max(1, int(resources.get("GPU", 0)))
+    return max(1, int(resources.get("CPU", 1)) // cpus)
+
+
+def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: int | None = None,
+                  address: str | None = LOCAL, workers: int | None = None) -> BatchSummary:
+    """Run (or resume) `job` on Ray. An already initialised Ray (e.g. a test's `ray.init(...)`) is used as is."""
+    ray = _import_ray()
+    job.validate()
+    if workers is not None and workers < 1:
+        raise BasinguardError(f"--ray-workers must be >= 1 (got {workers})")
+    with output_lock(job.out_dir):
+        done = prepare_output(job.out_dir)
+        parsed = load_job(job, SpecChecker(model))
+        check_same_job(parsed.tasks, done, job.out_dir)
+        pending = [t for t in parsed.tasks if t.id not in done]
+        if not pending:
+            return summarize(parsed, done, [], 0.0)
+        if not ray.is_initialized():
+            ray.init(address=None if address == LOCAL else address, include_dashboard=False,
+                     log_to_driver=False)
+        cpus = threads or 1
+        count = workers or _default_workers(ray, provider, cpus)
+        shards = [s for s in shard_by_line(pending, count) if s]
+        identity = model_identity(model)
+        actor_class = ray.remote(BatchWorker).options(num_cpus=cpus, num_gpus=0 if provider == "cpu" else 1)
+        actors = [actor_class.remote(str(Path(model).resolve()), provider, cpus, str(job.out_dir.resolve()), k,
+                                     identity) for k in range(len(shards))]
+        new: list[dict] = []
+        start = time.perf_counter()
+        try:
+            # Submit every batch up front: an actor runs its calls one at a time, in order.
+            running = {actor.run.remote(batch): len(batch)
+                       for actor, shard in zip(actors, shards, strict=True) for batch in pack(shard, job.batch_size)}
+            with progress_bar(len(pending), job.progress) as bar:
+                while running:
+                    ready, _ = ray.wait(list(running), num_returns=1)
+                    new += map(slim, ray.get(ready[0]))
+                    bar.update(running.pop(ready[0]))
+            ray.get([actor.close.remote() for actor in actors])
+        finally:
+            for actor in actors:
+                ray.kill(actor)  # a stopped job must not keep writing into OUT_DIR
+        seconds = time.perf_counter() - start
+        merge_parts(job.out_dir)
+        return summarize(parsed, done, new, seconds)

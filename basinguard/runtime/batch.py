@@ -1,0 +1,597 @@
+"""Production batch generation: a prompt file → one PNG per image + `manifest.jsonl`, resumable after any kill.
+
+Prompt files (chosen by extension)
+  .txt    one prompt a line; blank lines are ignored.
+  .jsonl  one JSON object a line; blank lines are ignored.
+  .csv    a header row naming the fields, then one record a row (empty cells count as absent).
+  Fields: `prompt` (required), `negative_prompt`, `seed`, `num_images`, and per-line overrides of the job's
+  sampling settings: `policy`, `guidance_scale`, `transition_t`, `pre_scale`, `opposite_scale`, `mitigation`,
+  `detect_threshold`, `steps`, `scheduler`.
+
+Image identity and seeds
+  Image k (0-based) of the prompt on line L (1-based line of the file; for CSV the line its record starts on)
+  has id `LLLLLL-KKK` (`image_id`) and file `<id>.png`. Its seed is
+    * the line's `seed` field + k, if the line has one (as `basinguard generate --seed S` numbers its images);
+    * otherwise the top 53 bits of sha256("basinguard-batch:{base_seed}:{L}:{k}") as an unsigned big-endian
+      integer (`derive_seed`): stable across runs, machines, batch sizes and worker counts, and exact in JSON.
+  The initial latents come from the seed alone (`Pipeline.initial_latents`), so an image does not depend on
+  what it was batched with.
+
+Packing
+  Images with the same sampling settings are packed into batches of `batch_size` across prompt boundaries,
+  so every UNet call runs at N = batch_size (2N with guidance) except each settings group's tail.
+
+Nothing lost, nothing twice
+  OUT_DIR/.lock is held with flock for the whole job (the kernel drops it when the process dies), so a second
+  job on the same OUT_DIR refuses. Each image is written to `.<id>.png.tmp` and renamed; only then is its
+  manifest line appended in one write and fsynced. On start the job removes leftover temporary files, cuts a
+  truncated last manifest line (a kill mid-append), merges Ray shards (`manifest.part-K.jsonl`) and skips
+  every image id the manifest already has, so a restart with the same arguments makes each missing image
+  exactly once. Manifest entries are checked against the prompt file, so a different job's OUT_DIR is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from basinguard.errors import BasinguardError
+from basinguard.runtime.files import fsync_dir, write_atomic
+from basinguard.runtime.model_folder import ModelFolder
+from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
+from basinguard.runtime.schedulers import Scheduler
+from basinguard.runtime.tokenizer import PromptTokenizer
+
+MANIFEST = "manifest.jsonl"
+PART_GLOB = "manifest.part-*.jsonl"
+LOCK = ".lock"
+ON_ERROR = ("skip", "stop")
+MAX_IMAGES_PER_LINE = 10_000  # a typo guard: num_images beyond this is almost surely a mistake
+
+# Per-line fields: name → (type, what it overrides). Policy fields map onto PolicyConfig, the rest onto SamplingConfig.
+POLICY_FIELDS = {"policy": "name", "guidance_scale": "guidance_scale", "transition_t": "transition_t",
+                 "pre_scale": "pre_scale", "opposite_scale": "opposite_scale", "mitigation": "mitigation",
+                 "detect_threshold": "detect_threshold"}
+SAMPLING_FIELDS = ("steps", "scheduler")
+FIELD_TYPES: dict[str, type] = {
+    "prompt": str, "negative_prompt": str, "seed": int, "num_images": int,
+    "policy": str, "guidance_scale": float, "transition_t": int, "pre_scale": float, "opposite_scale": float,
+    "mitigation": str, "detect_threshold": float, "steps": int, "scheduler": str,
+}
+
+
+class BatchError(BasinguardError):
+    """A batch job that cannot run as asked (bad prompt file, busy or foreign OUT_DIR, corrupt manifest)."""
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One image to make: everything that determines its pixels, and where it goes."""
+
+    id: str
+    line: int
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    sampling: SamplingConfig  # resolved: height and width filled in, validated against the model
+
+    @property
+    def file(self) -> str:
+        return f"{self.id}.png"
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass
+class PromptFile:
+    tasks: list[ImageTask]
+    errors: list[LineError]
+    lines: int  # prompt lines read (good and bad)
+
+
+class Checker(Protocol):
+    """What validating a prompt file needs: a Pipeline, or a `SpecChecker` where no models are loaded."""
+
+    folder: ModelFolder
+    tokenizer: PromptTokenizer
+
+    def resolve(self, sampling: SamplingConfig) -> SamplingConfig: ...
+
+    def make_scheduler(self, sampling: SamplingConfig) -> Scheduler: ...
+
+
+class SpecChecker:
+    """A Pipeline's folder, tokenizer and validation without its ONNX sessions (e.g. on a Ray driver).
+
+    `resolve` and `make_scheduler` are the Pipeline's own methods: they only read `self.folder`.
+    """
+
+    resolve = Pipeline.resolve
+    make_scheduler = Pipeline.make_scheduler
+
+    def __init__(self, folder: Path):
+        self.folder = ModelFolder.open(folder)
+        self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer")
+
+
+def image_id(line: int, index: int) -> str:
+    return f"{line:06d}-{index:03d}"
+
+
+def derive_seed(base_seed: int, line: int, index: int) -> int:
+    """Seed of image `index` of the prompt on `line` when the line gives none (see the module docstring)."""
+    digest = hashlib.sha256(f"basinguard-batch:{base_seed}:{line}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 11  # 53 bits: exact as a JSON number everywhere
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
+    """(line number, raw fields or the error) per prompt line of a .txt/.jsonl/.csv file."""
+    kind = path.suffix.lower()
+    if kind not in (".txt", ".jsonl", ".csv"):
+        raise BatchError(f"prompt file {path} must end in .txt, .jsonl or .csv")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BatchError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
+    if kind == ".csv":
+        yield from _csv_records(path, data)
+        return
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as exc:
+            yield number, LineError(number, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+            continue
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+        if not text.strip():
+            continue
+        if kind == ".txt":
+            yield number, {"prompt": text.strip()}
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield number, LineError(number, f"invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(record, dict):
+            yield number, LineError(number, f"expected a JSON object with a \"prompt\" field, got {type(record).__name__}")
+            continue
+        yield number, record
+
+
+def _csv_records(path: Path, data: bytes) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BatchError(f"prompt file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    end = 0  # the line the previous record ended on; a record starts on the next one
+    try:
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [cell.strip() for cell in row]
+                unknown = [h for h in header if h not in FIELD_TYPES]
+                if unknown or "prompt" not in header or len(set(header)) != len(header):
+                    raise BatchError(f"{path} line {start}: the header must name distinct fields including "
+                                     f"'prompt' from {', '.join(FIELD_TYPES)} (got {', '.join(header)})")
+                continue
+            if len(row) > len(header):
+                yield start, LineError(start, f"{len(row)} cells but the header names {len(header)} fields")
+                continue
+            yield start, {h: cell for h, cell in zip(header, row, strict=False) if cell != "" or h == "negative_prompt"}
+    except csv.Error as exc:
+        raise BatchError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from None
+    if header is None:
+        raise BatchError(f"{path} has no header row (e.g. 'prompt,seed')")
+
+
+def _typed(name: str, value: Any) -> Any:
+    """A field's value as its type; CSV cells arrive as text and are parsed here."""
+    want = FIELD_TYPES[name]
+    if value is None:
+        return None
+    if want is str:
+        if not isinstance(value, str):
+            raise ValueError(f"field {name!r} must be text, got {json.dumps(value)}")
+        return value
+    if isinstance(value, str):  # CSV
+        try:
+            value = int(value) if want is int else float(value)
+        except ValueError:
+            raise ValueError(f"field {name!r} must be {'an integer' if want is int else 'a number'}, "
+                             f"got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or (want is int and not isinstance(value, int)):
+        raise ValueError(f"field {name!r} must be {'an integer' if want is int else 'a number'}, got {json.dumps(value)}")
+    if want is float and not math.isfinite(value):
+        raise ValueError(f"field {name!r} must be a finite number, got {value}")
+    return want(value)
+
+
+def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: SamplingConfig, images_per_prompt: int,
+                base_seed: int, resolved: dict[SamplingConfig, SamplingConfig]) -> list[ImageTask]:
+    """The images of one prompt line; ValueError/BasinguardError name what is wrong with it."""
+    unknown = sorted(set(record) - set(FIELD_TYPES))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} (fields: {', '.join(FIELD_TYPES)})")
+    fields = {name: _typed(name, value) for name, value in record.items()}
+    prompt = fields.get("prompt")
+    if prompt is None or not prompt.strip():
+        raise ValueError("missing field 'prompt'" if prompt is None else "empty prompt")
+    negative = fields.get("negative_prompt") or ""
+    room = checker.tokenizer.max_length - 2  # start and end tokens take two of the text encoder's positions
+    for what, text in (("prompt", prompt), ("negative prompt", negative)):
+        n_tokens = len(checker.tokenizer.tokenize(text))
+        if n_tokens > room:
+            raise ValueError(f"{what} has {n_tokens} tokens; the text encoder takes at most {room} "
+                             f"(max_length {checker.tokenizer.max_length} minus start and end tokens)")
+    count = images_per_prompt if fields.get("num_images") is None else fields["num_images"]
+    if not 1 <= count <= MAX_IMAGES_PER_LINE:
+        raise ValueError(f"num_images must be in [1, {MAX_IMAGES_PER_LINE}], got {count}")
+    seed = fields.get("seed")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+    policy_overrides = {attr: fields[name] for name, attr in POLICY_FIELDS.items() if fields.get(name) is not None}
+    sampling_overrides = {name: fields[name] for name in SAMPLING_FIELDS if fields.get(name) is not None}
+    sampling = replace(base, policy=replace(base.policy, **policy_overrides), **sampling_overrides)
+    if sampling not in resolved:  # most lines share settings: validate each distinct one once
+        resolved[sampling] = checker.resolve(sampling)
+        checker.make_scheduler(resolved[sampling])  # steps and scheduler name checked against the model
+    sampling = resolved[sampling]
+    return [ImageTask(image_id(number, k), number, k, prompt, negative,
+                      seed + k if seed is not None else derive_seed(base_seed, number, k), sampling)
+            for k in range(count)]
+
+
+def read_prompts(path: Path, checker: Checker, base: SamplingConfig, images_per_prompt: int = 1,
+                 base_seed: int = 0) -> PromptFile:
+    """Every image of a prompt file, and every bad line with its line number (the caller decides skip/stop)."""
+    tasks: list[ImageTask] = []
+    errors: list[LineError] = []
+    resolved: dict[SamplingConfig, SamplingConfig] = {}
+    lines = 0
+    for number, record in _records(Path(path)):
+        lines += 1
+        if isinstance(record, LineError):
+            errors.append(record)
+            continue
+        try:
+            tasks += _line_tasks(number, record, checker, base, images_per_prompt, base_seed, resolved)
+        except (ValueError, BasinguardError) as exc:
+            errors.append(LineError(number, str(exc)))
+    return PromptFile(tasks, errors, lines)
+
+
+def pack(tasks: Sequence[ImageTask], batch_size: int) -> list[list[ImageTask]]:
+    """Batches of `batch_size` images with equal sampling settings, across prompt boundaries, in file order."""
+    if batch_size < 1:
+        raise BatchError(f"batch size must be >= 1 (got {batch_size})")
+    groups: dict[SamplingConfig, list[ImageTask]] = {}
+    for task in tasks:
+        groups.setdefault(task.sampling, []).append(task)
+    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------- output dir
+
+
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold OUT_DIR/.lock (flock) for the job; a second job gets a clear refusal, a dead one frees it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise BatchError(f"{out_dir} is in use by another batch job (pid {holder}); wait for it to finish, "
+                         "or write to another OUT_DIR") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (deleting it would race with a waiting job)
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a truncated last line (a kill mid-append) off a manifest file, in place."""
+    with open(path, "r+b") as f:
+        size = pos = f.seek(0, os.SEEK_END)
+        end = 0
+        while pos > 0:  # scan back for the last newline
+            start = max(0, pos - 65536)
+            f.seek(start)
+            cut = f.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            pos = start
+        if end == size:
+            return
+        f.truncate(end)
+        os.fsync(f.fileno())
+    print(f"basinguard batch: repaired {path}: dropped a truncated last line ({size - end} bytes)", file=sys.stderr)
+
+
+def iter_manifest(path: Path) -> Iterator[dict]:
+    """A manifest's entries, streamed; the file's truncated last line, if any, is repaired first."""
+    if not path.exists():
+        return
+    _repair_tail(path)
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                entry["id"]  # noqa: B018 - every entry must carry its image id
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+                raise BatchError(f"{path} line {number} is corrupt (not a manifest entry); fix or remove that line "
+                                 "and restart: its image will be made again") from None
+            yield entry
+
+
+def read_manifest(path: Path) -> list[dict]:
+    return list(iter_manifest(path))
+
+
+class ManifestWriter:
+    """Appends entries, one write and one fsync per call, so a finished image's line survives any kill."""
+
+    def __init__(self, path: Path):
+        existed = path.exists()
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if not existed:
+            fsync_dir(path.parent)
+
+    def append(self, *entries: dict) -> None:
+        data = memoryview("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode())
+        while data:  # a single write almost always takes it all; loop for the rare short write
+            data = data[os.write(self.fd, data):]
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# What resuming and the summary need of a finished entry; the rest (traces) stays on disk.
+_KEPT = ("id", "line", "index", "prompt", "negative_prompt", "seed", "policy", "steps", "height", "width", "flagged",
+         "transition_step")
+
+
+def slim(entry: dict) -> dict:
+    return {k: entry.get(k) for k in _KEPT}
+
+
+def merge_parts(out_dir: Path) -> None:
+    """Fold Ray shards (manifest.part-K.jsonl) into manifest.jsonl, each image id once, then drop the shards.
+
+    Entries whose id manifest.jsonl lacks are appended (and fsynced) shard by shard; the shards are removed
+    only after all are in. A kill in between leaves entries in both, which the next merge skips by id.
+    """
+    parts = sorted(out_dir.glob(PART_GLOB))
+    if not parts:
+        return
+    main = out_dir / MANIFEST
+    seen = {e["id"] for e in iter_manifest(main)}
+    with ManifestWriter(main) as writer:
+        for part in parts:
+            new = []
+            for entry in iter_manifest(part):
+                if entry["id"] not in seen:
+                    seen.add(entry["id"])
+                    new.append(entry)
+            new.sort(key=lambda e: (e.get("line", 0), e.get("index", 0)))
+            writer.append(*new)
+    for part in parts:
+        part.unlink()
+    fsync_dir(out_dir)
+
+
+def prepare_output(out_dir: Path) -> dict[str, dict]:
+    """Under the lock: drop temporary files of a killed job, merge shards, return the finished entries by id."""
+    for tmp in out_dir.glob(".*.tmp"):
+        tmp.unlink()
+    merge_parts(out_dir)
+    done: dict[str, dict] = {}
+    for entry in iter_manifest(out_dir / MANIFEST):
+        done.setdefault(entry["id"], slim(entry))
+    return done
+
+
+def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: Path) -> None:
+    """Refuse to mix jobs: an image id already in the manifest must describe the same image."""
+    for task in tasks:
+        entry = done.get(task.id)
+        if entry is None:
+            continue
+        want = {"prompt": task.prompt, "negative_prompt": task.negative_prompt, "seed": task.seed,
+                "policy": task.sampling.policy.parameters(), "steps": task.sampling.steps,
+                "height": task.sampling.height, "width": task.sampling.width}
+        diff = [k for k, v in want.items() if entry.get(k) != v]
+        if diff:
+            raise BatchError(f"{out_dir / MANIFEST} already has image {task.id} (line {task.line}) with a different "
+                             f"{', '.join(diff)} than this job; it holds another job's output: restart with the same "
+                             "arguments and prompt file, or use a new OUT_DIR")
+
+
+def model_identity(folder: Path) -> dict:
+    """A cheap identity of a model folder: its path and a hash of basinguard.json and each model file's size+mtime."""
+    folder = Path(folder).resolve()
+    h = hashlib.sha256()
+    if (folder / "basinguard.json").is_file():
+        h.update((folder / "basinguard.json").read_bytes())
+    for part in ("text_encoder", "unet", "vae_decoder"):
+        for f in sorted((folder / part).glob("*")):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{part}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return {"path": str(folder), "id": h.hexdigest()[:16]}
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class BatchJob:
+    prompts: Path
+    out_dir: Path
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the job's settings; lines may override
+    images_per_prompt: int = 1
+    batch_size: int = 4
+    seed: int = 0  # base seed for lines without a seed field
+    on_error: str = "stop"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise BatchError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if not 1 <= self.images_per_prompt <= MAX_IMAGES_PER_LINE:
+            raise BatchError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_LINE}] (got {self.images_per_prompt})")
+        if self.on_error not in ON_ERROR:
+            raise BatchError(f"--on-error must be one of {', '.join(ON_ERROR)} (got {self.on_error!r})")
+
+
+@dataclass
+class BatchSummary:
+    total: int  # images the job asks for (good lines)
+    generated: int  # made by this run
+    done_before: int  # found finished in the manifest
+    flagged: int | None  # images scored above the detection threshold; None: no threshold was given
+    mean_transition_step: float | None
+    seconds: float  # wall time of this run's generation
+    skipped: list[LineError]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        ts = "n/a" if self.mean_transition_step is None else f"{self.mean_transition_step:.2f}"
+        out = [f"images: {self.done_before + self.generated}/{self.total} done ({self.generated} this run, "
+               f"{self.done_before} already done)",
+               f"flagged as memorized: {'n/a (no detection threshold)' if self.flagged is None else self.flagged}",
+               f"mean transition step: {ts}",
+               f"throughput: {self.images_per_second:.3f} images/s ({self.seconds:.1f} s)",
+               f"skipped lines: {len(self.skipped)}"]
+        out += [f"  {e}" for e in self.skipped]
+        return "\n".join(out)
+
+
+def load_job(job: BatchJob, checker: Checker) -> PromptFile:
+    """Read and check the prompt file; bad lines are reported on stderr and then skipped or stop the job."""
+    parsed = read_prompts(job.prompts, checker, job.sampling, job.images_per_prompt, job.seed)
+    for err in parsed.errors:
+        print(f"basinguard batch: {job.prompts}: {err}", file=sys.stderr)
+    if parsed.errors and job.on_error == "stop":
+        more = f" (and {len(parsed.errors) - 1} more bad lines)" if len(parsed.errors) > 1 else ""
+        raise BatchError(f"{job.prompts} {parsed.errors[0]}{more}; nothing generated (--on-error stop; "
+                         "--on-error skip makes the good lines)")
+    return parsed
+
+
+def generate_batch(pipeline: Pipeline, batch: Sequence[ImageTask]) -> tuple[list[Generation], dict[str, float]]:
+    """One packed batch in one `Pipeline.generate` call; also its per-stage seconds divided per image."""
+    pipeline.timer.reset()
+    gens = pipeline.generate([t.prompt for t in batch], batch[0].sampling, seeds=[t.seed for t in batch],
+                             negative_prompts=[t.negative_prompt for t in batch])
+    timings = {k: v / len(batch) for k, v in pipeline.timer.summary().items()}
+    return gens, timings
+
+
+def manifest_entry(task: ImageTask, gen: Generation, timings: dict[str, float], model: dict, batch: int) -> dict:
+    trace = dict(gen.trace)
+    engine = trace.pop("provider")
+    # The detection score: the auto policy's own, else d at step 0 where the policy measured it.
+    score = trace["detection_score"] if trace["detection_score"] is not None else trace["gap"][0]
+    threshold = task.sampling.policy.detect_threshold
+    return {"id": task.id, "file": task.file, "line": task.line, "index": task.index, **trace,
+            "detection_score": score, "flagged": None if threshold is None or score is None else score > threshold,
+            "batch": batch, "timings": timings, "engine": engine, "model": model}
+
+
+def write_batch(pipeline: Pipeline, batch: Sequence[ImageTask], out_dir: Path, model: dict,
+                manifest: ManifestWriter, extra: dict | None = None) -> list[dict]:
+    """Generate one batch, write each PNG atomically, then append (and fsync) its manifest line (+ `extra`)."""
+    gens, timings = generate_batch(pipeline, batch)
+    entries = []
+    for task, gen in zip(batch, gens, strict=True):
+        write_atomic(out_dir / task.file, lambda p, g=gen: g.to_pil().save(p, format="PNG"), fsync=True)
+        entry = manifest_entry(task, gen, timings, model, len(batch)) | (extra or {})
+        manifest.append(entry)  # after the rename: a manifest line always has its PNG
+        entries.append(entry)
+    return entries
+
+
+def progress_bar(total: int, enabled: bool):  # -> tqdm
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+                desc="basinguard batch")
+
+
+def summarize(parsed: PromptFile, done: dict[str, dict], new: list[dict], seconds: float) -> BatchSummary:
+    ids = {t.id for t in parsed.tasks}
+    entries = [e for e in done.values() if e["id"] in ids] + new
+    steps = [e["transition_step"] for e in entries if e.get("transition_step") is not None]
+    return BatchSummary(total=len(parsed.tasks), generated=len(new), done_before=len(entries) - len(new),
+                        flagged=None if all(e.get("flagged") is None for e in entries)
+                        else sum(bool(e.get("flagged")) for e in entries),
+                        mean_transition_step=sum(steps) / len(steps) if steps else None,
+                        seconds=seconds, skipped=parsed.errors)
+
+
+def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline]) -> BatchSummary:
+    """Run (or resume) a batch job on this machine. `pipeline` may be a factory, called once OUT_DIR is locked,
+    so that a busy OUT_DIR is refused before any model loads."""
+    job.validate()
+    with output_lock(job.out_dir):
+        done = prepare_output(job.out_dir)
+        pipe = pipeline if isinstance(pipeline, Pipeline) else pipeline()
+        parsed = load_job(job, pipe)
+        check_same_job(parsed.tasks, done, job.out_dir)
+        pending = [t for t in parsed.tasks if t.id not in done]
+        model = model_identity(pipe.folder.path)
+        new: list[dict] = []
+        start = time.perf_counter()
+        with ManifestWriter(job.out_dir / MANIFEST) as manifest, progress_bar(len(pending), job.progress) as bar:
+            for batch in pack(pending, job.batch_size):
+                new += map(slim, write_batch(pipe, batch, job.out_dir, model, manifest))
+                bar.update(len(batch))
+        return summarize(parsed, done, new, time.perf_counter() - start)

@@ -1,0 +1,121 @@
+"""Memorization detection scores (Wen et al., ICLR 2024) and their calibration (numpy only).
+
+The score of a prompt is d = ‖ε(x_t, e_p) − ε(x_t, e_∅)‖₂, averaged over the first `steps` denoising steps
+and over the given seeds, along the plain CFG trajectory at the sampling's guidance scale (d at step 0 does
+not depend on the policy). Only those first steps run: `denoise` is driven over a view of the scheduler that
+ends after them, so no image is decoded.
+
+With steps=1 and one seed the score is exactly what `--policy auto` gates on (d at step 0 of each image), so
+a threshold meant for `auto` must be calibrated that way; averaging over more steps or seeds narrows the
+score distribution and moves the threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from basinguard.errors import BasinguardError
+from basinguard.runtime.guidance import PolicyConfig, make_policy
+from basinguard.runtime.pipeline import Pipeline, SamplingConfig, denoise
+from basinguard.runtime.schedulers import Scheduler
+
+
+class _FirstSteps:
+    """A scheduler seen through its first `k` timesteps; everything else is the scheduler's own."""
+
+    def __init__(self, scheduler: Scheduler, k: int):
+        self._scheduler = scheduler
+        self.timesteps = scheduler.timesteps[:k]
+
+    def __getattr__(self, name: str):
+        return getattr(self._scheduler, name)
+
+
+def detection_scores(pipeline: Pipeline, prompts: Sequence[str], sampling: SamplingConfig, seeds: Sequence[int],
+                     steps: int = 1, batch_size: int = 8) -> np.ndarray:
+    """Score per prompt: d over the first `steps` steps, mean over steps and seeds; float64 (len(prompts),)."""
+    if not prompts or not seeds:
+        raise BasinguardError(f"need at least one prompt and one seed (got {len(prompts)} and {len(seeds)})")
+    if batch_size < 1:
+        raise BasinguardError(f"batch size must be >= 1 (got {batch_size})")
+    # Plain CFG: the trajectory the score is defined on; d needs both UNet halves at every measured step.
+    sampling = pipeline.resolve(replace(sampling, policy=PolicyConfig("cfg", sampling.policy.guidance_scale)))
+    available = len(pipeline.make_scheduler(sampling).timesteps)
+    if not 1 <= steps <= available:
+        raise BasinguardError(f"detection steps must be in [1, {available}] (the sampling's step count), got {steps}")
+    pairs = [(p, s) for p in prompts for s in seeds]
+    d = np.empty((len(pairs), steps))
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        n = len(chunk)
+        scheduler = pipeline.make_scheduler(sampling)
+        e = pipeline.encode_text([""] * n + [p for p, _ in chunk])  # [e_∅; e_p] as Pipeline.generate builds it
+        latents = pipeline.initial_latents([s for _, s in chunk], sampling.height, sampling.width)
+        x = latents * np.float32(scheduler.init_noise_sigma)
+        policy = make_policy(sampling.policy, n, pipeline.folder.num_train_timesteps)
+        _, gap, _ = denoise(pipeline.unet, _FirstSteps(scheduler, steps), policy, x, e[:n], e)  # type: ignore[arg-type]
+        d[start:start + n] = gap.T
+    return d.reshape(len(prompts), len(seeds), steps).mean(axis=(1, 2))
+
+
+def _scores(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64).ravel()
+    if a.size == 0 or not np.isfinite(a).all():
+        raise ValueError(f"{what} scores must be a non-empty set of finite numbers")
+    return a
+
+
+def roc_auc(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray) -> float:
+    """Area under the ROC curve: P(pos > neg) + ½ P(pos = neg) over all pairs (Mann–Whitney U / n_pos n_neg)."""
+    p, n = _scores(pos, "positive"), np.sort(_scores(neg, "negative"))
+    below = np.searchsorted(n, p, side="left")  # negatives strictly below each positive
+    tied = np.searchsorted(n, p, side="right") - below
+    return float((below + 0.5 * tied).sum() / (p.size * n.size))
+
+
+def threshold_at_fpr(neg: Sequence[float] | np.ndarray, fpr: float = 0.01) -> float:
+    """The lowest threshold t with #(neg > t) ≤ fpr · len(neg); a score is flagged when score > t (as `auto` does)."""
+    if not 0 <= fpr < 1:
+        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+    n = np.sort(_scores(neg, "negative"))[::-1]
+    allowed = math.floor(fpr * n.size + 1e-9)  # false positives allowed; the epsilon absorbs 0.29 * 100 = 28.99…
+    return float(n[allowed])  # everything above the (allowed+1)-th largest negative: at most `allowed` of them
+
+
+def tpr_at_fpr(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray, fpr: float = 0.01) -> float:
+    """True-positive rate at the threshold `threshold_at_fpr(neg, fpr)`."""
+    t = threshold_at_fpr(neg, fpr)
+    return float((_scores(pos, "positive") > t).mean())
+
+
+def calibrate(pos_scores: Sequence[float] | np.ndarray, neg_scores: Sequence[float] | np.ndarray,
+              fpr: float = 0.01) -> dict:
+    """Threshold with FPR ≤ `fpr` on the negatives (memorized = positive), its TPR and achieved FPR, and the AUC."""
+    pos, neg = _scores(pos_scores, "memorized"), _scores(neg_scores, "normal")
+    t = threshold_at_fpr(neg, fpr)
+    return {"threshold": t, "auc": roc_auc(pos, neg), "tpr": float((pos > t).mean()), "fpr": float((neg > t).mean()),
+            "target_fpr": fpr, "n_memorized": int(pos.size), "n_normal": int(neg.size)}
+
+
+def load_calibration(path: Path) -> dict:
+    """A calibration file written by `basinguard detect --calibrate`; its threshold is checked here."""
+    try:
+        calib = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise BasinguardError(f"cannot read calibration file {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BasinguardError(f"calibration file {path} is not JSON: {exc}") from None
+    t = calib.get("threshold") if isinstance(calib, dict) else None
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+        raise BasinguardError(f"calibration file {path} has no finite 'threshold' (write one with "
+                              "`basinguard detect --calibrate`)")
+    if calib.get("detect_steps", 1) != 1:
+        raise BasinguardError(f"calibration file {path} was made with --detect-steps {calib['detect_steps']}, but "
+                              "--policy auto gates on d at step 0; calibrate with --detect-steps 1")
+    return calib

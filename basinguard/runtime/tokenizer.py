@@ -1,0 +1,287 @@
+"""CLIP prompt tokenizer for the runtime: numpy + `tokenizers` + stdlib, no transformers.
+
+`PromptTokenizer.encode` returns what transformers' slow `CLIPTokenizer(prompts, padding="max_length",
+max_length=..., truncation=True).input_ids` returns, the class diffusers pipelines load, as it runs without
+ftfy (ftfy is not a dependency of diffusers or transformers; where it is installed the slow tokenizer cleans
+text with ftfy.fix_text instead, which differs on curly quotes, full-width letters, CJK and the like).
+
+The slow tokenizer cleans text with BERT's BasicTokenizer before its BPE: it drops control and format
+characters, puts spaces around CJK ideographs, applies NFC and lowercases word by word. A tokenizer.json
+cannot express the first two steps (CLIPTokenizerFast skips them and differs on e.g. Chinese prompts), so
+`_clean_prompt` does the whole cleaning here and the `tokenizers` BPE runs without a normalizer.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from basinguard.runtime.errors import ModelFolderError
+
+CLIP_CONTEXT = 77  # CLIP's text context; used when the folder does not state a usable model_max_length
+_MAX_SANE_LENGTH = 4096  # transformers writes ~1e30 for "no limit"; anything above this is treated as unset
+_CLIP_MERGES_LIMIT = 49152 - 256 - 2  # the slow tokenizer reads at most this many merges (CLIP's BPE size)
+_CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""  # CLIP's word pattern
+_DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+             "pad_token": "<|endoftext|>"}  # CLIPTokenizer's constructor defaults
+# Unicode blocks that BERT's BasicTokenizer (and so the slow CLIPTokenizer) treats as CJK ideographs.
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+# U+0345 matches no alternative of the slow tokenizer's case-insensitive word pattern (it case-folds to a
+# letter but is not one), so there it separates words and vanishes; `_clean_prompt` turns it into a space.
+# The one known divergence left: "'ſ" (long s after an apostrophe) is one piece there, two here.
+_SEPARATOR = "\u0345"
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt had more tokens than the text encoder takes; the message names the dropped words."""
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte → printable character table used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)  # unprintable bytes move past Latin-1 so every byte is a visible char
+            extra += 1
+    return {b: table[b] for b in [*printable, *(b for b in range(256) if b not in printable)]}
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _is_cjk(cp: int) -> bool:
+    return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
+
+
+def _clean_char(ch: str) -> str:
+    """One character as BasicTokenizer leaves it: removed, a space, spaced (CJK) or unchanged."""
+    if ch in "\t\n\r ":
+        return " "
+    category = unicodedata.category(ch)
+    if category.startswith("C") or ch == "\ufffd":  # control, format, private, unassigned, surrogate
+        return ""
+    if category == "Zs":
+        return " "
+    return f" {ch} " if _is_cjk(ord(ch)) else ch
+
+
+def _clean_prompt(text: str) -> str:
+    """The slow CLIPTokenizer's text cleaning (BasicTokenizer without punctuation split or accent strip)."""
+    text = unicodedata.normalize("NFC", "".join(_clean_char(ch) for ch in text))
+    text = " ".join(word.lower() for word in text.split())
+    return " ".join(text.replace(_SEPARATOR, " ").split()) if _SEPARATOR in text else text
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFolderError(f"missing file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"corrupt JSON in {path}: {exc}") from None
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as saved by transformers: a string or an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """bos/eos/unk/pad with transformers' precedence.
+
+    A tokenizer_config.json with `added_tokens_decoder` (transformers >= 4.34) is authoritative; in older
+    folders (e.g. SD 2.x: pad "!" in special_tokens_map.json, "<|endoftext|>" in tokenizer_config.json)
+    special_tokens_map.json wins.
+    """
+    config_path, map_path = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
+    config = _read_json(config_path) if config_path.exists() else {}
+    token_map = _read_json(map_path) if map_path.exists() else {}
+    for path, data in ((config_path, config), (map_path, token_map)):
+        if not isinstance(data, dict):
+            raise ModelFolderError(f"corrupt {path}: expected a JSON object")
+    sources = (config, token_map) if "added_tokens_decoder" in config else (token_map, config)
+    tokens = {}
+    for key, default in _DEFAULTS.items():
+        found = (_token_text(src.get(key)) for src in sources)
+        tokens[key] = next((t for t in found if t), default)
+    return tokens
+
+
+def _max_length(folder: Path) -> int:
+    path = folder / "tokenizer_config.json"
+    value = _read_json(path).get("model_max_length") if path.exists() else None
+    if value is None or not isinstance(value, int | float) or value > _MAX_SANE_LENGTH:
+        return CLIP_CONTEXT
+    if value < 2:
+        raise ModelFolderError(f"{path}: model_max_length {value} leaves no room for the start and end tokens")
+    return int(value)
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    """merges.txt as the slow CLIPTokenizer reads it: skip the "#version" header, keep CLIP's merge count."""
+    try:
+        lines = path.read_text(encoding="utf-8").strip().split("\n")
+    except FileNotFoundError:
+        raise ModelFolderError(f"missing file: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ModelFolderError(f"corrupt {path}: not UTF-8 ({exc})") from None
+    if lines and lines[0].startswith("#"):
+        lines = lines[1:]
+    merges = []
+    for number, line in enumerate(lines[:_CLIP_MERGES_LIMIT], start=2):
+        parts = line.split()
+        if len(parts) != 2:
+            raise ModelFolderError(f"corrupt {path}: line {number} is {line!r}, expected two symbols")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _clip_bpe(folder: Path, unk_token: str) -> Tokenizer:
+    """A `tokenizers` BPE equivalent to the slow CLIPTokenizer, from vocab.json + merges.txt."""
+    vocab_path = folder / "vocab.json"
+    vocab = _read_json(vocab_path)
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise ModelFolderError(f"corrupt {vocab_path}: expected a JSON object of token → id")
+    merges = _read_merges(folder / "merges.txt")
+    try:
+        model = models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                           fuse_unk=False, unk_token=unk_token)
+    except Exception as exc:  # tokenizers raises a bare Exception for merges that reference unknown symbols
+        raise ModelFolderError(f"{folder / 'merges.txt'} does not fit {vocab_path}: {exc}") from None
+    tok = Tokenizer(model)  # no normalizer: `_clean_prompt` does CLIP's normalization (see `_bare`)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _load_tokenizer_json(path: Path) -> Tokenizer:
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFolderError(f"corrupt {path}: {reason}") from None
+    return tok
+
+
+def _bare(tok: Tokenizer) -> Tokenizer:
+    """Leave normalization, special tokens, padding and truncation to PromptTokenizer, the same for any source.
+
+    A CLIP tokenizer.json normalizes with NFC → whitespace → lowercase. `_clean_prompt` already did that in
+    the slow tokenizer's order (NFC, then lowercase); a second NFC after lowercasing would reorder combining
+    marks (e.g. "İ" + virama lowercases to i + U+0307 + U+094D, which NFC reorders) and change the ids.
+    """
+    tok.normalizer = None
+    tok.post_processor = None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _added_tokens(folder: Path) -> list[tuple[int, AddedToken]]:
+    """Extra tokens from tokenizer_config.json's added_tokens_decoder (e.g. textual-inversion words)."""
+    path = folder / "tokenizer_config.json"
+    decoder = _read_json(path).get("added_tokens_decoder", {}) if path.exists() else {}
+    if not isinstance(decoder, dict):
+        raise ModelFolderError(f"corrupt {path}: added_tokens_decoder is not an object of id → token")
+    added = []
+    for key, spec in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+        if not isinstance(spec, dict) or not isinstance(spec.get("content"), str):
+            raise ModelFolderError(f"corrupt {path}: added_tokens_decoder[{key}] has no string content")
+        token = AddedToken(spec["content"], single_word=bool(spec.get("single_word", False)),
+                           lstrip=bool(spec.get("lstrip", False)), rstrip=bool(spec.get("rstrip", False)),
+                           normalized=bool(spec.get("normalized", False)), special=bool(spec.get("special", False)))
+        added.append((int(key), token))
+    return added
+
+
+def _register_added(tok: Tokenizer, folder: Path, specials: dict[str, str]) -> None:
+    """Make added and special tokens split out of prompt text, as the slow tokenizer's trie does."""
+    for index, token in _added_tokens(folder):
+        if token.special:
+            tok.add_special_tokens([token])
+        else:
+            tok.add_tokens([token])
+        if tok.token_to_id(token.content) != index:
+            raise ModelFolderError(f"{folder / 'tokenizer_config.json'}: added token {token.content!r} has id "
+                                   f"{index} but the vocabulary gives it {tok.token_to_id(token.content)}")
+    # Only tokens the vocabulary has: a new id would be outside the text encoder's embedding table.
+    known = [t for t in dict.fromkeys(specials.values()) if tok.token_to_id(t) is not None]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in known])
+
+
+@dataclass
+class PromptTokenizer:
+    """Prompts → int64 ids (N, max_length): start token, BPE tokens, end token, then pad tokens."""
+
+    tokenizer: Tokenizer
+    max_length: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> PromptTokenizer:
+        """Load a diffusers/optimum `tokenizer/` folder: tokenizer.json, else vocab.json + merges.txt."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelFolderError(f"tokenizer folder not found: {folder}")
+        specials = _special_tokens(folder)
+        if (folder / "tokenizer.json").is_file():
+            tok = _load_tokenizer_json(folder / "tokenizer.json")
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tok = _clip_bpe(folder, specials["unk_token"])
+        else:
+            raise ModelFolderError(f"tokenizer folder {folder} has neither tokenizer.json nor vocab.json + merges.txt")
+        _register_added(_bare(tok), folder, specials)
+        ids = {}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            ids[key] = tok.token_to_id(specials[key])
+            if ids[key] is None:
+                raise ModelFolderError(f"tokenizer folder {folder}: {key} {specials[key]!r} is not in the vocabulary")
+        return cls(tok, _max_length(folder), ids["bos_token"], ids["eos_token"], ids["pad_token"])
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids of one prompt, without start/end tokens and untruncated."""
+        return self.tokenizer.encode(_clean_prompt(prompt), add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids, words separated by single spaces (CLIP marks word ends with "</w>")."""
+        pieces = "".join(self.tokenizer.id_to_token(i) or "" for i in ids).replace("</w>", " ")
+        table = _unicode_to_bytes()
+        data = b"".join(bytes([table[c]]) if c in table else c.encode("utf-8") for c in pieces)
+        return " ".join(data.decode("utf-8", errors="replace").split())
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        """int64 (N, max_length) ids; a prompt that does not fit is cut and a PromptTruncatedWarning names the rest."""
+        if isinstance(prompts, str):  # a bare string would otherwise be tokenized character by character
+            prompts = [prompts]
+        room = self.max_length - 2
+        out = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids = self.tokenize(prompt)
+            if len(ids) > room:
+                warnings.warn(f"prompt {row} has {len(ids)} tokens but the text encoder takes {room}; dropped: "
+                              f"{self.decode(ids[room:])!r}", PromptTruncatedWarning, stacklevel=2)
+                ids = ids[:room]
+            out[row, : len(ids) + 2] = [self.bos_id, *ids, self.eos_id]
+        return out

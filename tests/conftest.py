@@ -1,0 +1,129 @@
+"""Shared fixtures: a tiny random Stable Diffusion pipeline built offline from configs, and its ONNX export.
+
+torch, diffusers and transformers are imported inside the fixtures so that runtime-only test runs (numpy +
+onnxruntime + tokenizers) can still collect this file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# Words of the tiny tokenizer's vocabulary; every other word falls apart into single characters.
+TINY_WORDS = ("a", "an", "the", "of", "on", "in", "with", "and", "photo", "painting", "cat", "dog", "horse",
+              "astronaut", "riding", "mars", "red", "blue", "green", "big", "small", "castle", "tree", "sky",
+              "detailed", "portrait", "landscape", "city", "night", "sunset")
+
+
+def _byte_chars() -> list[str]:
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
+def write_tiny_clip_vocab(folder: Path, words: tuple[str, ...] = TINY_WORDS) -> tuple[Path, Path]:
+    """vocab.json + merges.txt in CLIP's format: byte chars, byte chars + "</w>", one merge chain per word
+    (left to right), then <|startoftext|> and <|endoftext|>. About 650 tokens, under the tiny model's 1000."""
+    base = _byte_chars()
+    tokens = base + [c + "</w>" for c in base]
+    merges: list[str] = []
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            if f"{symbols[0]} {symbols[1]}" not in merges:
+                merges.append(f"{symbols[0]} {symbols[1]}")
+                tokens.append(merged)
+            symbols = [merged, *symbols[2:]]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    vocab_path.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_path, merges_path
+
+
+def _perturb(module: object, scale: float = 0.05) -> None:
+    """Add noise to every weight so that no output is trivially zero or constant (zero-initialised layers)."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():  # type: ignore[attr-defined]
+            p.add_(scale * torch.randn_like(p))
+
+
+def build_tiny_sd_pipeline(dest: Path) -> Path:
+    """Write a tiny random StableDiffusionPipeline (safetensors) to `dest`; latents are half the image size."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32)
+    vocab_path, merges_path = write_tiny_clip_vocab(dest.parent / f"{dest.name}-vocab")
+    tokenizer = CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    for module in (unet, vae, text_encoder):
+        _perturb(module)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread_torch() -> None:
+    """The test machine has 2 cores shared with a background job."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ort_session() -> Callable[[Path], object]:
+    """Opens an ONNX Runtime CPU session with one thread."""
+    ort = pytest.importorskip("onnxruntime")
+
+    def open_session(path: Path) -> object:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    return open_session
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random diffusers StableDiffusionPipeline folder (safetensors weights, no safety checker)."""
+    pytest.importorskip("diffusers")
+    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_sd_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`tiny_sd_pipeline_dir` exported to ONNX (fp32, validated) by basinguard's exporter."""
+    from basinguard.export.onnx_export import export_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_onnx") / "model"
+    export_pipeline(tiny_sd_pipeline_dir, out)
+    yield out

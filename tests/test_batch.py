@@ -1,0 +1,313 @@
+"""`basinguard batch` on the tiny exported model: a real kill -9 and resume, packing, batch-invariance, the
+auto policy, bad prompt lines, the OUT_DIR lock, and the Ray path (2 local workers)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from basinguard.cli import main as cli_main
+from basinguard.runtime.batch import (
+    BatchJob,
+    SpecChecker,
+    derive_seed,
+    generate_batch,
+    pack,
+    read_prompts,
+    run_batch,
+)
+from basinguard.runtime.guidance import PolicyConfig
+from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+
+STEPS = 20
+WORDS = ["a red cat", "the blue dog on mars", "a green horse in the city", "an astronaut riding a horse",
+         "a small castle with a tree", "a detailed portrait of a dog at night"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_onnx_dir: Path) -> Pipeline:
+    return Pipeline(tiny_onnx_dir, threads=1)
+
+
+def batch_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    return ["batch", "--model", str(model), str(prompts), str(out), "--threads", "1", "--steps", str(STEPS),
+            "--no-progress", *extra]
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def assert_complete(out: Path, ids: list[str], ref: Path | None = None) -> list[dict]:
+    """Every expected image once in the manifest, every PNG decodes (and matches `ref`), no temp files."""
+    entries = manifest(out)
+    got = [e["id"] for e in entries]
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got))
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("manifest.part-*"))
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{i}.png" for i in ids)
+    for e in entries:
+        img = pixels(out / e["file"])
+        if ref is not None:
+            assert np.abs(img - pixels(ref / e["file"])).max() <= 1, e["id"]
+    return entries
+
+
+KILL_LINES = 4
+KILL_IMAGES = 3  # 12 images in all
+
+
+@pytest.fixture(scope="module")
+def kill_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(WORDS[:KILL_LINES]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_onnx_dir: Path, kill_prompts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kill test's job run once without interruption."""
+    out = tmp_path_factory.mktemp("reference")
+    assert cli_main(batch_args(tiny_onnx_dir, kill_prompts, out, "--images-per-prompt", str(KILL_IMAGES),
+                               "--batch-size", "2", "--seed", "7")) == 0
+    return out
+
+
+def kill_ids() -> list[str]:
+    return [f"{line:06d}-{k:03d}" for line in range(1, KILL_LINES + 1) for k in range(KILL_IMAGES)]
+
+
+def test_kill_9_then_resume_makes_every_image_once(tiny_onnx_dir, kill_prompts, reference, tmp_path):
+    out = tmp_path / "out"
+    argv = batch_args(tiny_onnx_dir, kill_prompts, out, "--images-per-prompt", str(KILL_IMAGES), "--batch-size", "2",
+                      "--seed", "7")
+    proc = subprocess.Popen([sys.executable, "-m", "basinguard.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    mf = out / "manifest.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if mf.exists() and mf.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.002)
+    still_running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert still_running, f"the job finished before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.stderr.close()
+    before = mf.read_text().splitlines()
+    assert 3 <= len(before) < len(kill_ids())
+    # What a kill in the middle of an append and of a PNG write leave behind:
+    with open(mf, "a") as f:
+        f.write('{"id": "000004-002", "file": "000004-0')
+    (out / f".{json.loads(before[0])['id']}.png.tmp").write_bytes(b"\x89PNG half")  # not rewritten on resume
+
+    assert cli_main(argv) == 0
+    entries = assert_complete(out, kill_ids(), ref=reference)
+    assert [json.dumps(e) for e in entries[: len(before)]] == [json.dumps(json.loads(x)) for x in before]  # kept
+    # A third run finds nothing to do and leaves the manifest as it is.
+    text = mf.read_text()
+    assert cli_main(argv) == 0
+    assert mf.read_text() == text
+
+
+def test_reference_manifest_fields(tiny_onnx_dir, reference):
+    entries = assert_complete(reference, kill_ids())
+    e = entries[0]
+    assert e["prompt"] == WORDS[int(e["id"][:6]) - 1] and e["negative_prompt"] == ""
+    assert e["seed"] == derive_seed(7, e["line"], e["index"])
+    assert e["policy"]["name"] == "cfg" and e["engine"] == "cpu"
+    assert len(e["gap"]) == STEPS and e["detection_score"] == e["gap"][0]
+    assert e["transition_step"] == 0 and e["flagged"] is None
+    assert {"unet", "text_encoder", "vae"} <= set(e["timings"]) and e["batch"] == 2
+    assert e["model"]["path"] == str(tiny_onnx_dir.resolve()) and len(e["model"]["id"]) == 16
+    assert len({x["seed"] for x in entries}) == len(entries)
+
+
+def test_seed_derivation_is_the_documented_formula():
+    digest = hashlib.sha256(b"basinguard-batch:7:3:2").digest()
+    assert derive_seed(7, 3, 2) == int.from_bytes(digest[:8], "big") >> 11 < 2**53
+
+
+def test_packing_fills_every_unet_call_but_the_tail(pipe, tmp_path, monkeypatch):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": w, "num_images": 3}) + "\n" for w in WORDS[:5]))  # 15 images
+    sizes: list[int] = []
+    real_run = pipe.unet.model.run
+
+    def counting_run(inputs):
+        sizes.append(len(inputs["sample"]))
+        return real_run(inputs)
+
+    monkeypatch.setattr(pipe.unet.model, "run", counting_run)
+    summary = run_batch(BatchJob(prompts, tmp_path / "out", SamplingConfig(steps=4), batch_size=4, progress=False),
+                        pipe)
+    assert summary.generated == 15 and summary.total == 15
+    assert sizes == [8] * (3 * 4) + [6] * 4  # batches 4, 4, 4, 3 at 2N each
+
+
+def test_batched_images_equal_each_image_alone(pipe, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    lines = [{"prompt": WORDS[0], "seed": 11, "num_images": 2}, {"prompt": WORDS[1], "num_images": 3},
+             {"prompt": WORDS[2], "negative_prompt": "a blue sky", "seed": 5}]
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    sampling = SamplingConfig(steps=6, policy=PolicyConfig("og-dtp", guidance_scale=5.0, opposite_scale=2.0))
+    tasks = read_prompts(prompts, pipe, sampling, base_seed=3).tasks
+    batches = pack(tasks, 4)
+    assert [len(b) for b in batches] == [4, 2] and len({t.line for t in batches[0]}) == 2  # across prompt lines
+    out = tmp_path / "out"
+    run_batch(BatchJob(prompts, out, sampling, batch_size=4, seed=3, progress=False), pipe)
+    for batch in batches:
+        gens, _ = generate_batch(pipe, batch)
+        for task, gen in zip(batch, gens, strict=True):
+            alone = pipe.generate([task.prompt], sampling, seeds=[task.seed], negative_prompts=[task.negative_prompt])[0]
+            assert np.abs(gen.pixels - alone.pixels).max() <= 1e-4
+            np.testing.assert_allclose(gen.trace["gap"], alone.trace["gap"], rtol=1e-4)
+            assert np.abs(pixels(out / task.file) - np.asarray(alone.to_pil(), np.int16)).max() <= 1
+    assert tasks[0].seed == 11 and tasks[1].seed == 12 and tasks[2].seed == derive_seed(3, 2, 0)
+
+
+def test_auto_flags_exactly_the_prompt_above_the_threshold(pipe, tmp_path):
+    cfg = SamplingConfig(steps=8, policy=PolicyConfig("cfg", guidance_scale=6.0))
+    d0 = {w: pipe.generate([w], cfg, seeds=[1])[0].trace["gap"][0] for w in WORDS}
+    low, high = min(d0, key=d0.get), max(d0, key=d0.get)
+    assert d0[high] > d0[low] * 1.01
+    threshold = (d0[low] + d0[high]) / 2
+    prompts = tmp_path / "p.csv"
+    prompts.write_text(f"prompt,seed\n{low},1\n\"{high}\",1\n")
+    out = tmp_path / "out"
+    rc = cli_main(["batch", "--model", str(pipe.folder.path), str(prompts), str(out), "--threads", "1", "--steps", "8",
+                   "--policy", "auto", "--guidance-scale", "6", "--opposite-scale", "2", "--detect-threshold",
+                   str(threshold), "--batch-size", "2", "--no-progress"])
+    assert rc == 0
+    entries = {e["prompt"]: e for e in manifest(out)}
+    plain, mitigated = entries[low], entries[high]
+    assert mitigated["flagged"] is True and plain["flagged"] is False
+    assert mitigated["detection_score"] == pytest.approx(d0[high], rel=1e-4)
+    assert plain["detection_score"] == pytest.approx(d0[low], rel=1e-4)
+    assert plain["scale"] == [6.0] * 8 and plain["transition_step"] == 0
+    assert mitigated["scale"][0] == -2.0  # og-dtp's pre-switch scale, -opposite_scale
+    ts = mitigated["transition_step"]
+    assert ts is None or ts >= 2  # DTP cannot switch in the first two steps
+    switch = 8 if ts is None else ts
+    assert mitigated["scale"] == [-2.0] * switch + [6.0] * (8 - switch)
+    assert mitigated["policy"]["name"] == "auto" and mitigated["policy"]["mitigation"] == "og-dtp"
+
+
+BAD_LINES = [
+    '{"prompt": "a red cat", "seed": 1}',  # 1 good
+    '{"prompt": "a dog", ',  # 2 invalid JSON
+    "",  # 3 blank: ignored
+    '{"negative_prompt": "x"}',  # 4 missing prompt
+    json.dumps({"prompt": "x" * 100}),  # 5 over-long: 100 single-character tokens
+    '{"prompt": "a cat", "seed": -3}',  # 6 bad value
+    '{"prompt": "a cat", "policy": "magic"}',  # 7 bad policy
+    '{"prompt": "a cat", "promt": "typo"}',  # 8 unknown field
+    '{"prompt": "a cat", "num_images": "two"}',  # 9 wrong type
+    '{"prompt": "the blue dog", "num_images": 2, "steps": 3}',  # 10 good, own settings
+]
+
+
+def test_bad_lines_stop_or_skip_with_line_numbers(tiny_onnx_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(BAD_LINES) + "\n")
+    out = tmp_path / "out"
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, out)) == 2  # --on-error stop is the default
+    err = capsys.readouterr().err
+    assert "line 2: invalid JSON" in err and "nothing generated" in err
+    for n in (4, 5, 6, 7, 8, 9):
+        assert f"line {n}:" in err
+    assert "line 1:" not in err and "line 3:" not in err and "line 10:" not in err
+    assert not list(out.glob("*.png"))
+
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip")) == 0
+    stdout = capsys.readouterr().out
+    assert "skipped lines: 7" in stdout
+    for n, what in ((2, "invalid JSON"), (4, "missing field 'prompt'"), (5, "100 tokens"), (6, "seed must be >= 0"),
+                    (7, "unknown policy"), (8, "unknown field 'promt'"), (9, "must be an integer")):
+        assert any(line.strip().startswith(f"line {n}:") and what in line for line in stdout.splitlines()), (n, what)
+    entries = assert_complete(out, ["000001-000", "000010-000", "000010-001"])
+    assert {e["id"]: e["steps"] for e in entries} == {"000001-000": STEPS, "000010-000": 3, "000010-001": 3}
+
+
+def test_csv_and_txt_errors_name_their_lines(tiny_onnx_dir, tmp_path):
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text('prompt,seed,guidance_scale\na red cat,1,7\n"a dog\non mars",2,x\n,3,1\n')
+    spec = SpecChecker(tiny_onnx_dir)
+    parsed = read_prompts(csv_file, spec, SamplingConfig(steps=2))
+    assert [t.line for t in parsed.tasks] == [2]
+    assert [(e.line, "guidance_scale" in e.message) for e in parsed.errors] == [(3, True), (5, False)]
+    txt = tmp_path / "p.txt"
+    txt.write_bytes(b"a cat\n\n" + b"z" * 90 + b"\n\xff\xfe bad\n  a dog  \n")
+    parsed = read_prompts(txt, spec, SamplingConfig(steps=2))
+    assert [(t.line, t.prompt) for t in parsed.tasks] == [(1, "a cat"), (5, "a dog")]
+    assert [e.line for e in parsed.errors] == [3, 4]
+
+
+def test_second_job_on_the_same_out_dir_is_refused(tiny_onnx_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cli_main(batch_args(tiny_onnx_dir, prompts, out)) == 2
+        err = capsys.readouterr().err
+        assert "in use by another batch job" in err and str(out) in err
+    finally:
+        holder.kill()  # like a kill -9: the kernel releases its lock
+        holder.wait()
+        holder.stdout.close()
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, out)) == 0
+    assert_complete(out, ["000001-000"])
+    # The same OUT_DIR with another job's settings is refused rather than mixed.
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--seed", "99")) == 2
+    assert "different seed" in capsys.readouterr().err
+
+
+def test_ray_two_workers_merge_shards_exactly_once(tiny_onnx_dir, kill_prompts, reference, tmp_path):
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "out"
+    out.mkdir()
+    # A killed earlier run: two images in the manifest, three in a shard, one shard line cut mid-write.
+    ref_entries = manifest(reference)
+    lines = {e["id"]: json.dumps(e) + "\n" for e in ref_entries}
+    kept = sorted(lines)[:5]
+    for i in kept:
+        shutil.copy(reference / f"{i}.png", out / f"{i}.png")
+    (out / "manifest.jsonl").write_text("".join(lines[i] for i in kept[:2]))
+    (out / "manifest.part-1.jsonl").write_text("".join(lines[i] for i in kept[1:5]) + lines[sorted(lines)[6]][:40])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        argv = batch_args(tiny_onnx_dir, kill_prompts, out, "--images-per-prompt", str(KILL_IMAGES),
+                          "--batch-size", "2", "--seed", "7", "--ray", "--ray-workers", "2")
+        assert cli_main(argv) == 0
+    finally:
+        ray.shutdown()
+    entries = assert_complete(out, kill_ids(), ref=reference)
+    by_id = {e["id"]: e for e in entries}
+    for i in kept:  # not made again
+        assert json.dumps(by_id[i]) == lines[i].strip()
+    new = [e for e in entries if e["id"] not in kept]
+    assert {e["shard"] for e in new} == {0, 1} and len(new) == len(kill_ids()) - len(kept)
+    assert os.path.exists(out / ".lock")

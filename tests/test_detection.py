@@ -1,0 +1,145 @@
+"""Detection scores against full generations' traces, and AUC / TPR@FPR / calibration against brute force."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from basinguard.cli import main as cli_main
+from basinguard.runtime.detection import (
+    calibrate,
+    detection_scores,
+    load_calibration,
+    roc_auc,
+    threshold_at_fpr,
+    tpr_at_fpr,
+)
+from basinguard.runtime.guidance import PolicyConfig
+from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+
+PROMPTS = ["a red cat", "the blue dog on mars", "a green horse in the city", "an astronaut riding a horse",
+           "a small castle with a tree", "a detailed portrait of a dog at night", "a sunset", "a big tree"]
+
+
+def pairwise_auc(pos, neg) -> float:
+    """Every (positive, negative) pair: 1 when the positive scores higher, ½ on a tie."""
+    wins = [1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg]
+    return sum(wins) / len(wins)
+
+
+def best_tpr(pos, neg, fpr) -> float:
+    """Highest TPR over every threshold (each score, and below all) whose FPR (score > t) is ≤ fpr."""
+    best = 0.0
+    for t in [-np.inf, *pos, *neg]:
+        if np.mean([n > t for n in neg]) <= fpr:
+            best = max(best, float(np.mean([p > t for p in pos])))
+    return best
+
+
+def test_auc_matches_pairwise_count_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pos = rng.integers(0, 8, rng.integers(1, 30)).astype(float)  # small integer range: many ties
+        neg = rng.integers(0, 6, rng.integers(1, 30)).astype(float)
+        assert roc_auc(pos, neg) == pytest.approx(pairwise_auc(pos, neg), abs=1e-12)
+    assert roc_auc([3, 4], [1, 2]) == 1.0 and roc_auc([1, 2], [3, 4]) == 0.0 and roc_auc([2, 2], [2]) == 0.5
+    assert roc_auc([1, 3], [2]) == 0.5  # one pair won, one lost
+    with pytest.raises(ValueError):
+        roc_auc([], [1.0])
+    with pytest.raises(ValueError):
+        roc_auc([np.nan], [1.0])
+
+
+def test_tpr_at_fpr_hand_computed_and_brute_force():
+    neg, pos = np.arange(100.0), [50.5, 99.5, 200.0]
+    # 1 % of 100 negatives: one false positive allowed → the threshold is 98 (only 99 lies above it).
+    assert threshold_at_fpr(neg, 0.01) == 98.0
+    assert tpr_at_fpr(pos, neg, 0.01) == pytest.approx(2 / 3)
+    assert threshold_at_fpr(neg[:50], 0.01) == 49.0  # fewer than 100 negatives: no false positive allowed
+    assert threshold_at_fpr(np.arange(100.0), 0.29) == 70.0  # 29 allowed despite 0.29 * 100 = 28.999…
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        pos = rng.normal(1, 1, rng.integers(1, 40)).round(1)
+        neg = rng.normal(0, 1, rng.integers(1, 250)).round(1)
+        for fpr in (0.0, 0.01, 0.05, 0.3):
+            assert tpr_at_fpr(pos, neg, fpr) == pytest.approx(best_tpr(pos, neg, fpr)), (len(neg), fpr)
+
+
+def test_calibrate_keeps_fpr_within_target():
+    rng = np.random.default_rng(2)
+    pos, neg = rng.normal(3, 1, 150), rng.normal(0, 1, 400)
+    c = calibrate(pos, neg, fpr=0.01)
+    assert c["fpr"] <= 0.01 and np.mean(neg > c["threshold"]) == c["fpr"]
+    assert c["tpr"] == np.mean(pos > c["threshold"]) and c["auc"] == pytest.approx(pairwise_auc(pos, neg))
+    assert np.mean(neg > np.nextafter(c["threshold"], -np.inf)) > 0.01  # the lowest threshold that does it
+    assert (c["n_memorized"], c["n_normal"], c["target_fpr"]) == (150, 400, 0.01)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_onnx_dir: Path) -> Pipeline:
+    return Pipeline(tiny_onnx_dir, threads=1)
+
+
+def test_scores_equal_d_of_full_generations_and_run_only_those_steps(pipe):
+    sampling = SamplingConfig(steps=6, policy=PolicyConfig("og-dtp", guidance_scale=5.0))  # scored on CFG anyway
+    cfg = SamplingConfig(steps=6, policy=PolicyConfig("cfg", guidance_scale=5.0))
+    prompts, seeds = PROMPTS[:3], [4, 9]
+    traces = {(p, s): np.array(pipe.generate([p], cfg, seeds=[s])[0].trace["gap"]) for p in prompts for s in seeds}
+    pipe.timer.reset()
+    one = detection_scores(pipe, prompts, sampling, seeds[:1], steps=1)
+    assert pipe.timer.calls["unet"] == 1 and pipe.timer.calls.get("vae", 0) == 0  # one step, no image
+    np.testing.assert_allclose(one, [traces[p, seeds[0]][0] for p in prompts], rtol=1e-4)
+    pipe.timer.reset()
+    three = detection_scores(pipe, prompts, sampling, seeds, steps=3, batch_size=4)  # 6 pairs: chunks of 4 and 2
+    assert pipe.timer.calls["unet"] == 2 * 3
+    want = [np.mean([traces[p, s][:3] for s in seeds]) for p in prompts]
+    np.testing.assert_allclose(three, want, rtol=1e-4)
+
+
+def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
+    model = str(pipe.folder.path)
+    common = ["--model", model, "--threads", "1", "--steps", "4"]
+    mem, normal = tmp_path / "mem.txt", tmp_path / "normal.jsonl"
+    mem.write_text("\n".join(PROMPTS[:3]) + "\n")
+    normal.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[3:]))
+    assert cli_main(["detect", str(mem), *common, "--seeds", "2", "--detect-steps", "2"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["line", "score", "prompt"] and [r[2] for r in rows[1:]] == PROMPTS[:3]
+    want = detection_scores(pipe, PROMPTS[:3], SamplingConfig(steps=4), [0, 1], steps=2)
+    np.testing.assert_allclose([float(r[1]) for r in rows[1:]], want, rtol=1e-4)
+
+    calib = tmp_path / "calib.json"
+    assert cli_main(["detect", "--calibrate", "--memorized", str(mem), "--normal", str(normal), "--out", str(calib),
+                     *common]) == 0
+    assert "AUC" in capsys.readouterr().out
+    c = json.loads(calib.read_text())
+    pos = detection_scores(pipe, PROMPTS[:3], SamplingConfig(steps=4), [0])
+    neg = detection_scores(pipe, PROMPTS[3:], SamplingConfig(steps=4), [0])
+    assert c["threshold"] == pytest.approx(neg.max(), rel=1e-5)  # 5 normal prompts: no false positive allowed
+    assert c["auc"] == pytest.approx(pairwise_auc(pos, neg)) and c["fpr"] == 0.0
+    assert c["tpr"] == pytest.approx(np.mean(pos > c["threshold"]))
+    assert (c["detect_steps"], c["seeds"], c["steps"]) == (1, 1, 4) and load_calibration(calib) == c
+
+    # The file's threshold flags prompts in detect and gates --policy auto in batch.
+    assert cli_main(["detect", str(normal), *common, "--detect-calibration", str(calib)]) == 0
+    flags = [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert flags.count("yes") == 0 and len(flags) == 5
+    out = tmp_path / "batch"
+    assert cli_main(["batch", str(mem), str(out), *common, "--policy", "auto", "--detect-calibration", str(calib),
+                     "--no-progress", "--seed", "3"]) == 0
+    entries = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert all(e["policy"]["detect_threshold"] == c["threshold"] for e in entries)
+    assert [e["flagged"] for e in entries] == [e["detection_score"] > c["threshold"] for e in entries]
+
+
+def test_calibration_file_errors(tmp_path):
+    bad = tmp_path / "c.json"
+    bad.write_text('{"auc": 0.9}')
+    with pytest.raises(Exception, match="no finite 'threshold'"):
+        load_calibration(bad)
+    bad.write_text('{"threshold": 3.0, "detect_steps": 5}')
+    with pytest.raises(Exception, match="detect-steps 1"):
+        load_calibration(bad)
