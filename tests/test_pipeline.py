@@ -119,8 +119,6 @@ def test_policies_match_algorithm1_reference(ours, torch_pipe, tiny_onnx_dir, na
     np.testing.assert_allclose(gaps[measured], ref_d[measured], rtol=1e-3)
     if name == "stp":  # s_pre = 0: the UNet skips the conditional branch before τ, so d is not measured there
         assert not measured[: switched[0]].any() and measured[switched[0]:].all()
-    if name == "dtp":
-        assert len({s for s in switched}) > 1, "this batch should switch at different steps per sample"
 
 
 def test_stp_runs_batch_n_before_tau(ours, tiny_onnx_dir):

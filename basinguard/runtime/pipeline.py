@@ -144,8 +144,8 @@ class Pipeline:
 
     def resolve(self, sampling: SamplingConfig) -> SamplingConfig:
         """Fill unset size and validate everything before any model runs."""
-        height = sampling.height or self.folder.default_size
-        width = sampling.width or self.folder.default_size
+        height = self.folder.default_size if sampling.height is None else sampling.height
+        width = self.folder.default_size if sampling.width is None else sampling.width
         self.folder.check_size(height, width)
         sampling.policy.validate(self.folder.num_train_timesteps)
         return replace(sampling, height=height, width=width)
