@@ -22,6 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memorizing_data as data  # noqa: E402
 
+from basinguard.runtime.tokenizer import bytes_to_unicode  # noqa: E402
+
 N_VARIED = 20000
 N_DUPLICATED = 20
 DUPLICATED_FRACTION = 0.06
@@ -29,37 +31,49 @@ CAPTION_DROPOUT = 0.1
 MAX_TOKENS = 32
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte → printable-character map (the BPE's base alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges that spell every word, learnt greedily: the most frequent adjacent pair first,
+    ties broken by the pair itself, so the result is the same on every run (tokenizers' trainer breaks
+    ties by hash order)."""
+    table = bytes_to_unicode()
+    spelled = [[table[b] for b in w.encode()] for w in words]
+    spelled = [s[:-1] + [s[-1] + "</w>"] for s in spelled]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for s in spelled:
+            for pair in zip(s, s[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for k, s in enumerate(spelled):
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            spelled[k] = out
 
 
 def write_clip_tokenizer(words: list[str], out: Path) -> None:
-    """A CLIP-format BPE (vocab.json + merges.txt) trained on the caption words.
+    """A CLIP-format BPE (vocab.json + merges.txt) learnt on the caption words.
 
-    Base vocabulary as CLIP's (256 byte characters, each also with the end-of-word mark), then
-    the merges a BPE trainer finds on the word list, so each caption word is one token and any
-    other text still tokenizes, in pieces.
+    Base vocabulary as CLIP's (256 byte characters, each also with the end-of-word mark), then the
+    merges that spell each caption word as one token; any other text still tokenizes, in pieces.
     """
-    from tokenizers import Tokenizer, models, trainers
-
     base = list(bytes_to_unicode().values())
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    trainer = trainers.BpeTrainer(vocab_size=100_000, initial_alphabet=base, end_of_word_suffix="</w>",
-                                  show_progress=False)
-    bpe.train_from_iterator(words, trainer=trainer)
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    merges = learn_merges(words)
     vocab = base + [c + "</w>" for c in base]
-    vocab += [a + b for a, b in merges if a + b not in set(vocab)]
+    known = set(vocab)
+    for a, b in merges:
+        if a + b not in known:
+            vocab.append(a + b)
+            known.add(a + b)
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
