@@ -12,7 +12,16 @@ PROVIDER_NAMES = ("cpu", "cuda", "tensorrt")
 
 
 def load_model(path: Path, provider: str = "cpu", threads: int | None = None) -> LoadedModel:
-    """Load `path` (an .onnx file) on `provider`; ONNX Runtime is imported only here, when needed."""
+    """Load `path` (an .onnx file) on `provider`; backends are imported only here, when needed.
+
+    "tensorrt": the native TensorRT backend when tensorrt is installed and `basinguard build-engines` built a
+    plan for this file, GPU and TensorRT version; else ONNX Runtime's TensorRT EP; else an error naming what
+    to install. The model's `provider` says which ran ("tensorrt" or "ort-tensorrt").
+    """
+    if provider == "tensorrt":
+        from basinguard.engine.tensorrt import load_tensorrt
+
+        return load_tensorrt(Path(path), threads=threads)
     from basinguard.engine.ort import OrtModel
 
     return OrtModel(Path(path), provider=provider, threads=threads)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 
 from basinguard.engine.base import EngineError, TensorSpec, conform
 
-PROVIDERS = {
+PROVIDERS = {  # what --provider asks for, in ORT's priority order (CPU takes the ops a GPU provider cannot)
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -45,49 +45,114 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
-def provider_list(provider: str, cache_dir: Path | None = None) -> list:
-    """ORT provider names (with options) for `provider`; a clear error when this build lacks it."""
+LABELS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "ort-tensorrt"}
+_INSTALL = {  # what a provider that fails to start usually lacks
+    "CUDAExecutionProvider": "the CUDA 12 and cuDNN 9 libraries (the nvidia-*-cu12 pip wheels, or a CUDA torch; "
+                             "onnxruntime.preload_dlls() finds either) or a visible GPU (nvidia-smi, CUDA_VISIBLE_DEVICES)",
+    "TensorrtExecutionProvider": "TensorRT's libraries (pip install tensorrt, the major version this onnxruntime-gpu "
+                                 "was built for) on the library path, besides CUDA and cuDNN",
+}
+
+
+def trt_profile_options(profile: dict[str, tuple] | None) -> dict[str, str]:
+    """ORT TensorRT EP's explicit profile: "name:1x4x64x64,name2:..." per min/opt/max (every dynamic input).
+    Without it the EP builds for the first shapes it sees and rebuilds when STP moves from batch N to 2N."""
+    if not profile:
+        return {}
+    keys = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
+    return {key: ",".join(f"{name}:{'x'.join(str(int(d)) for d in shapes[i])}" for name, shapes in profile.items())
+            for i, key in enumerate(keys)}
+
+
+def provider_list(provider: str, cache_dir: Path | None = None, *, fp16: bool = True,
+                  trt_profile: dict[str, tuple] | None = None) -> list:
+    """ORT provider names (with options) for `provider`; a clear error when this build lacks it.
+
+    `fp16` (TensorRT EP): off for the VAE decoder, whose activations overflow fp16. `trt_profile`: input name →
+    (min, opt, max) shapes for the TensorRT EP (see `trt_profile_options`).
+    """
     if provider not in PROVIDERS:
         raise EngineError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[provider]
     available = ort.get_available_providers()
     if wanted[0] not in available:
-        extra = "basinguard[gpu] (onnxruntime-gpu)" if provider != "cpu" else "onnxruntime"
+        extra = {"cpu": "onnxruntime", "cuda": "basinguard[gpu] (onnxruntime-gpu)",
+                 "tensorrt": "basinguard[tensorrt] for the native TensorRT backend, or onnxruntime-gpu for its TensorRT EP"}
         raise EngineError(f"provider {provider!r} needs {wanted[0]}, which this onnxruntime build lacks "
-                          f"(it has: {', '.join(available)}); install {extra}")
+                          f"(it has: {', '.join(available)}); install {extra[provider]}")
     providers: list = []
     for name in wanted:
         if name == "TensorrtExecutionProvider":
-            opts = {"trt_fp16_enable": True}
+            opts: dict = {"trt_fp16_enable": fp16} | trt_profile_options(trt_profile)
             if cache_dir is not None:
                 opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
                          "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}
             providers.append((name, opts))
         elif name == "CUDAExecutionProvider":
-            providers.append((name, {"cudnn_conv_algo_search": "HEURISTIC"}))
+            # HEURISTIC: no per-shape cuDNN benchmark on first use (N and 2N would each pay it);
+            # kSameAsRequested: the arena grows by what is asked, not to the next power of two (a 2N UNet).
+            providers.append((name, {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}))
         else:
             providers.append(name)
     return providers
 
 
+def check_active(provider: str, active: list[str]) -> None:
+    """ORT silently falls back to the next provider when one fails to start (missing CUDA, cuDNN or TensorRT
+    libraries); running on CPU after asking for a GPU is an error here, not a surprise in the timings."""
+    wanted = PROVIDERS[provider][0]
+    if wanted not in active:
+        raise EngineError(f"provider {provider!r}: ONNX Runtime could not start {wanted} and fell back to "
+                          f"{active[0] if active else 'nothing'}; it needs {_INSTALL.get(wanted, 'its libraries')}")
+
+
+_preloaded = False
+
+
+def _preload_gpu_libraries() -> None:
+    """onnxruntime-gpu >= 1.21 loads CUDA/cuDNN from pip wheels or torch if asked to, before the first session."""
+    global _preloaded
+    if not _preloaded and hasattr(ort, "preload_dlls"):
+        _preloaded = True
+        try:
+            ort.preload_dlls()
+        except Exception:  # best effort: a failure shows up as the provider not starting, which check_active names
+            pass
+
+
 class OrtModel:
     """One ONNX model in an ONNX Runtime session."""
 
-    def __init__(self, path: Path, provider: str = "cpu", threads: int | None = None, name: str | None = None):
+    def __init__(self, path: Path, provider: str = "cpu", threads: int | None = None, name: str | None = None,
+                 trt_profile: dict[str, tuple] | None = None):
         path = Path(path)
         self.name = name or path.parent.name
         if not path.is_file():
             raise EngineError(f"model file not found: {path}")
-        cache = path.parent / "trt_cache" if provider == "tensorrt" else None
+        cache = None
+        if provider == "tensorrt":  # next to the native plans (ONNX_DIR/tensorrt or $BASINGUARD_ENGINE_DIR)
+            from basinguard.engine.tensorrt import engine_dir
+
+            cache = engine_dir(path.parent.parent) / "ort-tensorrt" / path.parent.name
+        fp16 = path.parent.name != "vae_decoder"
+        providers = provider_list(provider, cache, fp16=fp16, trt_profile=trt_profile)  # raises when missing
+        if cache is not None:
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+            except OSError:  # a read-only model folder: the EP then rebuilds its engines each run
+                providers = provider_list(provider, None, fp16=fp16, trt_profile=trt_profile)
+        if provider != "cpu":
+            _preload_gpu_libraries()
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=provider_list(provider, cache))
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
         except EngineError:
             raise
         except Exception as exc:  # ORT raises its own exception types for a corrupt or truncated file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineError(f"cannot load {path}: {first}") from None
-        self.provider = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
-                         "TensorrtExecutionProvider": "tensorrt"}[self.session.get_providers()[0]]
+        check_active(provider, self.session.get_providers())
+        # "ort-tensorrt": ORT's TensorRT EP, told apart in traces from the native backend ("tensorrt").
+        self.provider = LABELS[self.session.get_providers()[0]]
         self.inputs = _specs(self.session.get_inputs())
         self.outputs = _specs(self.session.get_outputs())
         self._output_names = list(self.outputs)

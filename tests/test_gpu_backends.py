@@ -1,0 +1,548 @@
+"""GPU backends: what is decided on the CPU is tested everywhere; what runs on a GPU is tested where one is.
+
+CPU-side (always): profile ranges, ONNX hashing, plan keys, sidecar checks (stale / foreign / altered plans),
+the rebuild decision, backend selection and fallbacks, ORT provider options, error messages, the CLI, and the
+benchmark's torch adapter with a tiny UNet. GPU-side (skipped without tensorrt + a CUDA device): building,
+loading and running plans, dynamic and static, with CUDA graphs, against ONNX Runtime on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import basinguard.engine.tensorrt as trt_backend
+from basinguard.cli import main as cli_main
+from basinguard.cli import parse_hw
+from basinguard.engine import load_model
+from basinguard.engine.base import EngineError
+from basinguard.engine.ort import check_active, provider_list, trt_profile_options
+from basinguard.engine.tensorrt import (
+    BuildSpec,
+    EngineEnv,
+    RoleProfile,
+    build_failure,
+    choose_backend,
+    find_plan,
+    input_profile,
+    key_fields,
+    merged_input_profile,
+    onnx_digest,
+    pick_profile,
+    plan_key,
+    plan_paths,
+    role_profiles,
+    store_plan,
+    verify_plan,
+)
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+ENV = EngineEnv("10.7.0", "NVIDIA H200", "9.0")
+
+
+def tiny_unet_onnx(path: Path, context_dim: int = 8) -> Path:
+    """An ONNX 'UNet' with SD's input names and dynamic axes: out = 2 * sample + mean(e) + t / 1000."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("sample", f32, ["batch", 4, "height", "width"]),
+              helper.make_tensor_value_info("timestep", f32, ["batch"]),
+              helper.make_tensor_value_info("encoder_hidden_states", f32, ["batch", 77, context_dim])]
+    output = helper.make_tensor_value_info("out_sample", f32, ["batch", 4, "height", "width"])
+    inits = [helper.make_tensor("two", f32, [], [2.0]), helper.make_tensor("milli", f32, [], [1e-3]),
+             helper.make_tensor("ax3", TensorProto.INT64, [1], [3]),
+             helper.make_tensor("ax123", TensorProto.INT64, [3], [1, 2, 3])]
+    nodes = [helper.make_node("Mul", ["sample", "two"], ["s2"]),
+             helper.make_node("ReduceMean", ["encoder_hidden_states"], ["m"], axes=[1, 2], keepdims=1),
+             helper.make_node("Unsqueeze", ["m", "ax3"], ["m4"]),
+             helper.make_node("Unsqueeze", ["timestep", "ax123"], ["t4"]),
+             helper.make_node("Mul", ["t4", "milli"], ["t4s"]),
+             helper.make_node("Add", ["s2", "m4"], ["a"]),
+             helper.make_node("Add", ["a", "t4s"], ["out_sample"])]
+    model = helper.make_model(helper.make_graph(nodes, "tiny_unet", inputs, [output], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def tiny_reference(feed: dict[str, np.ndarray]) -> np.ndarray:
+    mean = feed["encoder_hidden_states"].mean(axis=(1, 2)).reshape(-1, 1, 1, 1)
+    return 2 * feed["sample"] + mean + feed["timestep"].reshape(-1, 1, 1, 1) / 1000
+
+
+def fake_folder(root: Path) -> Path:
+    """A model folder ModelFolder accepts (configs; tiny ONNX files), SD geometry: VAE factor 8, UNet /8."""
+    for role in ("text_encoder", "unet", "vae_decoder"):
+        tiny_unet_onnx(root / role / "model.onnx")
+    (root / "tokenizer").mkdir()
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
+    (root / "unet" / "config.json").write_text(json.dumps({"sample_size": 64, "block_out_channels": [1, 2, 3, 4]}))
+    (root / "vae_decoder" / "config.json").write_text(json.dumps({"block_out_channels": [1, 2, 3, 4]}))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------- profiles
+
+
+def test_dynamic_profiles_span_batch_n_to_2n_and_the_size_range() -> None:
+    spec = BuildSpec(batch=2, image=(512, 512), min_image=(256, 384), max_image=(768, 1024))
+    (unet,) = role_profiles("unet", spec, vae_factor=8, native=512, multiple=64)
+    assert unet.batch == (2, 4, 4)  # STP's uncond-only steps at N, guided at 2N, one engine
+    assert unet.latent == ((32, 48), (64, 64), (96, 128))
+    (text,) = role_profiles("text_encoder", spec, 8, 512, 64)
+    assert text.batch == (1, 4, 4) and text.latent is None and text.seq_len == 77
+    (vae,) = role_profiles("vae_decoder", spec, 8, 512, 64)
+    assert vae.batch == (1, 2, 2) and vae.latent == unet.latent
+    assert "batch 2..4 (opt 4)" in unet.describe() and "latent 32x48..96x128" in unet.describe()
+
+
+def test_defaults_are_the_native_size_and_min_batch_can_go_lower() -> None:
+    (unet,) = role_profiles("unet", BuildSpec(batch=3, min_batch=1), 8, 768, 64, seq_len=64)
+    assert unet.batch == (1, 6, 6) and unet.latent == ((96, 96),) * 3 and unet.seq_len == 64
+
+
+def test_static_profiles_one_fixed_shape_per_batch_size() -> None:
+    spec = BuildSpec(batch=2, image=(512, 768), static=True)
+    unet = role_profiles("unet", spec, 8, 512, 64)
+    assert [p.batch for p in unet] == [(2, 2, 2), (4, 4, 4)]
+    assert all(p.latent == ((64, 96),) * 3 for p in unet)
+    assert [p.batch for p in role_profiles("unet", BuildSpec(batch=2, min_batch=1, static=True), 8, 512, 64)] == \
+        [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
+    assert [p.batch for p in role_profiles("text_encoder", spec, 8, 512, 64)] == [(4, 4, 4)]
+    assert [p.batch for p in role_profiles("vae_decoder", spec, 8, 512, 64)] == [(2, 2, 2)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    (BuildSpec(batch=0), "batch must be >= 1"),
+    (BuildSpec(batch=2, min_batch=5), "min batch must be in [1, 4]"),
+    (BuildSpec(image=(500, 512)), "multiple of 64"),
+    (BuildSpec(image=(512, 512), min_image=(768, 512)), "min <= opt <= max"),
+    (BuildSpec(image=(512, 512), max_image=(768, 768), static=True), "static build takes one image size"),
+    (BuildSpec(opt_level=7), "optimization level"),
+])
+def test_profile_validation_names_the_problem(spec: BuildSpec, message: str) -> None:
+    with pytest.raises(EngineError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        role_profiles("unet", spec, 8, 512, 64)
+
+
+def test_input_profiles_follow_the_onnx_inputs(tmp_path: Path, ort_session) -> None:
+    """Shapes as ONNX Runtime reports them (named dynamic axes) and as TensorRT does (-1)."""
+    session = ort_session(tiny_unet_onnx(tmp_path / "unet" / "model.onnx"))
+    shapes = {i.name: tuple(i.shape) for i in session.get_inputs()}
+    (rp,) = role_profiles("unet", BuildSpec(batch=1, min_image=(256, 256), max_image=(768, 512)), 8, 512, 64)
+    assert input_profile("sample", shapes["sample"], rp) == ((1, 4, 32, 32), (2, 4, 64, 64), (2, 4, 96, 64))
+    assert input_profile("timestep", shapes["timestep"], rp) == ((1,), (2,), (2,))
+    assert input_profile("encoder_hidden_states", shapes["encoder_hidden_states"], rp) == \
+        ((1, 77, 8), (2, 77, 8), (2, 77, 8))
+    assert input_profile("encoder_hidden_states", (-1, -1, 768), rp) == ((1, 77, 768), (2, 77, 768), (2, 77, 768))
+    assert input_profile("timestep", (), rp) is None and input_profile("timestep", (1,), rp) is None
+    with pytest.raises(EngineError, match="axis 2 is dynamic"):
+        input_profile("encoder_hidden_states", (-1, 77, -1), rp)
+    text = RoleProfile((1, 2, 2), None, 77)
+    assert input_profile("input_ids", ("batch", "sequence"), text) == ((1, 77), (2, 77), (2, 77))
+
+
+def test_pick_profile_and_merged_profile_for_ort() -> None:
+    static = [{"sample": ((2, 4, 64, 64),) * 3, "timestep": ((2,),) * 3},
+              {"sample": ((4, 4, 64, 64),) * 3, "timestep": ((4,),) * 3}]
+    assert pick_profile({"sample": (4, 4, 64, 64), "timestep": (4,)}, static) == 1
+    assert pick_profile({"sample": (2, 4, 64, 64), "timestep": (2,)}, static) == 0
+    assert pick_profile({"sample": (3, 4, 64, 64), "timestep": (3,)}, static) is None
+    assert pick_profile({"sample": (2, 4, 64, 72), "timestep": (2,)}, static) is None
+    merged = merged_input_profile(static)
+    assert merged["sample"] == ((2, 4, 64, 64), (4, 4, 64, 64), (4, 4, 64, 64))
+    options = trt_profile_options(merged)
+    assert options["trt_profile_min_shapes"] == "sample:2x4x64x64,timestep:2"
+    assert options["trt_profile_max_shapes"] == "sample:4x4x64x64,timestep:4"
+    assert trt_profile_options(None) == {}
+    with pytest.raises(EngineError, match="outside the TensorRT plan's profiles"):
+        raise trt_backend.out_of_profile("unet", {"sample": (3, 4, 64, 64)}, static, None)
+
+
+# ---------------------------------------------------------------------------------------------- plan cache
+
+
+def test_onnx_digest_covers_external_data_not_configs_and_is_memoised(tmp_path: Path, monkeypatch) -> None:
+    model = tiny_unet_onnx(tmp_path / "unet" / "model.onnx")
+    data = model.with_name("model.onnx_data")
+    data.write_bytes(b"weights-1")
+    config = model.with_name("config.json")
+    config.write_text("{}")
+    memo = tmp_path / "cache" / "digests.json"
+    first = onnx_digest(model, memo)
+    config.write_text('{"changed": true}')
+    (model.parent / "trt_cache").mkdir()  # ORT's engine cache in a sub-folder is not part of the model
+    (model.parent / "trt_cache" / "x.engine").write_bytes(b"1")
+    calls = []
+    real = trt_backend._sha256_file
+    monkeypatch.setattr(trt_backend, "_sha256_file", lambda p: calls.append(p) or real(p))
+    assert onnx_digest(model, memo) == first and calls == []  # unchanged files: hashes come from the memo
+    data.write_bytes(b"weights-22")
+    assert onnx_digest(model, memo) != first and calls == [data]
+
+
+def fields_for(onnx_sha: str = "a" * 64, env: EngineEnv = ENV, batch: int = 1, fp16: bool = True) -> dict:
+    spec = BuildSpec(batch=batch, fp16=fp16)
+    return key_fields("unet", onnx_sha, env, role_profiles("unet", spec, 8, 512, 64),
+                      trt_backend.precision_for("unet", spec), spec)
+
+
+def test_plan_key_changes_with_every_field() -> None:
+    base = plan_key(fields_for())
+    assert plan_key(fields_for()) == base
+    assert plan_key(json.loads(json.dumps(fields_for()))) == base  # a sidecar round trip keeps the key
+    others = [fields_for(onnx_sha="b" * 64), fields_for(env=EngineEnv("10.8.0", ENV.gpu, ENV.compute_capability)),
+              fields_for(env=EngineEnv(ENV.tensorrt, "NVIDIA A100-SXM4-80GB", "8.0")),
+              fields_for(env=EngineEnv(ENV.tensorrt, ENV.gpu, "9.1")), fields_for(batch=2), fields_for(fp16=False)]
+    keys = {plan_key(f) for f in others}
+    assert base not in keys and len(keys) == len(others)
+    assert trt_backend.precision_for("vae_decoder", BuildSpec()) == {"fp16": False}
+    assert trt_backend.precision_for("vae_decoder", BuildSpec(vae_fp16=True)) == {"fp16": True}
+
+
+def test_sidecar_checks_reject_stale_foreign_and_altered_plans(tmp_path: Path) -> None:
+    fields = fields_for()
+    record = store_plan(tmp_path, fields, b"plan-bytes", [{"sample": [[1], [2], [2]]}], tmp_path / "m.onnx")
+    plan, sidecar = plan_paths(tmp_path, "unet", plan_key(fields))
+    assert record.plan == plan and sidecar.is_file()
+    assert verify_plan(sidecar, fields)[1] is None
+    _, why = verify_plan(sidecar, fields_for(onnx_sha="b" * 64))
+    assert "ONNX file changed" in why
+    _, why = verify_plan(sidecar, fields_for(env=EngineEnv("10.8.0", ENV.gpu, ENV.compute_capability)))
+    assert "built with TensorRT 10.7.0, this is TensorRT 10.8.0" in why
+    _, why = verify_plan(sidecar, fields_for(env=EngineEnv(ENV.tensorrt, "NVIDIA L4", "8.9")))
+    assert "built for NVIDIA H200 (compute 9.0), this is NVIDIA L4 (compute 8.9)" in why
+
+    plan.write_bytes(b"plan-bytes-but-longer")  # altered after the build
+    assert "truncated or altered" in verify_plan(sidecar, fields)[1]
+    plan.write_bytes(b"plan-bytez")  # same size, other content
+    assert "truncated or altered" in verify_plan(sidecar, fields)[1]
+    plan.write_bytes(b"plan-bytes")
+    edited = json.loads(sidecar.read_text()) | {"gpu": "NVIDIA L4"}  # a sidecar made to look like this machine's
+    sidecar.write_text(json.dumps(edited))
+    assert "do not match its key" in verify_plan(sidecar, fields)[1]
+    sidecar.unlink()
+    assert "no sidecar" in verify_plan(sidecar, fields)[1]
+
+
+def test_find_plan_takes_the_newest_valid_plan_and_says_why_others_are_not(tmp_path: Path) -> None:
+    sha = "c" * 64
+    foreign = fields_for(sha, EngineEnv("10.0.1", "Tesla T4", "7.5"))
+    store_plan(tmp_path, foreign, b"t4", [], tmp_path / "m.onnx")
+    record, why = find_plan(tmp_path, "unet", sha, ENV)
+    assert record is None and len(why) == 1 and "TensorRT 10.0.1" in why[0] and "Tesla T4" in why[0]
+    older = store_plan(tmp_path, fields_for(sha, batch=1), b"n1", [], tmp_path / "m.onnx")
+    newer = store_plan(tmp_path, fields_for(sha, batch=2), b"n2", [{"sample": [[2], [4], [4]]}], tmp_path / "m.onnx")
+    record, why = find_plan(tmp_path, "unet", sha, ENV)
+    assert record is not None and record.plan == newer.plan != older.plan
+    assert trt_backend.newest_input_profiles(tmp_path, "unet") == [{"sample": [[2], [4], [4]]}]
+    assert find_plan(tmp_path, "unet", "d" * 64, ENV)[0] is None  # another ONNX file: nothing loads
+
+
+def test_build_plan_reuses_valid_plans_and_rebuilds_stale_ones(tmp_path: Path, monkeypatch) -> None:
+    """The cache decision is CPU-side; only TensorRT's serializer is replaced (it needs a GPU)."""
+    model = tiny_unet_onnx(tmp_path / "onnx" / "unet" / "model.onnx")
+    builds: list[str] = []
+
+    def serialize(onnx_path, role, profiles, precision, spec, timing_cache):
+        builds.append(role)
+        return f"plan-{len(builds)}".encode(), [{"sample": [[1, 4, 64, 64], [2, 4, 64, 64], [2, 4, 64, 64]]}]
+
+    monkeypatch.setattr(trt_backend, "_serialize", serialize)
+    cache, spec = tmp_path / "cache", BuildSpec()
+    profiles = role_profiles("unet", spec, 8, 512, 64)
+    logs: list[str] = []
+    first = trt_backend.build_plan(model, "unet", profiles, spec, cache, env=ENV, log=logs.append)
+    again = trt_backend.build_plan(model, "unet", profiles, spec, cache, env=ENV, log=logs.append)
+    assert builds == ["unet"] and again.plan == first.plan and "cached plan" in logs[-1]
+    other_gpu = trt_backend.build_plan(model, "unet", profiles, spec, cache, log=logs.append,
+                                       env=EngineEnv(ENV.tensorrt, "NVIDIA L4", "8.9"))
+    assert builds == ["unet"] * 2 and other_gpu.plan != first.plan  # foreign: its own key, its own file
+    first.plan.write_bytes(b"corrupt")
+    rebuilt = trt_backend.build_plan(model, "unet", profiles, spec, cache, env=ENV, log=logs.append)
+    assert builds == ["unet"] * 3 and rebuilt.plan == first.plan and "truncated or altered" in logs[-3]
+    model.with_name("model.onnx_data").write_bytes(b"new weights")  # the ONNX changed: new key, new plan
+    changed = trt_backend.build_plan(model, "unet", profiles, spec, cache, env=ENV, log=logs.append)
+    assert builds == ["unet"] * 4 and changed.plan != first.plan
+    trt_backend.build_plan(model, "unet", profiles, spec, cache, env=ENV, force=True, log=logs.append)
+    assert len(builds) == 5
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+@pytest.mark.parametrize("message", [
+    "[defaultAllocator.cpp::allocate::19] Error Code 1: Cuda Runtime (out of memory)",
+    "Requested amount of GPU memory (17179869184 bytes) could not be allocated. There may not be enough free memory",
+    "Error Code 2: OutOfMemory (no further information)",
+    "std::bad_alloc",
+])
+def test_out_of_memory_builds_say_so_and_suggest_a_smaller_profile(message: str) -> None:
+    profiles = role_profiles("unet", BuildSpec(batch=4, max_image=(1024, 1024), image=(512, 512)), 8, 512, 64)
+    err = build_failure("unet", ["some warning", message], profiles)
+    assert "ran out of GPU memory" in str(err) and "--batch" in str(err) and "--max-image-size" in str(err)
+    assert "batch 4..8" in str(err)
+
+
+def test_other_build_failures_quote_tensorrt() -> None:
+    err = build_failure("vae_decoder", ["a", "b", "c", "Unsupported operator XYZ"], [RoleProfile((1, 1, 1), None, 77)])
+    assert "could not build the vae_decoder plan" in str(err) and "Unsupported operator XYZ" in str(err)
+    assert "no error message" in str(build_failure("unet", [], []))
+
+
+def test_choose_backend() -> None:
+    assert choose_backend(None, None, ort_tensorrt=False) == "native"
+    assert choose_backend(None, None, ort_tensorrt=True) == "native"
+    assert choose_backend("tensorrt is not installed", None, ort_tensorrt=True) == "ort"
+    assert choose_backend(None, "no valid TensorRT plan", ort_tensorrt=True) == "ort"
+    with pytest.raises(EngineError) as err:
+        choose_backend("tensorrt is not installed (pip install 'basinguard[tensorrt]')", None, ort_tensorrt=False)
+    assert "basinguard[tensorrt]" in str(err.value) and "onnxruntime-gpu" in str(err.value)
+    with pytest.raises(EngineError, match="build-engines"):
+        choose_backend(None, "no valid TensorRT plan for unet; build them with `basinguard build-engines X`", False)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def _no_tensorrt_here() -> bool:
+    import onnxruntime as ort
+
+    return trt_backend.native_problem() is not None and "TensorrtExecutionProvider" not in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _no_tensorrt_here(), reason="this machine has a TensorRT backend")
+def test_provider_tensorrt_without_any_backend_names_what_to_install(tmp_path: Path) -> None:
+    model = tiny_unet_onnx(tmp_path / "unet" / "model.onnx")
+    with pytest.raises(EngineError) as err:
+        load_model(model, "tensorrt")
+    text = str(err.value)
+    assert "basinguard[tensorrt]" in text and "onnxruntime-gpu" in text and "TensorrtExecutionProvider" in text
+
+
+def test_selection_prefers_a_valid_native_plan_then_ort_tensorrt(tmp_path: Path, monkeypatch) -> None:
+    """load_tensorrt's plumbing with the GPU-side classes recorded instead of run."""
+    import onnxruntime as ort
+
+    import basinguard.engine.ort as ort_backend
+
+    folder = tmp_path / "model"
+    model = tiny_unet_onnx(folder / "unet" / "model.onnx")
+    made: list[tuple] = []
+    monkeypatch.setattr(trt_backend, "native_problem", lambda: None)
+    monkeypatch.setattr(trt_backend, "engine_env", lambda: ENV)
+    monkeypatch.setattr(trt_backend, "TensorRTModel", lambda plan, name, cuda_graph: made.append(("native", plan, cuda_graph)))
+    monkeypatch.setattr(ort_backend, "OrtModel", lambda path, provider, threads, trt_profile: made.append(
+        ("ort", provider, trt_profile)))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.delenv(trt_backend.ENGINE_DIR_ENV, raising=False)
+    cache = folder / "tensorrt"
+
+    with pytest.warns(UserWarning, match="no valid TensorRT plan for unet"):
+        load_model(model, "tensorrt")
+    assert made[-1] == ("ort", "tensorrt", None)
+
+    sha = onnx_digest(model)
+    spec = BuildSpec(static=True)
+    fields = key_fields("unet", sha, ENV, role_profiles("unet", spec, 8, 512, 64), {"fp16": True}, spec)
+    profiles = [{"sample": [[1, 4, 64, 64]] * 3}, {"sample": [[2, 4, 64, 64]] * 3}]
+    record = store_plan(cache, fields, b"plan", profiles, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(model, "tensorrt")
+    assert made[-1] == ("native", record.plan, False)
+    monkeypatch.setenv(trt_backend.CUDA_GRAPH_ENV, "1")
+    load_model(model, "tensorrt")
+    assert made[-1] == ("native", record.plan, True)
+
+    monkeypatch.setattr(trt_backend, "engine_env", lambda: EngineEnv(ENV.tensorrt, "NVIDIA L4", "8.9"))
+    with pytest.warns(UserWarning, match="NVIDIA L4"):  # a foreign plan is never loaded
+        load_model(model, "tensorrt")
+    assert made[-1] == ("ort", "tensorrt", {"sample": ((1, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64))})
+
+
+def test_ort_provider_options(monkeypatch, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    assert provider_list("cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(EngineError, match=r"needs CUDAExecutionProvider.*lacks.*basinguard\[gpu\]"):
+            provider_list("cuda")
+    with pytest.raises(EngineError, match="unknown provider"):
+        provider_list("rocm")
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    name, cuda = provider_list("cuda")[0]
+    assert name == "CUDAExecutionProvider" and cuda["cudnn_conv_algo_search"] == "HEURISTIC"
+    (name, opts), (cuda_name, _), cpu = provider_list("tensorrt", tmp_path, fp16=False,
+                                                      trt_profile={"sample": ((1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8))})
+    assert (name, cuda_name, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert opts["trt_fp16_enable"] is False and opts["trt_engine_cache_path"] == str(tmp_path)
+    assert opts["trt_profile_opt_shapes"] == "sample:2x4x8x8" and opts["trt_timing_cache_enable"] is True
+
+
+def test_a_silent_fallback_to_cpu_is_an_error() -> None:
+    check_active("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    check_active("cpu", ["CPUExecutionProvider"])
+    with pytest.raises(EngineError, match="could not start CUDAExecutionProvider and fell back to CPU.*cuDNN"):
+        check_active("cuda", ["CPUExecutionProvider"])
+    with pytest.raises(EngineError, match="could not start TensorrtExecutionProvider.*TensorRT's libraries"):
+        check_active("tensorrt", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_cuda_runtime_errors_are_engine_errors_without_a_gpu() -> None:
+    pytest.importorskip("cuda.bindings.runtime")
+    cuda = trt_backend.Cuda()
+    try:
+        cuda.device()
+    except trt_backend.CudaError as exc:
+        assert str(exc).startswith("CUDA cudaGetDevice failed: cudaError") and not exc.out_of_memory
+    else:
+        pytest.skip("a CUDA device is present")
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def test_parse_hw() -> None:
+    assert parse_hw("512") == (512, 512) and parse_hw("512x768") == (512, 768)
+    import argparse
+
+    for bad in ("x", "512x", "0", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_hw(bad)
+
+
+def test_cli_build_engines_validates_then_names_the_missing_package(tmp_path: Path, capsys) -> None:
+    folder = fake_folder(tmp_path / "model")
+    assert cli_main(["build-engines", str(folder), "--image-size", "500"]) == 2
+    assert "multiple of 64" in capsys.readouterr().err
+    if trt_backend.native_problem() is None:
+        pytest.skip("tensorrt is installed here")
+    assert cli_main(["build-engines", str(folder), "--batch", "2", "--static"]) == 2
+    assert "basinguard[tensorrt]" in capsys.readouterr().err
+    assert not (folder / "tensorrt").exists()
+
+
+def test_cli_export_tensorrt_fails_before_exporting(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("torch")
+    if trt_backend.native_problem() is None:
+        pytest.skip("tensorrt is installed here")
+    assert cli_main(["export", str(tmp_path / "missing-src"), str(tmp_path / "out"), "--tensorrt"]) == 2
+    assert "--tensorrt: tensorrt is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ benchmark adapter (torch)
+
+
+def test_sd_unet_matches_diffusers_and_sd15_size() -> None:
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    sys.path.insert(0, str(BENCH))
+    from sd_unet import SD15_UNET_CONFIG, SD15_UNET_PARAMETERS, SDUNet
+
+    config = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours = SDUNet(config).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)  # same names and shapes
+    x, t, e = torch.randn(2, 4, 8, 12), torch.tensor([500.0, 20.0]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert torch.allclose(ref(x, t, e).sample, ours(x, t, e), atol=1e-4)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in SDUNet(SD15_UNET_CONFIG).parameters()) == SD15_UNET_PARAMETERS
+
+
+def test_gpu_check_runs_the_torch_path_on_cpu(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(BENCH))
+    import gpu_check
+
+    report = tmp_path / "report.json"
+    rc = gpu_check.main(["--device", "cpu", "--tiny", "--unet", "own", "--skip-shipped", "--steps", "3",
+                         "--work", str(tmp_path / "work"), "--json", str(report)])
+    data = json.loads(report.read_text())
+    assert rc == 0, data
+    runs = data["sections"]["sd"]["runs"]["torch eager"]
+    assert set(gpu_check.POLICIES) <= set(runs)
+    assert runs["stp"]["batch_n_steps"] > 0 and runs["cfg"]["batch_n_steps"] == 0
+    assert all(runs[p]["finite"] and runs[p]["d2h_ms_per_call"] >= 0 for p in gpu_check.POLICIES)
+    assert [c["ok"] for c in data["checks"]] == [True]  # torch eager vs ORT-CPU on the exported tiny UNet
+    assert {s["what"] for s in data["skipped"]} >= {"ORT-CUDA", "TensorRT"}
+
+
+# ---------------------------------------------------------------------------------------- GPU (TensorRT)
+
+
+def _gpu_ready() -> bool:
+    if trt_backend.native_problem() is not None:
+        return False
+    try:
+        trt_backend.engine_env()
+    except EngineError:
+        return False
+    return True
+
+
+gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs tensorrt, cuda-python and a CUDA device")
+
+
+@gpu
+def test_dynamic_plan_runs_batch_n_and_2n_and_matches_ort(tmp_path: Path, ort_session) -> None:
+    model = tiny_unet_onnx(tmp_path / "onnx" / "unet" / "model.onnx")
+    spec = BuildSpec(batch=2, image=(64, 64), min_image=(64, 64), max_image=(128, 128), fp16=False)
+    profiles = role_profiles("unet", spec, 8, 64, 64)
+    record = trt_backend.build_plan(model, "unet", profiles, spec, tmp_path / "cache")
+    logs: list[str] = []
+    assert trt_backend.build_plan(model, "unet", profiles, spec, tmp_path / "cache", log=logs.append).plan == record.plan
+    assert "cached plan" in logs[0]
+    m = trt_backend.TensorRTModel(record.plan, "unet")
+    session = ort_session(model)
+    rng = np.random.default_rng(0)
+    for batch, hw in ((2, 8), (4, 8), (2, 16), (4, 8)):
+        feed = {"sample": rng.standard_normal((batch, 4, hw, hw)).astype(np.float32),
+                "timestep": np.full(batch, 500.0, np.float32),
+                "encoder_hidden_states": rng.standard_normal((batch, 77, 8)).astype(np.float32)}
+        got = m.run(feed)["out_sample"]
+        np.testing.assert_allclose(got, session.run(None, feed)[0], atol=1e-3)
+        np.testing.assert_allclose(got, tiny_reference(feed), atol=1e-3)
+    with pytest.raises(EngineError, match="outside the TensorRT plan's profiles"):
+        m.run({"sample": np.zeros((5, 4, 8, 8), np.float32), "timestep": np.zeros(5, np.float32),
+               "encoder_hidden_states": np.zeros((5, 77, 8), np.float32)})
+    m.close()
+
+
+@gpu
+def test_static_plan_with_cuda_graphs(tmp_path: Path) -> None:
+    model = tiny_unet_onnx(tmp_path / "onnx" / "unet" / "model.onnx")
+    spec = BuildSpec(batch=1, image=(64, 64), static=True)
+    record = trt_backend.build_plan(model, "unet", role_profiles("unet", spec, 8, 64, 64), spec, tmp_path / "cache")
+    with pytest.raises(EngineError, match="static plan"):
+        dynamic = BuildSpec(batch=1, image=(64, 64))
+        plan = trt_backend.build_plan(model, "unet", role_profiles("unet", dynamic, 8, 64, 64), dynamic, tmp_path / "cache")
+        trt_backend.TensorRTModel(plan.plan, "unet", cuda_graph=True)
+    m = trt_backend.TensorRTModel(record.plan, "unet", cuda_graph=True)
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # first run per batch size plain, then captured, then replayed
+        for batch in (1, 2):
+            feed = {"sample": rng.standard_normal((batch, 4, 8, 8)).astype(np.float32),
+                    "timestep": np.full(batch, 10.0, np.float32),
+                    "encoder_hidden_states": rng.standard_normal((batch, 77, 8)).astype(np.float32)}
+            np.testing.assert_allclose(m.run(feed)["out_sample"], tiny_reference(feed), atol=1e-2)
+    assert all(slot.graph_exec is not None for slot in m._slots.values())
+    m.close()
