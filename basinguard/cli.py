@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -344,8 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. a truncated prompt naming its dropped words) as one line, not a source excerpt."""
+    print(f"basinguard: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
     try:
         args.func(args)
     except BasinguardError as exc:
