@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae-steps", type=int, default=1600)
     ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--extra-steps", type=int, default=0,
+                    help="after --unet-steps, continue from the checkpoint this long at a cosine-decayed lr from 2e-4")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -161,7 +163,8 @@ def main() -> None:
     n_dup = N_DUPLICATED
     log(f"dataset: {len(samples)} images, {n_dup} duplicated")
 
-    write_clip_tokenizer(data.caption_vocabulary(), args.out / "tokenizer")
+    if not (args.out / "tokenizer" / "vocab.json").exists():  # a resumed run keeps the vocabulary it trained with
+        write_clip_tokenizer(data.caption_vocabulary(), args.out / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(args.out / "tokenizer")
     ids = tokenizer([s.caption for s in samples] + [""], padding="max_length", max_length=MAX_TOKENS,
                     truncation=True, return_tensors="pt").input_ids
@@ -218,7 +221,16 @@ def main() -> None:
     alphas_cumprod = scheduler.alphas_cumprod
     n_varied = len(samples) - n_dup
     t0 = time.time()
-    for step in range(start, args.unet_steps):
+    total = args.unet_steps + args.extra_steps
+    extra_lr = None
+    for step in range(start, total):
+        if step == args.unet_steps or (step == start and start >= args.unet_steps):
+            for group in opt.param_groups:  # the extension: a fresh cosine decay from 2e-4, after the one-cycle run
+                group["lr"] = group["initial_lr"] = 2e-4
+            extra_lr = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda k: 0.5 * (1 + np.cos(np.pi * min(k, args.extra_steps) / max(args.extra_steps, 1))))
+            for _ in range(step - args.unet_steps):
+                extra_lr.step()
         b = args.batch
         is_dup = torch.rand(b, generator=gen) < DUPLICATED_FRACTION
         idx = torch.where(is_dup, n_varied + torch.randint(0, n_dup, (b,), generator=gen),
@@ -238,12 +250,12 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        lr_sched.step()
+        (lr_sched if extra_lr is None else extra_lr).step()
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - decay)
-        if step % 100 == 0 or step == args.unet_steps - 1:
+        if step % 100 == 0 or step == total - 1:
             rate = (step + 1 - start) / (time.time() - t0)
             log(f"unet step {step} loss {loss.item():.4f} ({rate:.2f} steps/s)")
         if (step + 1) % 500 == 0:
