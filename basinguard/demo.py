@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from basinguard.evaluation import COPY_THRESHOLD, AttributeClassifier, PixelDescriptor, top1_similarity
+from basinguard.evaluation import COPY_THRESHOLD, PixelDescriptor, colour_alignment, top1_similarity
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 
@@ -78,9 +78,8 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
     rows, train_images, others = load_memorization(pipe.folder.path)
     descriptor = PixelDescriptor()
     train_desc = descriptor(train_images)
-    classifier_path = pipe.folder.path / "memorization" / "attributes.onnx"
-    classifier = AttributeClassifier(classifier_path, threads=threads) if classifier_path.exists() else None
-    label_names = json.loads((pipe.folder.path / "memorization" / "attributes.json").read_text()) if classifier else []
+    attributes_path = pipe.folder.path / "memorization" / "attributes.json"
+    attributes = json.loads(attributes_path.read_text()) if attributes_path.exists() else None
     base = PolicyConfig(guidance_scale=defaults.get("guidance_scale", 7.5), transition_t=defaults.get("transition_t", 500),
                         opposite_scale=defaults.get("opposite_scale", 1.0))
     sampling = SamplingConfig(steps=defaults.get("steps", 50), scheduler=defaults.get("scheduler"))
@@ -100,7 +99,8 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
             pixels = np.stack([g.pixels for g in gens])
             top1, _ = top1_similarity(descriptor(pixels), train_desc)
             own_sim = descriptor(pixels) @ train_desc[own] if own is not None else None
-            align = classifier.alignment(pixels, [mentioned_labels(caption, label_names)] * seeds) if classifier else None
+            align = None if attributes is None else colour_alignment(
+                pixels, [mentioned_labels(caption, attributes["labels"])] * seeds, attributes["labels"], attributes["palette"])
             png = f"{'dup' if own is not None else 'novel'}_{name}.png"
             save_grid(list(pixels), out / png)
             grids.append(f"<tr><td>{name}</td><td><img src='{png}'></td></tr>")

@@ -81,8 +81,8 @@ def similarity_summary(top1: np.ndarray, threshold: float = COPY_THRESHOLD) -> d
 
 
 class AttributeClassifier:
-    """The shipped model's attribute classifier (ONNX): logits over (colour, kind) pairs and backgrounds,
-    plus a feature vector for the Fréchet distance."""
+    """The shipped model's attribute network (ONNX): logits over (colour, kind) pairs and backgrounds, and
+    the feature vector the Fréchet distance is computed on."""
 
     def __init__(self, path: Path, threads: int | None = None):
         from basinguard.engine import load_model
@@ -94,10 +94,20 @@ class AttributeClassifier:
         out = self.model.run({"image": x})
         return 1 / (1 + np.exp(-out["logits"])), out["features"]
 
-    def alignment(self, images: np.ndarray, mentioned: Sequence[Sequence[int]]) -> np.ndarray:
-        """Per image: the fraction of the caption's (colour, kind) labels detected (p > 0.5)."""
-        probs, _ = self(images)
-        return np.array([float(np.mean(probs[k, list(m)] > 0.5)) if len(m) else 1.0 for k, m in enumerate(mentioned)])
+
+def colour_alignment(images: np.ndarray, mentioned: Sequence[Sequence[int]], label_names: Sequence[str],
+                     palette: dict[str, Sequence[int]], min_fraction: float = 0.02, max_distance: float = 60.0) -> np.ndarray:
+    """Per image: the fraction of the caption's named shapes whose colour covers ≥ `min_fraction` of the image
+    (RGB distance ≤ `max_distance` to the palette colour). Coarse — it does not check the shape's kind — but
+    needs no learned model, so it cannot be fooled by one."""
+    rgb = np.asarray(images, np.float32) * 255
+    out = np.empty(len(rgb))
+    for k, labels in enumerate(mentioned):
+        colours = [label_names[i].split()[0] for i in labels]
+        present = [(np.linalg.norm(rgb[k] - np.asarray(palette[c], np.float32), axis=-1) <= max_distance).mean()
+                   >= min_fraction for c in colours]
+        out[k] = float(np.mean(present)) if present else 1.0
+    return out
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

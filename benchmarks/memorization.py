@@ -29,6 +29,7 @@ from basinguard.evaluation import (  # noqa: E402
     COPY_THRESHOLD,
     AttributeClassifier,
     PixelDescriptor,
+    colour_alignment,
     frechet_distance,
     similarity_summary,
     top1_similarity,
@@ -103,7 +104,8 @@ def main() -> None:
     descriptor = PixelDescriptor()
     train_desc = training_descriptors(descriptor)
     classifier = AttributeClassifier(pipe.folder.path / "memorization/attributes.onnx", threads=args.threads)
-    label_names = json.loads((pipe.folder.path / "memorization/attributes.json").read_text())
+    attributes = json.loads((pipe.folder.path / "memorization/attributes.json").read_text())
+    label_names = attributes["labels"]
     held_out = np.stack([data.render(s) for s in data.varied_samples(2000, seed=99)]).astype(np.float32) / 255
     _, held_features = classifier(held_out)
     rng = np.random.default_rng(0)
@@ -118,7 +120,7 @@ def main() -> None:
             pixels, traces, per_image = generate_set(pipe, prompts, args.seeds, replace(sampling, policy=policy))
             top1, _ = top1_similarity(descriptor(pixels), train_desc)
             mentioned = [mentioned_labels(c, label_names) for c in captions for _ in range(args.seeds)]
-            align = classifier.alignment(pixels, mentioned)
+            align = colour_alignment(pixels, mentioned, label_names, attributes["palette"])
             _, feats = classifier(pixels)
             ts = [t["transition_step"] for t in traces]
             row[part] = {**similarity_summary(top1), "alignment": float(align.mean()),
@@ -171,7 +173,7 @@ def main() -> None:
 def markdown(results: list[dict], detection: list[dict], meta: dict) -> str:
     lines = [f"Shipped model, {meta['seeds']} seeds × {meta['duplicated_captions']} duplicated and "
              f"{meta['novel_captions']} novel captions per row; similarity = top-1 cosine to the training set "
-             f"(copy: > {meta['copy_threshold']}); alignment = fraction of named shapes found; FD = Fréchet distance "
+             f"(copy: > {meta['copy_threshold']}); alignment = fraction of named shapes whose colour is present (colour_alignment); FD = Fréchet distance "
              f"on classifier features vs held-out real images.", "",
              "| row | dup sim95 | dup sim mean ± std | dup copies | dup align | dup FD | novel sim95 | novel align | novel FD | mean transition step (dup) | ms / image |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -51,7 +51,8 @@ def main() -> None:
     ignore = shutil.ignore_patterns("_work", "memorization")
     shutil.copytree(args.trained, args.out / "diffusers", ignore=ignore)
     shutil.copytree(args.trained / "memorization", args.out / "memorization")
-    (args.out / "memorization" / "attributes.json").write_text(json.dumps(label_names()))
+    (args.out / "memorization" / "attributes.json").write_text(
+        json.dumps({"labels": label_names(), "palette": data.COLOURS}))
     if not args.skip_classifier:
         subprocess.run([sys.executable, str(Path(__file__).parent / "train_attribute_classifier.py"), str(args.trained),
                         str(args.out / "memorization" / "attributes.onnx")], check=True)

@@ -1,0 +1,60 @@
+"""Regression test on the shipped model: plain CFG copies its duplicated training images, the
+mitigation escapes them. Similarity is measured against each caption's own training image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from basinguard.cli import SHIPPED_MODEL
+from basinguard.demo import load_memorization
+from basinguard.evaluation import PixelDescriptor
+from basinguard.runtime.detection import detection_scores
+from basinguard.runtime.guidance import PolicyConfig
+from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+
+CAPTIONS, SEEDS = 8, 2
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    assert (SHIPPED_MODEL / "unet/model.onnx").exists(), f"the shipped model is missing from {SHIPPED_MODEL}"
+    pipe = Pipeline(SHIPPED_MODEL, threads=1)
+    rows, train_images, _ = load_memorization(SHIPPED_MODEL)
+    return pipe, rows[:CAPTIONS], train_images[:CAPTIONS]
+
+
+def own_similarity(shipped, policy: PolicyConfig) -> np.ndarray:
+    pipe, rows, train_images = shipped
+    defaults = pipe.folder.sampling_defaults
+    prompts = [r["caption"] for r in rows for _ in range(SEEDS)]
+    gens = pipe.generate(prompts, SamplingConfig(steps=defaults["steps"], scheduler=defaults["scheduler"], policy=policy),
+                         seeds=[s for _ in rows for s in range(SEEDS)])
+    descriptor = PixelDescriptor()
+    got = descriptor(np.stack([g.pixels for g in gens]))
+    own = descriptor(train_images)[np.repeat(np.arange(len(rows)), SEEDS)]
+    return (got * own).sum(1)
+
+
+def test_cfg_copies_and_mitigation_escapes(shipped):
+    defaults = shipped[0].folder.sampling_defaults
+    lam = defaults["guidance_scale"]
+    cfg = own_similarity(shipped, PolicyConfig("cfg", guidance_scale=lam))
+    mitigated = own_similarity(shipped, PolicyConfig(defaults["mitigation"], guidance_scale=lam,
+                                                     transition_t=defaults["transition_t"],
+                                                     opposite_scale=defaults["opposite_scale"]))
+    # Measured on this model (README): cfg ≈ 0.67 similarity to the caption's own training image, unrelated
+    # images ≈ 0.1. The test asks that cfg still copies and that the mitigation cuts it by ≥ 40 %.
+    assert cfg.mean() > 0.5, cfg
+    assert mitigated.mean() < 0.6 * cfg.mean(), (cfg.mean(), mitigated.mean())
+
+
+def test_duplicated_captions_are_detected_at_the_first_step(shipped):
+    pipe, rows, _ = shipped
+    _, _, others = load_memorization(SHIPPED_MODEL)
+    sampling = SamplingConfig(steps=50, scheduler="ddim")
+    pos = detection_scores(pipe, [r["caption"] for r in rows], sampling, seeds=[0])
+    neg = detection_scores(pipe, others[: 2 * len(rows)], sampling, seeds=[0])
+    # AUC by its definition: the chance that a duplicated caption outscores a novel one.
+    auc = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert auc >= 0.9, (pos, neg)
