@@ -199,3 +199,23 @@ def test_runtime_imports_no_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", ["dtp", "og-dtp"])
+def test_dtp_on_the_shipped_model_switches_per_sample_as_algorithm1(name):
+    """On a trained model d has real minima: each sample of one batch switches at its own step, as the reference."""
+    from diffusers import StableDiffusionPipeline
+
+    from basinguard.cli import SHIPPED_MODEL
+
+    torch_pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_MODEL / "diffusers", safety_checker=None)
+    captions = [json.loads(line)["caption"] for line in (SHIPPED_MODEL / "memorization/duplicated.jsonl").read_text().splitlines()]
+    prompts, steps = captions[:6], 30
+    lat = latents_for(SHIPPED_MODEL, len(prompts), seed=11, size=32)
+    config = PolicyConfig(name, guidance_scale=7.5, opposite_scale=2.0)
+    ref, switched, _ = reference_loop(torch_pipe, prompts, lat, config, steps)
+    gens = Pipeline(SHIPPED_MODEL, threads=1).generate(
+        prompts, SamplingConfig(steps=steps, scheduler="ddim", policy=config), latents=lat)
+    assert [g.trace["transition_step"] for g in gens] == switched
+    assert len(set(switched)) > 1, f"expected different transition steps per sample, got {switched}"
+    assert np.abs(np.stack([g.pixels for g in gens]) - ref).max() <= 2e-3
