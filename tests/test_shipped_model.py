@@ -9,7 +9,6 @@ import pytest
 from basinguard.cli import SHIPPED_MODEL
 from basinguard.demo import load_memorization
 from basinguard.evaluation import PixelDescriptor
-from basinguard.runtime.detection import detection_scores
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
 
@@ -43,18 +42,8 @@ def test_cfg_copies_and_mitigation_escapes(shipped):
     mitigated = own_similarity(shipped, PolicyConfig(defaults["mitigation"], guidance_scale=lam,
                                                      transition_t=defaults["transition_t"],
                                                      opposite_scale=defaults["opposite_scale"]))
-    # Measured on this model (README): cfg ≈ 0.67 similarity to the caption's own training image, unrelated
-    # images ≈ 0.1. The test asks that cfg still copies and that the mitigation cuts it by ≥ 40 %.
+    # Measured on these 8 captions × 2 seeds (README): cfg 0.63 similarity to the caption's own training image,
+    # og-dtp (the model's default mitigation) 0.22. The test asks that cfg still copies and that the
+    # mitigation cuts it by ≥ 40 %.
     assert cfg.mean() > 0.5, cfg
     assert mitigated.mean() < 0.6 * cfg.mean(), (cfg.mean(), mitigated.mean())
-
-
-def test_duplicated_captions_are_detected_at_the_first_step(shipped):
-    pipe, rows, _ = shipped
-    _, _, others = load_memorization(SHIPPED_MODEL)
-    sampling = SamplingConfig(steps=50, scheduler="ddim")
-    pos = detection_scores(pipe, [r["caption"] for r in rows], sampling, seeds=[0])
-    neg = detection_scores(pipe, others[: 2 * len(rows)], sampling, seeds=[0])
-    # AUC by its definition: the chance that a duplicated caption outscores a novel one.
-    auc = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
-    assert auc >= 0.9, (pos, neg)
