@@ -4,7 +4,8 @@
                                  [--threads 2] [--plot] [--quick] [--out benchmarks/results/compare]
 
 Contenders, all in one process and run in alternation (round-robin, the order rotated every round so
-that drift of the machine hits everyone alike), after `--warmup` untimed rounds:
+that drift of the machine hits everyone alike), after `--warmup` untimed rounds; at least `--repeats` timed
+rounds, more (up to `--max-repeats`) until the timed rounds of a setting took `--target-s` seconds:
 
   (a) torch    diffusers `StableDiffusionPipeline` on torch (CPU, float32)
   (b) optimum  optimum-onnx's `ORTStableDiffusionPipeline` on the ONNX folder
@@ -421,7 +422,7 @@ def setting_table(setting: dict) -> str:
     med, mem = setting["median"], setting.get("memory", {})
     a, b = med["torch"]["total"], med["optimum"]["total"]
     lines = [f"### {setting['model']} {setting['size']}x{setting['size']}, batch {setting['batch']} "
-             f"({setting['onnx_kind']} ONNX export)", "",
+             f"({setting['onnx_kind']} ONNX export, {len(setting['rounds']['torch'])} rounds)", "",
              "| contender | text encoder ms | UNet ms (calls) | UNet ms/call | other ms (% wall) | VAE ms | total ms "
              "| images/s | peak RSS MiB | ×faster than (a) | ×faster than (b) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -450,10 +451,13 @@ def goals(settings: list[dict]) -> list[str]:
         def mark(ok: bool) -> str:
             return "met" if ok else "MISSED"
 
+        pr = s["paired_speedup"]
         out.append(f"- {s['model']} {s['size']}px batch {s['batch']}: ours-cfg vs (a) {va:.2f}x ({mark(va >= 1.5)}), "
                    f"vs (b) {vb:.2f}x ({mark(vb >= 1.1)}); dtp/cfg {dtp:.3f} ({mark(dtp <= 1.01)}); "
                    f"stp/cfg {med['ours-stp']['total'] / cfg['total']:.3f}; "
-                   f"max other {100 * other:.1f} % ({mark(other <= 0.02)})")
+                   f"max other {100 * other:.1f} % ({mark(other <= 0.02)}). Per-round medians: ours-cfg vs (a) "
+                   f"{pr['ours-cfg']['vs_torch']:.2f}x, vs (b) {pr['ours-cfg']['vs_optimum']:.2f}x, dtp/cfg "
+                   f"{pr['ours-dtp']['vs_ours_cfg']:.3f}, ours-stp vs (b) {pr['ours-stp']['vs_optimum']:.2f}x")
     return out
 
 
@@ -494,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per setting")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per setting (medians reported)")
+    p.add_argument("--repeats", type=int, default=5, help="minimum timed rounds per setting (medians reported)")
+    p.add_argument("--target-s", type=float, default=60.0,
+                   help="add timed rounds until they took this long in all (up to --max-repeats)")
+    p.add_argument("--max-repeats", type=int, default=25)
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads, for everyone")
     p.add_argument("--probe-steps", type=int, default=10, help="steps of the memory-probe generation")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -509,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.models, args.batches, args.steps, args.warmup, args.repeats, args.probe_steps = ["tiny64"], [1], 3, 1, 1, 2
+        args.target_s = 0.0
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -533,16 +541,30 @@ def main(argv: list[str] | None = None) -> int:
             latents = initial_latents(batch, spec.size, spec.latent_factor)
             rounds: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
             images: dict[str, np.ndarray] = {}
-            for r in range(args.warmup + args.repeats):
+            r, timed = 0, 0.0
+            # At least --repeats timed rounds; cheap settings keep going until --target-s of timed rounds (capped),
+            # so that their medians rest on many rounds while an expensive setting stops at --repeats.
+            while r < args.warmup + args.repeats or (timed < args.target_s and r < args.warmup + args.max_repeats):
                 k = r % len(CONTENDERS)
+                start = time.perf_counter()
                 for name in CONTENDERS[k:] + CONTENDERS[:k]:
                     row, images[name] = run_once(contenders[name], spec.prompt, latents, args.steps,
                                                  spec.guidance_scale, spec.size)
                     if r >= args.warmup:
                         rounds[name].append(row)
-                log(f"{spec.key} batch {batch} round {r + 1}/{args.warmup + args.repeats}: "
+                if r >= args.warmup:
+                    timed += time.perf_counter() - start
+                r += 1
+                log(f"{spec.key} batch {batch} round {r} ({'warm-up' if r <= args.warmup else 'timed'}): "
                     + "  ".join(f"{n} {rounds[n][-1]['total'] * 1e3:.0f}" for n in CONTENDERS if rounds[n]))
-            setting = {"model": spec.key, "size": spec.size, "batch": batch, "onnx": str(spec.onnx),
+            # Per-round ratios (their median is robust to a burst of load that hits one round harder than others).
+            paired = {n: {"vs_torch": statistics.median(a["total"] / b["total"] for a, b in zip(rounds["torch"], rounds[n])),
+                          "vs_optimum": statistics.median(a["total"] / b["total"]
+                                                          for a, b in zip(rounds["optimum"], rounds[n])),
+                          "vs_ours_cfg": statistics.median(b["total"] / a["total"]
+                                                           for a, b in zip(rounds["ours-cfg"], rounds[n]))}
+                      for n in CONTENDERS}
+            setting = {"model": spec.key, "paired_speedup": paired, "size": spec.size, "batch": batch, "onnx": str(spec.onnx),
                        "onnx_kind": spec.onnx_kind, "source": str(spec.source), "prompt": spec.prompt,
                        "guidance_scale": spec.guidance_scale,
                        "median": {n: summarize(rounds[n], batch) for n in CONTENDERS},
@@ -558,9 +580,12 @@ def main(argv: list[str] | None = None) -> int:
     from optimum.onnxruntime import ORTStableDiffusionPipeline  # noqa: F401  (its version is recorded below)
 
     header = (f"# basinguard vs diffusers (torch) vs optimum (ONNX Runtime)\n\n{args.steps} steps DPM++ 2M, "
-              f"{args.threads} threads for everyone (torch intra-op; ONNX Runtime intra-op), median of {args.repeats} round-robin rounds after {args.warmup} warm-up round(s). "
-              f"Stage times from wrapped model calls; other = wall − model calls. Peak RSS: one subprocess per family, "
-              f"one generation of {args.probe_steps} steps. ours-stp: s_pre 0, τ 500 (UNet at batch N before τ).\n")
+              f"{args.threads} thread(s) for everyone (torch intra-op; ONNX Runtime intra-op). Medians of at least "
+              f"{args.repeats} round-robin rounds after {args.warmup} warm-up round(s); cheap settings run more rounds "
+              f"(up to {args.max_repeats}) until their timed rounds took {args.target_s:.0f} s (count in each title). "
+              f"Stage times from wrapped model calls; other = wall − model calls. Peak RSS (VmHWM): one subprocess per "
+              f"family, one generation of {args.probe_steps} steps. ours-stp: s_pre 0, τ 500 (UNet at batch N before "
+              f"τ).\n")
     text = header + "\n" + "\n\n".join(setting_table(s) for s in settings) + "\n\n## Goals\n\n" \
         + "\n".join(goals(settings)) + "\n"
     print(text)
@@ -572,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
 
         versions[dist] = version(dist)
     record = {"steps": args.steps, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
-              "probe_steps": args.probe_steps, "platform": platform.platform(), "versions": versions,
+              "target_s": args.target_s, "max_repeats": args.max_repeats, "probe_steps": args.probe_steps, "platform": platform.platform(), "versions": versions,
               "models": [asdict(s) | {"source": str(s.source), "onnx": str(s.onnx)} for s in specs],
               "settings": settings}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
