@@ -446,6 +446,8 @@ def goals(settings: list[dict]) -> list[str]:
         cfg = med["ours-cfg"]
         va, vb = med["torch"]["total"] / cfg["total"], med["optimum"]["total"] / cfg["total"]
         dtp = med["ours-dtp"]["total"] / cfg["total"]
+        # cfg and dtp make identical model calls; only "other" (scheduler, policy, glue) differs in work.
+        dtp_work = 1 + (med["ours-dtp"]["other"] - cfg["other"]) / cfg["total"]
         other = max(med[f"ours-{p}"]["other_fraction"] for p in OURS)
 
         def mark(ok: bool) -> str:
@@ -453,7 +455,8 @@ def goals(settings: list[dict]) -> list[str]:
 
         pr = s["paired_speedup"]
         out.append(f"- {s['model']} {s['size']}px batch {s['batch']}: ours-cfg vs (a) {va:.2f}x ({mark(va >= 1.5)}), "
-                   f"vs (b) {vb:.2f}x ({mark(vb >= 1.1)}); dtp/cfg {dtp:.3f} ({mark(dtp <= 1.01)}); "
+                   f"vs (b) {vb:.2f}x ({mark(vb >= 1.1)}); dtp/cfg {dtp:.3f} ({mark(dtp <= 1.01)}; attributed to the work "
+                   f"that differs: {dtp_work:.4f}, {mark(dtp_work <= 1.01)}); "
                    f"stp/cfg {med['ours-stp']['total'] / cfg['total']:.3f}; "
                    f"max other {100 * other:.1f} % ({mark(other <= 0.02)}). Per-round medians: ours-cfg vs (a) "
                    f"{pr['ours-cfg']['vs_torch']:.2f}x, vs (b) {pr['ours-cfg']['vs_optimum']:.2f}x, dtp/cfg "
@@ -489,6 +492,42 @@ def plot(settings: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(args: argparse.Namespace, specs: list[ModelSpec], settings: list[dict], final: bool) -> None:
+    """OUT.json, OUT.md (and with --plot OUT.png) for the settings done so far."""
+    from importlib.metadata import version
+
+    import onnxruntime as ort
+    import torch
+
+    header = (f"# basinguard vs diffusers (torch) vs optimum (ONNX Runtime)\n\n{args.steps} steps DPM++ 2M, "
+              f"{args.threads} thread(s) for everyone (torch intra-op; ONNX Runtime intra-op). Medians of at least "
+              f"{args.repeats} round-robin rounds after {args.warmup} warm-up round(s); cheap settings run more rounds "
+              f"(up to {args.max_repeats}) until their timed rounds took {args.target_s:.0f} s (count in each title). "
+              f"Stage times from wrapped model calls; other = wall − model calls. Peak RSS (VmHWM): one subprocess per "
+              f"family, one generation of {args.probe_steps} steps. ours-stp: s_pre 0, τ 500 (UNet at batch N before "
+              f"τ).{'' if final else ' PARTIAL: the run has not finished.'}\n")
+    text = header + "\n" + "\n\n".join(setting_table(s) for s in settings) + "\n\n## Goals\n\n" \
+        + "\n".join(goals(settings)) + "\n"
+    if final:
+        print(text)
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+                "onnxruntime": ort.__version__}
+    versions |= {dist: version(dist) for dist in ("diffusers", "transformers", "optimum-onnx")}
+    record = {"complete": final, "steps": args.steps, "threads": args.threads, "warmup": args.warmup,
+              "repeats": args.repeats, "target_s": args.target_s, "max_repeats": args.max_repeats,
+              "probe_steps": args.probe_steps, "platform": platform.platform(), "versions": versions,
+              "models": [asdict(s) | {"source": str(s.source), "onnx": str(s.onnx)} for s in specs],
+              "settings": settings}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    args.out.with_suffix(".md").write_text(text)
+    if args.plot:
+        plot(settings, args.out.with_suffix(".png"))
+    if final:
+        print(f"wrote {args.out.with_suffix('.json')}, {args.out.with_suffix('.md')}"
+              + (f", {args.out.with_suffix('.png')}" if args.plot else ""), file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -509,10 +548,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", action="store_true", help="also write OUT.png")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny64, batch 1, 3 steps, 1 round")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare")
+    p.add_argument("--render", type=Path, help="only rewrite OUT.md (and with --plot OUT.png) from this OUT.json")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
         probe(args.probe)
+        return 0
+    if args.render:
+        record = json.loads(args.render.read_text())
+        for key in ("steps", "threads", "warmup", "repeats", "target_s", "max_repeats", "probe_steps"):
+            setattr(args, key, record[key])
+        specs = [ModelSpec(**{**m, "source": Path(m["source"]), "onnx": Path(m["onnx"])}) for m in record["models"]]
+        write_report(args, specs, record["settings"], final=record["complete"])
         return 0
     if args.quick:
         args.models, args.batches, args.steps, args.warmup, args.repeats, args.probe_steps = ["tiny64"], [1], 3, 1, 1, 2
@@ -575,37 +622,9 @@ def main(argv: list[str] | None = None) -> int:
                 setting["memory"] = measure_memory(spec, batch, spec.size, args.probe_steps, args.threads)
             settings.append(setting)
             log(setting_table(setting))
+            write_report(args, specs, settings, final=False)  # a killed run keeps the settings it finished
 
-    import onnxruntime as ort
-    from optimum.onnxruntime import ORTStableDiffusionPipeline  # noqa: F401  (its version is recorded below)
-
-    header = (f"# basinguard vs diffusers (torch) vs optimum (ONNX Runtime)\n\n{args.steps} steps DPM++ 2M, "
-              f"{args.threads} thread(s) for everyone (torch intra-op; ONNX Runtime intra-op). Medians of at least "
-              f"{args.repeats} round-robin rounds after {args.warmup} warm-up round(s); cheap settings run more rounds "
-              f"(up to {args.max_repeats}) until their timed rounds took {args.target_s:.0f} s (count in each title). "
-              f"Stage times from wrapped model calls; other = wall − model calls. Peak RSS (VmHWM): one subprocess per "
-              f"family, one generation of {args.probe_steps} steps. ours-stp: s_pre 0, τ 500 (UNet at batch N before "
-              f"τ).\n")
-    text = header + "\n" + "\n\n".join(setting_table(s) for s in settings) + "\n\n## Goals\n\n" \
-        + "\n".join(goals(settings)) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                "onnxruntime": ort.__version__}
-    for dist in ("diffusers", "transformers", "optimum-onnx"):
-        from importlib.metadata import version
-
-        versions[dist] = version(dist)
-    record = {"steps": args.steps, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
-              "target_s": args.target_s, "max_repeats": args.max_repeats, "probe_steps": args.probe_steps, "platform": platform.platform(), "versions": versions,
-              "models": [asdict(s) | {"source": str(s.source), "onnx": str(s.onnx)} for s in specs],
-              "settings": settings}
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    args.out.with_suffix(".md").write_text(text)
-    if args.plot:
-        plot(settings, args.out.with_suffix(".png"))
-    log(f"wrote {args.out.with_suffix('.json')}, {args.out.with_suffix('.md')}"
-        + (f", {args.out.with_suffix('.png')}" if args.plot else ""))
+    write_report(args, specs, settings, final=True)
     return 0
 
 
