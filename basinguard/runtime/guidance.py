@@ -68,45 +68,54 @@ class PolicyConfig:
         return {k: v for k, v in asdict(self).items() if k in used}
 
 
+def _constant(n: int, value: float) -> np.ndarray:
+    """One read-only scale array for every step. Right after a UNet call the CPU caches are cold and each numpy
+    call costs 10-70 µs (measured on the shipped model), so the per-step policy work is kept to few calls."""
+    out = np.full(n, value)
+    out.flags.writeable = False
+    return out
+
+
 class GuidancePolicy:
-    """Base: constant λ (plain CFG). Subclasses override `_pre_switch` and the switch rule."""
+    """Base: constant λ (plain CFG). Subclasses override `needs_cond` and `scale` with their switch rule."""
 
     def __init__(self, n: int, guidance_scale: float, pre_scale: float = 0.0):
         self.n = n
         self.guidance_scale = guidance_scale
         self.pre_scale = pre_scale
         self.transition_step = np.zeros(n, np.int64)  # cfg: λ from the first step
+        self._constant: np.ndarray | None = None
 
     def needs_cond(self, step: int, t: float) -> bool:
         """Whether this step needs ε(x_t, e_p); False lets the loop run the UNet at batch N."""
         return True
 
     def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
-        return np.full(self.n, self.guidance_scale)
-
-    def _switched(self) -> np.ndarray:
-        return self.transition_step != NO_TRANSITION
-
-    def _scales(self) -> np.ndarray:
-        return np.where(self._switched(), self.guidance_scale, self.pre_scale)
+        if self._constant is None:
+            self._constant = _constant(self.n, self.guidance_scale)
+        return self._constant
 
 
 class StaticTransition(GuidancePolicy):
-    """STP / OG-STP: s_pre while t > τ, then λ."""
+    """STP / OG-STP: s_pre while t > τ, then λ. Every sample switches at the same step."""
 
     def __init__(self, n: int, guidance_scale: float, pre_scale: float, transition_t: float):
         super().__init__(n, guidance_scale, pre_scale)
         self.transition_t = transition_t
         self.transition_step = np.full(n, NO_TRANSITION, np.int64)
+        self._pre = _constant(n, pre_scale)
+        self._post = _constant(n, guidance_scale)
 
     def needs_cond(self, step: int, t: float) -> bool:
         # With s_pre = 0 the guided ε is ε_∅ alone before τ; d is then not measured.
         return t <= self.transition_t or self.pre_scale != 0
 
     def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
-        if t <= self.transition_t:
-            self.transition_step[~self._switched()] = step
-        return self._scales()
+        if t > self.transition_t:
+            return self._pre
+        if self.transition_step[0] == NO_TRANSITION:
+            self.transition_step[:] = step
+        return self._post
 
 
 class DynamicTransition(GuidancePolicy):
@@ -115,15 +124,29 @@ class DynamicTransition(GuidancePolicy):
     def __init__(self, n: int, guidance_scale: float, pre_scale: float):
         super().__init__(n, guidance_scale, pre_scale)
         self.transition_step = np.full(n, NO_TRANSITION, np.int64)
-        self._d1 = np.full(n, -np.inf)  # d[i-1]; -inf as Algorithm 1 starts, so no minimum in the first two steps
-        self._d2 = np.full(n, -np.inf)  # d[i-2]
+        # Per-sample state as Python lists: a handful of floats per step is cheaper in plain Python than the ten
+        # small numpy calls it took (88 -> 28 µs per step measured on the shipped model, CPU, after a UNet call).
+        self._steps = [NO_TRANSITION] * n
+        self._d1 = [-np.inf] * n  # d[i-1]; -inf as Algorithm 1 starts, so no minimum in the first two steps
+        self._d2 = [-np.inf] * n  # d[i-2]
+        self._final: np.ndarray | None = None  # λ for all, once every sample has switched
 
     def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
         assert d is not None, "DTP measures d at every step"
-        minimum = (self._d2 > self._d1) & (self._d1 < d)
-        self.transition_step[minimum & ~self._switched()] = step
-        self._d2, self._d1 = self._d1, d.astype(np.float64)
-        return self._scales()
+        if self._final is not None:  # every sample has switched: nothing left to watch
+            return self._final
+        d_now = d.tolist()
+        steps, d1, d2 = self._steps, self._d1, self._d2
+        for k in range(self.n):
+            if steps[k] == NO_TRANSITION and d2[k] > d1[k] < d_now[k]:
+                steps[k] = step
+        self._d2, self._d1 = d1, d_now
+        self.transition_step[:] = steps
+        out = np.array([self.pre_scale if s == NO_TRANSITION else self.guidance_scale for s in steps])
+        if NO_TRANSITION not in steps:
+            out.flags.writeable = False
+            self._final = out
+        return out
 
 
 class DetectionGated(GuidancePolicy):

@@ -77,14 +77,17 @@ def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np
     n = len(x)
     gap = np.full((len(scheduler.timesteps), n), np.nan)
     scale = np.zeros_like(gap)
+    pair = np.empty((2 * n, *x.shape[1:]), x.dtype)  # the CFG batch [x; x], filled in place every step
     for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(x, i)
         if policy.needs_cond(i, t):
-            eps = unet(np.concatenate([x_in, x_in]), t, e_pair)  # [ε(x, e_∅); ε(x, e_p)]
-            eps_uncond, guidance = eps[:n], eps[n:] - eps[:n]
-            gap[i] = np.linalg.norm(guidance.reshape(n, -1), axis=1)  # d_t, free: both halves are here
+            pair[:n] = pair[n:] = x_in
+            eps = unet(pair, t, e_pair)  # [ε(x, e_∅); ε(x, e_p)]
+            guidance = np.subtract(eps[n:], eps[:n], out=eps[n:])  # ε(x, e_p) − ε(x, e_∅)
+            gap[i] = np.sqrt(np.square(guidance).sum(axis=(1, 2, 3)))  # d_t, free: both halves are here
             scale[i] = policy.scale(i, t, gap[i])
-            eps = eps_uncond + scale[i].reshape(-1, 1, 1, 1).astype(x.dtype) * guidance
+            # ε̂ = ε_∅ + s · (ε_p − ε_∅), per sample
+            eps = np.add(eps[:n], guidance * scale[i, :, None, None, None].astype(x.dtype), out=eps[:n])
         else:  # the policy guarantees scale 0 here: ε̂ = ε_∅, at batch N
             eps = unet(x_in, t, e_uncond)
             scale[i] = policy.scale(i, t, None)
@@ -100,12 +103,18 @@ class UNetStage:
                 raise InputError(f"unet model lacks input {name!r} (has {', '.join(model.inputs)})")
         self.model, self.timer = model, timer
         self.output = next(iter(model.outputs))
+        self._timesteps: dict[tuple[int, float], np.ndarray] = {}  # (batch, t) -> the timestep input, made once
 
     def __call__(self, x: np.ndarray, t: float, embeddings: np.ndarray) -> np.ndarray:
+        timestep = self._timesteps.get((len(x), t))
+        if timestep is None:
+            if len(self._timesteps) > 4096:  # schedules of many step counts: start over rather than grow
+                self._timesteps.clear()
+            timestep = self._timesteps[len(x), t] = np.full(len(x), t, np.float32)
+            timestep.flags.writeable = False
         with self.timer("unet"):
-            out = self.model.run({"sample": x, "timestep": np.full(len(x), t, np.float32),
-                                  "encoder_hidden_states": embeddings})[self.output]
-        return out.astype(np.float32, copy=False)
+            out = self.model.run({"sample": x, "timestep": timestep, "encoder_hidden_states": embeddings})[self.output]
+        return out if out.dtype == np.float32 else out.astype(np.float32)
 
 
 class Pipeline:
