@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from basinguard.evaluation import COPY_THRESHOLD, PixelDescriptor, colour_alignment, top1_similarity
+from basinguard.evaluation import COPY_THRESHOLD, EdgeDescriptor, colour_alignment, top1_similarity
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 
@@ -76,7 +76,7 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
     pipe = Pipeline(folder, provider=provider, threads=threads)
     defaults = pipe.folder.sampling_defaults
     rows, train_images, others = load_memorization(pipe.folder.path)
-    descriptor = PixelDescriptor()
+    descriptor = EdgeDescriptor()
     train_desc = descriptor(train_images)
     attributes_path = pipe.folder.path / "memorization" / "attributes.json"
     attributes = json.loads(attributes_path.read_text()) if attributes_path.exists() else None
@@ -127,7 +127,7 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 8px}</style>"
         f"<h1>basinguard demo</h1><p>Model: {html.escape(str(pipe.folder.path))}; {seeds} seeds per row; "
         f"λ={base.guidance_scale}, τ={base.transition_t}, λ_og={base.opposite_scale}, {sampling.steps} steps. "
-        f"Similarity: top-1 cosine similarity (pixel descriptor) to the duplicated training images; "
+        f"Similarity: top-1 cosine similarity (edge descriptor) to the duplicated training images; "
         f"a copy scores above {COPY_THRESHOLD}.</p>"
         f"<table border=1 cellspacing=0><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{cells}</table>"
         + "".join(sections))

@@ -224,6 +224,7 @@ class CallTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.wrapped: set[int] = set()
 
     def wrap(self, obj: Any, attr: str, stage: str) -> None:
         original = getattr(obj, attr)
@@ -309,19 +310,26 @@ class OursContender:
         self.pipe, self.policy, self.timer = pipe, policy, timer
 
     @classmethod
-    def load(cls, folder: Path, threads: int, policies: dict[str, PolicyConfig]) -> dict[str, OursContender]:
+    def load(cls, folder: Path, threads: int, policies: dict[str, PolicyConfig],
+             static_shapes: bool = True) -> dict[str, OursContender]:
         from basinguard.runtime.pipeline import Pipeline
 
-        pipe = Pipeline(folder, provider="cpu", threads=threads)
+        pipe = Pipeline(folder, provider="cpu", threads=threads, static_shapes=static_shapes)
         timer = CallTimer()
         for stage, model in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet.model),
                              ("vae", pipe.vae_decoder)):
             timer.wrap_session(model.session, stage)
+        timer.wrapped = {id(pipe.unet.model.session)}
         return {f"ours-{name}": cls(pipe, p, timer) for name, p in policies.items()}
 
     def generate(self, prompt: str, latents: np.ndarray, steps: int, guidance_scale: float, size: int) -> np.ndarray:
         from basinguard.runtime.pipeline import SamplingConfig
 
+        # Shape-specialised UNet sessions appear during the warm-up round (after a shape's third call); time them too.
+        for session in self.pipe.unet.model.sessions:
+            if id(session) not in self.timer.wrapped:
+                self.timer.wrap_session(session, "unet")
+                self.timer.wrapped.add(id(session))
         sampling = SamplingConfig(steps=steps, scheduler="dpm++2m", height=size, width=size, policy=self.policy)
         gens = self.pipe.generate([prompt] * len(latents), sampling, latents=latents)
         return np.stack([g.pixels for g in gens])
@@ -393,7 +401,8 @@ def probe(spec_json: str) -> None:
         contender = OptimumContender(Path(s["onnx"]), s["threads"])
     else:
         contender = next(iter(OursContender.load(Path(s["onnx"]), s["threads"],
-                                                 {"cfg": PolicyConfig("cfg", guidance_scale=s["guidance"])}).values()))
+                                                 {"cfg": PolicyConfig("cfg", guidance_scale=s["guidance"])},
+                                                 s["static_shapes"]).values()))
     after_load = proc_status_mib("VmRSS")
     latents = initial_latents(s["batch"], s["size"], s["factor"])
     contender.generate(s["prompt"], latents, s["steps"], s["guidance"], s["size"])
@@ -401,12 +410,13 @@ def probe(spec_json: str) -> None:
     print(json.dumps({"rss_start_mib": after_import, "rss_loaded_mib": after_load, "peak_rss_mib": peak}))
 
 
-def measure_memory(spec: ModelSpec, batch: int, size: int, steps: int, threads: int) -> dict[str, dict]:
+def measure_memory(spec: ModelSpec, batch: int, size: int, steps: int, threads: int,
+                   static_shapes: bool) -> dict[str, dict]:
     out = {}
     for family in ("torch", "optimum", "ours"):
         arg = json.dumps({"family": family, "source": str(spec.source), "onnx": str(spec.onnx), "batch": batch,
                           "size": size, "factor": spec.latent_factor, "steps": steps, "threads": threads, "prompt": spec.prompt,
-                          "guidance": spec.guidance_scale})
+                          "guidance": spec.guidance_scale, "static_shapes": static_shapes})
         res = subprocess.run([sys.executable, __file__, "--probe", arg], capture_output=True, text=True)
         if res.returncode != 0:
             out[family] = {"error": (res.stderr.strip().splitlines() or ["?"])[-1]}
@@ -505,7 +515,9 @@ def write_report(args: argparse.Namespace, specs: list[ModelSpec], settings: lis
               f"(up to {args.max_repeats}) until their timed rounds took {args.target_s:.0f} s (count in each title). "
               f"Stage times from wrapped model calls; other = wall − model calls. Peak RSS (VmHWM): one subprocess per "
               f"family, one generation of {args.probe_steps} steps. ours-stp: s_pre 0, τ 500 (UNet at batch N before "
-              f"τ).{'' if final else ' PARTIAL: the run has not finished.'}\n")
+              f"τ). Ours {'with dynamic-shape sessions only' if args.dynamic_shapes else 'with shape-specialised UNet sessions (Pipeline(static_shapes=True), built in the warm-up round)'}; (b) "
+              f"with ORT's dynamic-shape session as optimum opens it. Run on {args.date}."
+              f"{'' if final else ' PARTIAL: the run has not finished.'}\n")
     text = header + "\n" + "\n\n".join(setting_table(s) for s in settings) + "\n\n## Goals\n\n" \
         + "\n".join(goals(settings)) + "\n"
     if final:
@@ -515,7 +527,8 @@ def write_report(args: argparse.Namespace, specs: list[ModelSpec], settings: lis
     versions |= {dist: version(dist) for dist in ("diffusers", "transformers", "optimum-onnx")}
     record = {"complete": final, "steps": args.steps, "threads": args.threads, "warmup": args.warmup,
               "repeats": args.repeats, "target_s": args.target_s, "max_repeats": args.max_repeats,
-              "probe_steps": args.probe_steps, "platform": platform.platform(), "versions": versions,
+              "probe_steps": args.probe_steps, "dynamic_shapes": args.dynamic_shapes, "date": args.date,
+              "platform": platform.platform(), "versions": versions,
               "models": [asdict(s) | {"source": str(s.source), "onnx": str(s.onnx)} for s in specs],
               "settings": settings}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -544,9 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads, for everyone")
     p.add_argument("--probe-steps", type=int, default=10, help="steps of the memory-probe generation")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--dynamic-shapes", action="store_true",
+                   help="ours without shape-specialised UNet sessions (Pipeline(static_shapes=False))")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "bench", help="tiny pipeline and exports")
     p.add_argument("--plot", action="store_true", help="also write OUT.png")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny64, batch 1, 3 steps, 1 round")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny64, batch 1, 3 steps, 2 warm-up rounds, 1 round")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare")
     p.add_argument("--render", type=Path, help="only rewrite OUT.md (and with --plot OUT.png) from this OUT.json")
     p.add_argument("--probe", help=argparse.SUPPRESS)
@@ -558,11 +573,14 @@ def main(argv: list[str] | None = None) -> int:
         record = json.loads(args.render.read_text())
         for key in ("steps", "threads", "warmup", "repeats", "target_s", "max_repeats", "probe_steps"):
             setattr(args, key, record[key])
+        args.dynamic_shapes = record.get("dynamic_shapes", True)
+        args.date = record.get("date", "an unrecorded date")
         specs = [ModelSpec(**{**m, "source": Path(m["source"]), "onnx": Path(m["onnx"])}) for m in record["models"]]
         write_report(args, specs, record["settings"], final=record["complete"])
         return 0
+    args.date = time.strftime("%Y-%m-%d")
     if args.quick:
-        args.models, args.batches, args.steps, args.warmup, args.repeats, args.probe_steps = ["tiny64"], [1], 3, 1, 1, 2
+        args.models, args.batches, args.steps, args.warmup, args.repeats, args.probe_steps = ["tiny64"], [1], 3, 2, 1, 2
         args.target_s = 0.0
 
     def log(msg: str) -> None:
@@ -581,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         if key not in loaded:
             contenders: dict[str, Any] = {"torch": TorchContender(spec.source, args.threads),
                                           "optimum": OptimumContender(spec.onnx, args.threads)}
-            contenders |= OursContender.load(spec.onnx, args.threads, policy_configs(spec))
+            contenders |= OursContender.load(spec.onnx, args.threads, policy_configs(spec), not args.dynamic_shapes)
             loaded = {key: contenders}  # drop the previous model's sessions
         contenders = loaded[key]
         for batch in args.batches:
@@ -619,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     for n in ("torch", "optimum")},
                        "rounds": rounds}
             if not args.no_memory:
-                setting["memory"] = measure_memory(spec, batch, spec.size, args.probe_steps, args.threads)
+                setting["memory"] = measure_memory(spec, batch, spec.size, args.probe_steps, args.threads,
+                                                   not args.dynamic_shapes)
             settings.append(setting)
             log(setting_table(setting))
             write_report(args, specs, settings, final=False)  # a killed run keeps the settings it finished

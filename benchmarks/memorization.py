@@ -28,7 +28,8 @@ from basinguard.demo import load_memorization, mentioned_labels  # noqa: E402
 from basinguard.evaluation import (  # noqa: E402
     COPY_THRESHOLD,
     AttributeClassifier,
-    PixelDescriptor,
+    EdgeDescriptor,
+    attribute_alignment,
     colour_alignment,
     frechet_distance,
     similarity_summary,
@@ -42,9 +43,29 @@ TRAIN_SEED, N_VARIED = 0, 20000  # as benchmarks/train_memorizing_model.py
 RANDOM_WORDS = ["lamp", "violin", "pebble", "tulip", "rocket", "spoon", "cloud", "anchor", "kettle", "zebra"]
 
 
-def training_descriptors(descriptor) -> np.ndarray:
+def training_images() -> np.ndarray:
     samples = data.varied_samples(N_VARIED, seed=TRAIN_SEED) + data.duplicated_samples(20)
-    return descriptor(np.stack([data.render(s) for s in samples]).astype(np.float32) / 255)
+    return np.stack([data.render(s) for s in samples]).astype(np.float32) / 255
+
+
+def descriptor_check(descriptor, train_desc: np.ndarray, train: np.ndarray, held_out: np.ndarray) -> dict:
+    """Does the descriptor separate copies from non-copies on this data? Non-copies: held-out images of the
+    varied generator (never trained on) against the whole training set. Copies: the duplicated training images,
+    blurred (σ 1 px, like the VAE's soft edges) and with pixel noise (σ 0.03), against the same set."""
+    from basinguard.evaluation import _gaussian_blur
+
+    rng = np.random.default_rng(0)
+    dup = train[-20:]
+    copies = np.clip(_gaussian_blur(dup, 1.0) + rng.normal(0, 0.03, dup.shape).astype(np.float32), 0, 1)
+    non, _ = top1_similarity(descriptor(held_out), train_desc)
+    cop, _ = top1_similarity(descriptor(copies), train_desc)
+    summary = {"non_copies": {q: float(np.percentile(non, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
+               | {"max": float(non.max())}, "copies": {"min": float(cop.min()), "p50": float(np.median(cop))},
+               "auc": roc_auc(cop, non), "non_copies_above_threshold": float((non > COPY_THRESHOLD).mean())}
+    print(f"descriptor check: held-out non-copies p50 {summary['non_copies']['p50']:.3f} p95 "
+          f"{summary['non_copies']['p95']:.3f} p99 {summary['non_copies']['p99']:.3f}; degraded copies min "
+          f"{summary['copies']['min']:.3f}; AUC {summary['auc']:.3f}", flush=True)
+    return summary
 
 
 def perturb(caption: str, kind: str, rng: np.random.Generator) -> str:
@@ -101,13 +122,15 @@ def main() -> None:
     dup_rows, _, others = load_memorization(pipe.folder.path)
     dup_captions = [r["caption"] for r in dup_rows]
     novel_captions = others[: len(dup_captions)]
-    descriptor = PixelDescriptor()
-    train_desc = training_descriptors(descriptor)
+    descriptor = EdgeDescriptor()
+    train = training_images()
+    train_desc = descriptor(train)
     classifier = AttributeClassifier(pipe.folder.path / "memorization/attributes.onnx", threads=args.threads)
     attributes = json.loads((pipe.folder.path / "memorization/attributes.json").read_text())
     label_names = attributes["labels"]
     held_out = np.stack([data.render(s) for s in data.varied_samples(2000, seed=99)]).astype(np.float32) / 255
     _, held_features = classifier(held_out)
+    check = descriptor_check(descriptor, train_desc, train, held_out)
     rng = np.random.default_rng(0)
 
     results = []
@@ -120,10 +143,12 @@ def main() -> None:
             pixels, traces, per_image = generate_set(pipe, prompts, args.seeds, replace(sampling, policy=policy))
             top1, _ = top1_similarity(descriptor(pixels), train_desc)
             mentioned = [mentioned_labels(c, label_names) for c in captions for _ in range(args.seeds)]
-            align = colour_alignment(pixels, mentioned, label_names, attributes["palette"])
-            _, feats = classifier(pixels)
+            probs, feats = classifier(pixels)
+            align = attribute_alignment(probs, mentioned)
+            colour = colour_alignment(pixels, mentioned, label_names, attributes["palette"])
             ts = [t["transition_step"] for t in traces]
             row[part] = {**similarity_summary(top1), "alignment": float(align.mean()),
+                         "colour_alignment": float(colour.mean()),
                          "frechet": frechet_distance(feats, held_features),
                          "mean_transition_step": float(np.mean([t for t in ts if t is not None])) if any(
                              t is not None for t in ts) else None,
@@ -160,7 +185,11 @@ def main() -> None:
 
     meta = {"model": str(args.model), "seeds": args.seeds, "duplicated_captions": len(dup_captions),
             "novel_captions": len(novel_captions), "sampling": {**defaults}, "copy_threshold": COPY_THRESHOLD,
-            "descriptor": "PixelDescriptor (2x2-pooled, mean-removed RGB, cosine)", "date": time.strftime("%Y-%m-%d")}
+            "descriptor": "EdgeDescriptor (blurred colour gradients, 2x2-pooled, cosine)", "date": time.strftime("%Y-%m-%d")}
+    classifier_eval = pipe.folder.path / "memorization/attributes.eval.json"
+    if classifier_eval.exists():
+        meta["classifier_held_out"] = json.loads(classifier_eval.read_text())
+    meta["descriptor_check"] = check
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": results, "detection": detection,
                                                        "gap_mean": {k: {p: v.mean(0).tolist() for p, v in c.items()}
                                                                     for k, c in gap_curves.items()}}, indent=1))
@@ -171,18 +200,43 @@ def main() -> None:
 
 
 def markdown(results: list[dict], detection: list[dict], meta: dict) -> str:
+    check = meta["descriptor_check"]
     lines = [f"Shipped model, {meta['seeds']} seeds × {meta['duplicated_captions']} duplicated and "
-             f"{meta['novel_captions']} novel captions per row; similarity = top-1 cosine to the training set "
-             f"(copy: > {meta['copy_threshold']}); alignment = fraction of named shapes whose colour is present (colour_alignment); FD = Fréchet distance "
-             f"on classifier features vs held-out real images.", "",
-             "| row | dup sim95 | dup sim mean ± std | dup copies | dup align | dup FD | novel sim95 | novel align | novel FD | mean transition step (dup) | ms / image |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{meta['novel_captions']} novel captions per row ({meta['date']}). Similarity = top-1 cosine similarity to "
+             f"the whole training set (20,020 images) under the edge descriptor (copy: > {meta['copy_threshold']}); "
+             "alignment = fraction of the caption's named shapes the attribute classifier finds (colour align: the "
+             "model-free cross-check, named colours present); FD = Fréchet distance on the classifier's features vs "
+             "held-out real images.", "",
+             f"Descriptor check: held-out real images (non-copies) score p50 {check['non_copies']['p50']:.3f}, p95 "
+             f"{check['non_copies']['p95']:.3f}, p99 {check['non_copies']['p99']:.3f} against the training set; the "
+             f"duplicated images, blurred and noised (copies), score ≥ {check['copies']['min']:.3f}; AUC "
+             f"{check['auc']:.3f}; {100 * check['non_copies_above_threshold']:.1f} % of non-copies above the threshold.", ""]
+    if "classifier_held_out" in meta:
+        c = meta["classifier_held_out"]["through VAE"]
+        lines += [f"Attribute classifier on held-out images through the VAE: named-shape recall {c['named_shape_recall']:.3f}, "
+                  f"false positives on absent shapes {c['absent_shape_false_positive_rate']:.3f}.", ""]
+    lines += ["| row | dup sim95 | dup sim mean ± std | dup copies | dup align | dup colour align | dup FD | novel sim95 | "
+              "novel align | novel FD | mean transition step (dup) | ms / image |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         d, n = r["duplicated"], r["novel"]
         mts = "—" if d["mean_transition_step"] is None else f"{d['mean_transition_step']:.1f}"
         lines.append(f"| {r['row']} | {d['sim95']:.3f} | {d['sim_mean']:.3f} ± {d['sim_std']:.3f} | {d['copy_fraction']:.2f} | "
-                     f"{d['alignment']:.2f} | {d['frechet']:.1f} | {n['sim95']:.3f} | {n['alignment']:.2f} | {n['frechet']:.1f} | "
+                     f"{d['alignment']:.2f} | {d['colour_alignment']:.2f} | {d['frechet']:.1f} | {n['sim95']:.3f} | {n['alignment']:.2f} | {n['frechet']:.1f} | "
                      f"{mts} | {d['seconds_per_image'] * 1000:.1f} |")
+    cfg = next(r for r in results if r["row"] == "cfg")
+    lines += ["", "Goal (issue 3): a mitigation cuts the duplicated captions' sim95 by ≥ 40 % with alignment ≥ 90 % of cfg's, "
+              "and novel captions are not hurt (their alignment ≥ 90 % of cfg's).", "",
+              "| row | dup sim95 cut | dup align / cfg | novel align / cfg | novel FD / cfg | goal |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if r["prompt_change"] or r["row"] == "cfg":
+            continue
+        cut = 1 - r["duplicated"]["sim95"] / cfg["duplicated"]["sim95"]
+        da = r["duplicated"]["alignment"] / cfg["duplicated"]["alignment"]
+        na = r["novel"]["alignment"] / cfg["novel"]["alignment"]
+        nf = r["novel"]["frechet"] / cfg["novel"]["frechet"]
+        ok = cut >= 0.4 and da >= 0.9 and na >= 0.9
+        lines.append(f"| {r['row']} | {100 * cut:.0f} % | {da:.2f} | {na:.2f} | {nf:.2f} | {'met' if ok else 'missed'} |")
     lines += ["", "| detection score | AUC | TPR at 1 % FPR |", "|---|---|---|"]
     lines += [f"| d at first {x['steps']} step(s), mean of {x['seeds']} seed(s) | {x['auc']:.3f} | {x['tpr_at_1pct_fpr']:.2f} |"
               for x in detection]

@@ -11,12 +11,13 @@ __all__ = ["EngineError", "LoadedModel", "TensorSpec", "load_model", "PROVIDER_N
 PROVIDER_NAMES = ("cpu", "cuda", "tensorrt")
 
 
-def load_model(path: Path, provider: str = "cpu", threads: int | None = None) -> LoadedModel:
+def load_model(path: Path, provider: str = "cpu", threads: int | None = None, static_shapes: bool = False) -> LoadedModel:
     """Load `path` (an .onnx file) on `provider`; backends are imported only here, when needed.
 
     "tensorrt": the native TensorRT backend when tensorrt is installed and `basinguard build-engines` built a
     plan for this file, GPU and TensorRT version; else ONNX Runtime's TensorRT EP; else an error naming what
-    to install. The model's `provider` says which ran ("tensorrt" or "ort-tensorrt").
+    to install. The model's `provider` says which ran ("tensorrt" or "ort-tensorrt"). `static_shapes`: see
+    `OrtModel` (CPU only; TensorRT plans carry their own shape profiles).
     """
     if provider == "tensorrt":
         from basinguard.engine.tensorrt import load_tensorrt
@@ -24,4 +25,4 @@ def load_model(path: Path, provider: str = "cpu", threads: int | None = None) ->
         return load_tensorrt(Path(path), threads=threads)
     from basinguard.engine.ort import OrtModel
 
-    return OrtModel(Path(path), provider=provider, threads=threads)
+    return OrtModel(Path(path), provider=provider, threads=threads, static_shapes=static_shapes)

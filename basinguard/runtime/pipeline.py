@@ -118,15 +118,16 @@ class UNetStage:
 
 
 class Pipeline:
-    """An exported model folder loaded on one provider."""
+    """An exported model folder loaded on one provider. `static_shapes`: shape-specialised UNet sessions on CPU
+    (see `OrtModel`), for jobs that run many generations at the same sizes."""
 
-    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None, static_shapes: bool = False):
         self.folder = ModelFolder.open(folder)
         self.provider = provider
         self.timer = StageTimer()
         self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer")
         self.text_encoder = load_model(self.folder.path / "text_encoder/model.onnx", provider, threads)
-        self.unet = UNetStage(load_model(self.folder.path / "unet/model.onnx", provider, threads), self.timer)
+        self.unet = UNetStage(load_model(self.folder.path / "unet/model.onnx", provider, threads, static_shapes), self.timer)
         self.vae_decoder = load_model(self.folder.path / "vae_decoder/model.onnx", provider, threads)
         outs = self.text_encoder.outputs
         self._text_output = "last_hidden_state" if "last_hidden_state" in outs else next(iter(outs))
