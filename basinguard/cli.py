@@ -200,7 +200,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
         from basinguard.ray_batch import run_batch_ray
 
         summary = run_batch_ray(job, model, provider=args.provider, threads=args.threads, address=args.ray,
-                                workers=args.ray_workers)
+                                workers=args.ray_workers, static_shapes=args.static_shapes)
     else:
         summary = run_batch(job, lambda: Pipeline(model, provider=args.provider, threads=args.threads,
                                                   static_shapes=args.static_shapes))

@@ -62,10 +62,11 @@ def _import_ray():
 class BatchWorker:
     """One worker slot: a Pipeline and its manifest shard. Wrapped with `ray.remote` at run time."""
 
-    def __init__(self, model: str, provider: str, threads: int | None, out_dir: str, shard: int, identity: dict):
+    def __init__(self, model: str, provider: str, threads: int | None, out_dir: str, shard: int, identity: dict,
+                 static_shapes: bool = False):
         from basinguard.runtime.pipeline import Pipeline
 
-        self.pipeline = Pipeline(Path(model), provider=provider, threads=threads)
+        self.pipeline = Pipeline(Path(model), provider=provider, threads=threads, static_shapes=static_shapes)
         self.out_dir = Path(out_dir)
         self.identity = identity
         self.shard = shard
@@ -97,7 +98,7 @@ def _default_workers(ray, provider: str, cpus: int) -> int:
 
 
 def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: int | None = None,
-                  address: str | None = LOCAL, workers: int | None = None) -> BatchSummary:
+                  address: str | None = LOCAL, workers: int | None = None, static_shapes: bool = False) -> BatchSummary:
     """Run (or resume) `job` on Ray. An already initialised Ray (e.g. a test's `ray.init(...)`) is used as is."""
     ray = _import_ray()
     job.validate()
@@ -119,7 +120,7 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
         identity = model_identity(model)
         actor_class = ray.remote(BatchWorker).options(num_cpus=cpus, num_gpus=0 if provider == "cpu" else 1)
         actors = [actor_class.remote(str(Path(model).resolve()), provider, cpus, str(job.out_dir.resolve()), k,
-                                     identity) for k in range(len(shards))]
+                                     identity, static_shapes) for k in range(len(shards))]
         new: list[dict] = []
         start = time.perf_counter()
         try:

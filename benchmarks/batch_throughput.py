@@ -53,9 +53,10 @@ def main() -> int:
     ap.add_argument("--policy", default="cfg")
     ap.add_argument("--detect-threshold", type=float, default=None)
     ap.add_argument("--json", help="write the results here as well")
+    ap.add_argument("--static-shapes", action="store_true", help="shape-specialised UNet sessions (CPU)")
     args = ap.parse_args()
 
-    pipe = Pipeline(model_dir(args.model), provider=args.provider, threads=args.threads)
+    pipe = Pipeline(model_dir(args.model), provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = SamplingConfig(steps=args.steps, policy=PolicyConfig(args.policy, detect_threshold=args.detect_threshold))
     rows = []
     print(f"{'batch':>5} {'bare img/s':>11} {'job img/s':>10} {'job overhead ms/img':>20}")

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (each runs every policy once)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--static-shapes", action="store_true", help="shape-specialised UNet sessions (CPU)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "latency",
                    help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or SHIPPED_MODEL
     if not (model / "unet" / "model.onnx").exists():
         p.error(f"no exported model at {model}; pass --model DIR (an exported ONNX folder)")
-    pipe = Pipeline(model, provider="cpu", threads=args.threads)
+    pipe = Pipeline(model, provider="cpu", threads=args.threads, static_shapes=args.static_shapes)
     defaults = pipe.folder.sampling_defaults
     scheduler = args.scheduler or defaults.get("scheduler")
     scheduler_label = scheduler or scheduler_name_for_config(pipe.folder.scheduler_config)

@@ -50,15 +50,17 @@ def training_images() -> np.ndarray:
 
 def descriptor_check(descriptor, train_desc: np.ndarray, train: np.ndarray, held_out: np.ndarray) -> dict:
     """Does the descriptor separate copies from non-copies on this data? Non-copies: held-out images of the
-    varied generator (never trained on) against the whole training set. Copies: the duplicated training images,
-    blurred (σ 1 px, like the VAE's soft edges) and with pixel noise (σ 0.03), against the same set."""
+    varied generator (never trained on); copies: the duplicated training images. Both are degraded alike, as the
+    VAE degrades generations (Gaussian blur σ 1.5 px, pixel noise σ 0.03), and scored against the whole set."""
     from basinguard.evaluation import _gaussian_blur
 
     rng = np.random.default_rng(0)
-    dup = train[-20:]
-    copies = np.clip(_gaussian_blur(dup, 1.0) + rng.normal(0, 0.03, dup.shape).astype(np.float32), 0, 1)
-    non, _ = top1_similarity(descriptor(held_out), train_desc)
-    cop, _ = top1_similarity(descriptor(copies), train_desc)
+
+    def degrade(x: np.ndarray) -> np.ndarray:
+        return np.clip(_gaussian_blur(x, 1.5) + rng.normal(0, 0.03, x.shape).astype(np.float32), 0, 1)
+
+    non, _ = top1_similarity(descriptor(degrade(held_out)), train_desc)
+    cop, _ = top1_similarity(descriptor(degrade(train[-20:])), train_desc)
     summary = {"non_copies": {q: float(np.percentile(non, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
                | {"max": float(non.max())}, "copies": {"min": float(cop.min()), "p50": float(np.median(cop))},
                "auc": roc_auc(cop, non), "non_copies_above_threshold": float((non > COPY_THRESHOLD).mean())}
@@ -208,9 +210,10 @@ def markdown(results: list[dict], detection: list[dict], meta: dict) -> str:
              "model-free cross-check, named colours present); FD = Fréchet distance on the classifier's features vs "
              "held-out real images.", "",
              f"Descriptor check: held-out real images (non-copies) score p50 {check['non_copies']['p50']:.3f}, p95 "
-             f"{check['non_copies']['p95']:.3f}, p99 {check['non_copies']['p99']:.3f} against the training set; the "
-             f"duplicated images, blurred and noised (copies), score ≥ {check['copies']['min']:.3f}; AUC "
-             f"{check['auc']:.3f}; {100 * check['non_copies_above_threshold']:.1f} % of non-copies above the threshold.", ""]
+             f"{check['non_copies']['p95']:.3f}, p99 {check['non_copies']['p99']:.3f} against the training set, the "
+             f"duplicated images (copies) ≥ {check['copies']['min']:.3f}, both blurred (σ 1.5 px) and noised like VAE "
+             f"outputs; AUC {check['auc']:.3f}; "
+             f"{100 * check['non_copies_above_threshold']:.1f} % of non-copies above the threshold.", ""]
     if "classifier_held_out" in meta:
         c = meta["classifier_held_out"]["through VAE"]
         lines += [f"Attribute classifier on held-out images through the VAE: named-shape recall {c['named_shape_recall']:.3f}, "
@@ -225,8 +228,12 @@ def markdown(results: list[dict], detection: list[dict], meta: dict) -> str:
                      f"{d['alignment']:.2f} | {d['colour_alignment']:.2f} | {d['frechet']:.1f} | {n['sim95']:.3f} | {n['alignment']:.2f} | {n['frechet']:.1f} | "
                      f"{mts} | {d['seconds_per_image'] * 1000:.1f} |")
     cfg = next(r for r in results if r["row"] == "cfg")
+    floor = check["non_copies"]["p95"]
     lines += ["", "Goal (issue 3): a mitigation cuts the duplicated captions' sim95 by ≥ 40 % with alignment ≥ 90 % of cfg's, "
-              "and novel captions are not hurt (their alignment ≥ 90 % of cfg's).", "",
+              "and novel captions are not hurt (their alignment ≥ 90 % of cfg's). Floor: held-out real images, which copy "
+              f"nothing, have sim95 {floor:.3f} under this descriptor, so no generator that stops copying can go below "
+              f"about that: the largest cut this data allows from cfg's {cfg['duplicated']['sim95']:.3f} is "
+              f"{100 * (1 - floor / cfg['duplicated']['sim95']):.0f} %.", "",
               "| row | dup sim95 cut | dup align / cfg | novel align / cfg | novel FD / cfg | goal |", "|---|---|---|---|---|---|"]
     for r in results:
         if r["prompt_change"] or r["row"] == "cfg":
