@@ -8,7 +8,7 @@ import pytest
 
 from basinguard.cli import SHIPPED_MODEL
 from basinguard.demo import load_memorization
-from basinguard.evaluation import PixelDescriptor
+from basinguard.evaluation import EdgeDescriptor
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
 
@@ -29,7 +29,7 @@ def own_similarity(shipped, policy: PolicyConfig) -> np.ndarray:
     prompts = [r["caption"] for r in rows for _ in range(SEEDS)]
     gens = pipe.generate(prompts, SamplingConfig(steps=defaults["steps"], scheduler=defaults["scheduler"], policy=policy),
                          seeds=[s for _ in rows for s in range(SEEDS)])
-    descriptor = PixelDescriptor()
+    descriptor = EdgeDescriptor()
     got = descriptor(np.stack([g.pixels for g in gens]))
     own = descriptor(train_images)[np.repeat(np.arange(len(rows)), SEEDS)]
     return (got * own).sum(1)
@@ -42,8 +42,8 @@ def test_cfg_copies_and_mitigation_escapes(shipped):
     mitigated = own_similarity(shipped, PolicyConfig(defaults["mitigation"], guidance_scale=lam,
                                                      transition_t=defaults["transition_t"],
                                                      opposite_scale=defaults["opposite_scale"]))
-    # Measured on these 8 captions × 2 seeds (README): cfg 0.63 similarity to the caption's own training image,
-    # og-dtp (the model's default mitigation) 0.22. The test asks that cfg still copies and that the
-    # mitigation cuts it by ≥ 40 %.
-    assert cfg.mean() > 0.5, cfg
+    # Measured on these 8 captions × 2 seeds (README), edge descriptor: cfg 0.375 similarity to the caption's own
+    # training image (several seeds ≥ 0.75: copies), og-dtp (the model's default mitigation) 0.158, dtp 0.053,
+    # og-stp 0.017. The test asks that cfg still copies and that the mitigation cuts it by ≥ 40 %.
+    assert cfg.mean() > 0.3, cfg
     assert mitigated.mean() < 0.6 * cfg.mean(), (cfg.mean(), mitigated.mean())
