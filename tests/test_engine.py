@@ -24,7 +24,7 @@ def test_static_shapes_match_dynamic_session(tiny_onnx_dir: Path) -> None:
     rng = np.random.default_rng(0)
     for batch in (2, 4):
         feed = unet_inputs(dynamic, batch, rng)
-        for call in range(SPECIALISE_AFTER + 2):
+        for _ in range(SPECIALISE_AFTER + 2):
             want = dynamic.run(feed)["out_sample"]
             got = static.run(feed)["out_sample"]
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -186,7 +186,7 @@ class OrtModel:
         if calls < SPECIALISE_AFTER or len(self._by_shapes) >= MAX_SPECIALISED:
             return self.session
         dims: dict[str, int] = {}
-        for (name, value) in feed.items():
+        for name, value in feed.items():
             for axis, size in zip(self.session_inputs[name].shape, value.shape):
                 if isinstance(axis, str) and dims.setdefault(axis, size) != size:
                     return self.session  # one axis name with two sizes: nothing to fix it to
