@@ -33,7 +33,7 @@ def _normalise(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of (N, H, W, C) images, edges replicated."""
     radius = max(1, int(3 * sigma + 0.5))
     k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).astype(np.float32)
@@ -58,7 +58,7 @@ class EdgeDescriptor:
         self.sigma, self.pool = sigma, pool
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = _gaussian_blur(np.asarray(images, np.float32), self.sigma)
+        x = gaussian_blur(np.asarray(images, np.float32), self.sigma)
         grad = np.concatenate([(x[:, :, 1:] - x[:, :, :-1])[:, :-1], (x[:, 1:] - x[:, :-1])[:, :, :-1]], axis=-1)
         n, h, w, c = grad.shape
         p = self.pool

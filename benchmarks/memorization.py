@@ -52,12 +52,12 @@ def descriptor_check(descriptor, train_desc: np.ndarray, train: np.ndarray, held
     """Does the descriptor separate copies from non-copies on this data? Non-copies: held-out images of the
     varied generator (never trained on); copies: the duplicated training images. Both are degraded alike, as the
     VAE degrades generations (Gaussian blur σ 1.5 px, pixel noise σ 0.03), and scored against the whole set."""
-    from basinguard.evaluation import _gaussian_blur
+    from basinguard.evaluation import gaussian_blur
 
     rng = np.random.default_rng(0)
 
     def degrade(x: np.ndarray) -> np.ndarray:
-        return np.clip(_gaussian_blur(x, 1.5) + rng.normal(0, 0.03, x.shape).astype(np.float32), 0, 1)
+        return np.clip(gaussian_blur(x, 1.5) + rng.normal(0, 0.03, x.shape).astype(np.float32), 0, 1)
 
     non, _ = top1_similarity(descriptor(degrade(held_out)), train_desc)
     cop, _ = top1_similarity(descriptor(degrade(train[-20:])), train_desc)

@@ -22,6 +22,11 @@ class TensorSpec:
     def rank(self) -> int:
         return len(self.shape)
 
+    @property
+    def takes_one(self) -> bool:
+        """A scalar or (1,) input (some exporters' timestep), fed one value for the whole batch."""
+        return self.rank == 0 or (self.rank == 1 and self.shape[0] == 1)
+
 
 class LoadedModel(Protocol):
     """A loaded model of any backend (ONNX Runtime, TensorRT)."""
@@ -46,8 +51,7 @@ def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
     a model that takes one value gets it when all samples share it (they always do here).
     """
     value = np.asarray(value)
-    takes_one = spec.rank == 0 or (spec.rank == 1 and spec.shape[0] == 1)
-    if takes_one:
+    if spec.takes_one:
         if value.size > 1 and not np.all(value == value.flat[0]):
             raise EngineError(f"input {spec.name!r} takes a single value but got differing values {value.tolist()}")
         value = value.reshape(-1)[:1].reshape(() if spec.rank == 0 else (1,))

@@ -170,8 +170,7 @@ class OrtModel:
         self._output_names = list(self.outputs)
         self._io_binding = self.provider != "cpu"
         # Inputs that `conform` must fit (a scalar or (1,) timestep); the rest pass through when dtypes match.
-        self._fitted = {name for name, spec in self.inputs.items()
-                        if spec.rank == 0 or (spec.rank == 1 and spec.shape[0] == 1)}
+        self._fitted = {name for name, spec in self.inputs.items() if spec.takes_one}
         self.static_shapes = static_shapes and self.provider == "cpu"
         self.sessions = [self.session]  # every session this model has opened (benchmarks time them all)
         self._by_shapes: dict[tuple, ort.InferenceSession] = {}

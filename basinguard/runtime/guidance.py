@@ -84,16 +84,14 @@ class GuidancePolicy:
         self.guidance_scale = guidance_scale
         self.pre_scale = pre_scale
         self.transition_step = np.zeros(n, np.int64)  # cfg: λ from the first step
-        self._constant: np.ndarray | None = None
+        self._full_scale = _constant(n, guidance_scale)  # λ for every sample
 
     def needs_cond(self, step: int, t: float) -> bool:
         """Whether this step needs ε(x_t, e_p); False lets the loop run the UNet at batch N."""
         return True
 
     def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
-        if self._constant is None:
-            self._constant = _constant(self.n, self.guidance_scale)
-        return self._constant
+        return self._full_scale
 
 
 class StaticTransition(GuidancePolicy):
@@ -104,7 +102,6 @@ class StaticTransition(GuidancePolicy):
         self.transition_t = transition_t
         self.transition_step = np.full(n, NO_TRANSITION, np.int64)
         self._pre = _constant(n, pre_scale)
-        self._post = _constant(n, guidance_scale)
 
     def needs_cond(self, step: int, t: float) -> bool:
         # With s_pre = 0 the guided ε is ε_∅ alone before τ; d is then not measured.
@@ -115,7 +112,7 @@ class StaticTransition(GuidancePolicy):
             return self._pre
         if self.transition_step[0] == NO_TRANSITION:
             self.transition_step[:] = step
-        return self._post
+        return self._full_scale
 
 
 class DynamicTransition(GuidancePolicy):
@@ -129,12 +126,11 @@ class DynamicTransition(GuidancePolicy):
         self._steps = [NO_TRANSITION] * n
         self._d1 = [-np.inf] * n  # d[i-1]; -inf as Algorithm 1 starts, so no minimum in the first two steps
         self._d2 = [-np.inf] * n  # d[i-2]
-        self._final: np.ndarray | None = None  # λ for all, once every sample has switched
 
     def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
         assert d is not None, "DTP measures d at every step"
-        if self._final is not None:  # every sample has switched: nothing left to watch
-            return self._final
+        if NO_TRANSITION not in self._steps:  # every sample has switched: nothing left to watch
+            return self._full_scale
         d_now = d.tolist()
         steps, d1, d2 = self._steps, self._d1, self._d2
         for k in range(self.n):
@@ -142,11 +138,7 @@ class DynamicTransition(GuidancePolicy):
                 steps[k] = step
         self._d2, self._d1 = d1, d_now
         self.transition_step[:] = steps
-        out = np.array([self.pre_scale if s == NO_TRANSITION else self.guidance_scale for s in steps])
-        if NO_TRANSITION not in steps:
-            out.flags.writeable = False
-            self._final = out
-        return out
+        return np.array([self.pre_scale if s == NO_TRANSITION else self.guidance_scale for s in steps])
 
 
 class DetectionGated(GuidancePolicy):
