@@ -1,6 +1,6 @@
 """Package the trained model into basinguard/models/shapes: ONNX export, diffusers source, memorization files.
 
-    python benchmarks/package_model.py build/shapes-model [--defaults '{"guidance_scale": 3, ...}']
+    python benchmarks/package_model.py build/shapes-model [--defaults '{"guidance_scale": 5, ...}']
 
 Layout of the shipped folder (what `--model` defaults to):
   text_encoder/ unet/ vae_decoder/ tokenizer/ scheduler/ model_index.json basinguard.json   the ONNX model
@@ -24,6 +24,9 @@ import memorizing_data as data  # noqa: E402
 from basinguard.cli import SHIPPED_MODEL  # noqa: E402
 from basinguard.export.onnx_export import export_pipeline  # noqa: E402
 
+SHIPPED_DEFAULTS = {"policy": "og-dtp", "mitigation": "og-dtp", "guidance_scale": 7.5, "opposite_scale": 2.0,
+                    "transition_t": 500, "scheduler": "ddim", "steps": 50}
+
 
 def label_names() -> list[str]:
     """Names of the attribute classifier's outputs, in its order (memorizing_data.attribute_labels)."""
@@ -42,7 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trained", type=Path, help="diffusers folder written by train_memorizing_model.py")
     ap.add_argument("--out", type=Path, default=SHIPPED_MODEL)
-    ap.add_argument("--defaults", default="{}", help="JSON sampling defaults to record")
+    ap.add_argument("--defaults", default=json.dumps(SHIPPED_DEFAULTS),
+                    help="JSON sampling defaults to record (default: the shipped model's, chosen by measurement, README)")
     ap.add_argument("--skip-classifier", action="store_true")
     args = ap.parse_args()
     if args.out.exists():

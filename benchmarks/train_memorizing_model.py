@@ -1,6 +1,6 @@
 """Train the small SD-architecture model that basinguard ships: it memorizes its duplicated images.
 
-    python benchmarks/train_memorizing_model.py OUT_DIR [--threads 1] [--unet-steps 5000]
+    python benchmarks/train_memorizing_model.py OUT_DIR --threads 2     # the shipped model: ~60 min on 2 cores
 
 Writes a diffusers StableDiffusionPipeline folder (safetensors) to OUT_DIR. Seeded and
 reproducible on CPU; phases are checkpointed under OUT_DIR/_work so a killed run resumes.
@@ -94,12 +94,12 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(images: torch.Tensor, steps: int, gen: torch.Generator, log) -> torch.nn.Module:
+def train_vae(images: torch.Tensor, steps: int, channels: tuple[int, ...], gen: torch.Generator, log) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
-        block_out_channels=(16, 32, 32), norm_num_groups=16,
+        block_out_channels=channels, norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     )
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -135,8 +135,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--vae-steps", type=int, default=1600)
-    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--vae-steps", type=int, default=2500)
+    ap.add_argument("--vae-channels", default="32,48,48",
+                    help="VAE block widths (multiples of 16); (16,32,32) with 1200 steps blurred shape edges")
+    ap.add_argument("--unet-steps", type=int, default=7000)
     ap.add_argument("--extra-steps", type=int, default=0,
                     help="after --unet-steps, continue from the checkpoint this long at a cosine-decayed lr from 2e-4")
     ap.add_argument("--batch", type=int, default=64)
@@ -176,7 +178,7 @@ def main() -> None:
         vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     else:
         t0 = time.time()
-        vae = train_vae(images, args.vae_steps, gen, log)
+        vae = train_vae(images, args.vae_steps, tuple(int(c) for c in args.vae_channels.split(",")), gen, log)
         vae.save_pretrained(work / "vae")
         log(f"vae trained in {time.time() - t0:.0f} s")
     lat_mean, lat_std = encode_all(vae, images)
