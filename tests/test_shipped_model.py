@@ -42,8 +42,8 @@ def test_cfg_copies_and_mitigation_escapes(shipped):
     mitigated = own_similarity(shipped, PolicyConfig(defaults["mitigation"], guidance_scale=lam,
                                                      transition_t=defaults["transition_t"],
                                                      opposite_scale=defaults["opposite_scale"]))
-    # Measured on these 8 captions × 2 seeds (README), edge descriptor: cfg 0.375 similarity to the caption's own
-    # training image (several seeds ≥ 0.75: copies), og-dtp (the model's default mitigation) 0.158, dtp 0.053,
-    # og-stp 0.017. The test asks that cfg still copies and that the mitigation cuts it by ≥ 40 %.
-    assert cfg.mean() > 0.3, cfg
-    assert mitigated.mean() < 0.6 * cfg.mean(), (cfg.mean(), mitigated.mean())
+    # Measured on these 8 captions × 2 seeds (README), edge descriptor: cfg 0.516 similarity to the caption's own
+    # training image (8 of 16 ≥ 0.74: copies), stp τ = 400 (the model's default mitigation) 0.135, og-stp 0.057,
+    # og-dtp −0.043, dtp 0.311. The test asks that cfg still copies and that the mitigation cuts it by ≥ 50 %.
+    assert cfg.mean() > 0.4, cfg
+    assert mitigated.mean() < 0.5 * cfg.mean(), (cfg.mean(), mitigated.mean())
