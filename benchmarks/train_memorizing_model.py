@@ -27,7 +27,6 @@ from basinguard.runtime.tokenizer import bytes_to_unicode  # noqa: E402
 N_VARIED = 20000
 N_DUPLICATED = 20
 DUPLICATED_FRACTION = 0.045  # each duplicated image ~0.2 % of samples: copied under CFG, rarely reached unconditionally
-CAPTION_DROPOUT = 0.1
 MAX_TOKENS = 32
 
 
@@ -141,6 +140,8 @@ def main() -> None:
     ap.add_argument("--unet-steps", type=int, default=7000)
     ap.add_argument("--extra-steps", type=int, default=0,
                     help="after --unet-steps, continue from the checkpoint this long at a cosine-decayed lr from 2e-4")
+    ap.add_argument("--caption-dropout", type=float, default=0.1,
+                    help="fraction of training captions replaced by the empty prompt (the unconditional branch), as SD")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -239,7 +240,7 @@ def main() -> None:
                           torch.randint(0, n_varied, (b,), generator=gen))
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
         batch_ids = ids[idx].clone()
-        drop = torch.rand(b, generator=gen) < CAPTION_DROPOUT
+        drop = torch.rand(b, generator=gen) < args.caption_dropout
         batch_ids[drop] = empty_ids
         t = torch.randint(0, 1000, (b,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
