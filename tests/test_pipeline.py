@@ -142,6 +142,8 @@ def test_optimum_export_generates_like_ours(tiny_sd_pipeline_dir, tiny_onnx_dir,
                           env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     theirs = Pipeline(out, threads=1)
+    # optimum's export writes attention as ours does: both run fused (basinguard.engine.fusion)
+    assert theirs.unet.model.fused_attention == ours.unet.model.fused_attention > 0
     for name in ("cfg", "og-dtp"):
         sampling = SamplingConfig(steps=10, scheduler="dpm++2m", height=SIZE, width=SIZE, policy=PolicyConfig(name))
         a = ours.generate(PROMPTS, sampling, seeds=[5, 6])
