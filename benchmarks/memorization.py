@@ -2,7 +2,7 @@
 
     python benchmarks/memorization.py [--model DIR] [--seeds 8] [--out benchmarks/results/memorization]
 
-Rows: cfg, stp over a τ grid, dtp, og-stp, og-dtp, and the prompt-level baselines of Somepalli et
+Rows: cfg, stp over a τ grid, dtp, og-stp over a τ grid, og-dtp, and the prompt-level baselines of Somepalli et
 al. (a random word / a random number inserted into the prompt, under cfg). Each row generates every
 duplicated caption and a matched set of novel captions over `--seeds` seeds. Writes results.json,
 results.md and figures (PNG). Similarity is top-1 over the whole training set (regenerated
@@ -78,15 +78,16 @@ def perturb(caption: str, kind: str, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
-def rows_to_run(defaults: dict, taus: list[int]) -> list[tuple[str, PolicyConfig, str | None]]:
+def rows_to_run(defaults: dict, taus: list[int], og_taus: list[int]) -> list[tuple[str, PolicyConfig, str | None]]:
     lam = defaults.get("guidance_scale", 7.5)
     og = defaults.get("opposite_scale", 1.0)
-    tau = defaults.get("transition_t", 500)
     rows = [("cfg", PolicyConfig("cfg", guidance_scale=lam), None)]
     rows += [(f"stp τ={t}", PolicyConfig("stp", guidance_scale=lam, transition_t=t), None) for t in taus]
-    rows += [("dtp", PolicyConfig("dtp", guidance_scale=lam), None),
-             (f"og-stp τ={tau}", PolicyConfig("og-stp", guidance_scale=lam, transition_t=tau, opposite_scale=og), None),
-             ("og-dtp", PolicyConfig("og-dtp", guidance_scale=lam, opposite_scale=og), None),
+    rows.append(("dtp", PolicyConfig("dtp", guidance_scale=lam), None))
+    # opposite guidance leaves the basin sooner (the paper's claim), so its grid starts CFG earlier than stp's
+    rows += [(f"og-stp τ={t}", PolicyConfig("og-stp", guidance_scale=lam, transition_t=t, opposite_scale=og), None)
+             for t in og_taus]
+    rows += [("og-dtp", PolicyConfig("og-dtp", guidance_scale=lam, opposite_scale=og), None),
              ("random word (cfg)", PolicyConfig("cfg", guidance_scale=lam), "word"),
              ("random number (cfg)", PolicyConfig("cfg", guidance_scale=lam), "number")]
     return rows
@@ -110,7 +111,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--taus", default="800,700,600,500,400,300")
+    ap.add_argument("--taus", default="800,700,600,500,400,300", help="stp's τ grid")
+    ap.add_argument("--og-taus", default="700,600,500", help="og-stp's τ grid (λ_og: the model's opposite_scale)")
     ap.add_argument("--guidance-scale", type=float, default=None, help="override the model's λ")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/memorization"))
     ap.add_argument("--no-figures", action="store_true")
@@ -138,7 +140,8 @@ def main() -> None:
     results = []
     examples: dict[str, np.ndarray] = {}
     gap_curves: dict[str, dict[str, np.ndarray]] = {}
-    for label, policy, prompt_kind in rows_to_run(defaults, [int(t) for t in args.taus.split(",")]):
+    for label, policy, prompt_kind in rows_to_run(defaults, [int(t) for t in args.taus.split(",")],
+                                                    [int(t) for t in args.og_taus.split(",")]):
         row = {"row": label, "policy": policy.parameters(), "prompt_change": prompt_kind}
         for part, captions in (("duplicated", dup_captions), ("novel", novel_captions)):
             prompts = [perturb(c, prompt_kind, rng) for c in captions] if prompt_kind else captions

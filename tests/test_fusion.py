@@ -146,3 +146,15 @@ def test_external_data_model_is_fused_beside_it(tiny_onnx_dir: Path, tmp_path: P
     assert fused_model(folder / "model.onnx") == (str(folder / "model.onnx"), 0)
     assert OrtModel(folder / "model.onnx", threads=1).run(feed)["out_sample"].shape == (2, 4, 8, 8)
     assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx_data"]
+
+
+def test_vae_attention_is_fused_and_text_encoder_left_alone(tiny_onnx_dir: Path) -> None:
+    """The VAE's mid-block attention (one head) is fused; CLIP's causal-masked attention is not touched."""
+    vae_path = tiny_onnx_dir / "vae_decoder" / "model.onnx"
+    plain = OrtModel(vae_path, threads=1, fuse_attention=False)
+    fast = OrtModel(vae_path, threads=1)
+    assert fast.fused_attention == sum(n.op_type == "Softmax" for n in onnx.load(str(vae_path)).graph.node) > 0
+    z = np.random.default_rng(4).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(fast.run({"latent_sample": z})["sample"], plain.run({"latent_sample": z})["sample"],
+                               rtol=1e-5, atol=1e-5)
+    assert OrtModel(tiny_onnx_dir / "text_encoder" / "model.onnx", threads=1).fused_attention == 0
