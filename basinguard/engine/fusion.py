@@ -166,14 +166,12 @@ def _match(g: _Graph, softmax):
 
     factors = [f for f in (q_factor, k_factor, post) if f is not None]
     dynamic = [f for f in factors if isinstance(f, str)]
-    scale: float | None = math.prod(f for f in factors if isinstance(f, float))
+    scale: float | None = math.prod(f for f in factors if isinstance(f, float))  # 1.0 when unscaled
     if dynamic:
         # √(1/√d) on q and on k, from one computation: together the default scale 1/√d, MHA's own default.
         if len(dynamic) != 2 or dynamic[0] != dynamic[1] or q_factor != k_factor or scale != 1.0:
             return None
         scale = None
-    elif not factors:
-        scale = 1.0
     attrs = {"num_heads": q[1]} | ({} if scale is None else {"scale": float(scale)})
     name = f"{softmax.name or softmax.output[0]}/fused_mha"
     return helper.make_node("MultiHeadAttention", [q[0], k[0], v[0]], [merge_r.output[0]], name=name,
@@ -214,9 +212,8 @@ def fuse_attention(model) -> int:
             fused.append(found)
     if not fused:
         return 0
-    position = {id(n): k for k, n in enumerate(graph.node)}
-    replaced = {id(old): new for new, old in fused}
-    nodes = [replaced.get(id(n), n) for n in sorted(graph.node, key=lambda n: position[id(n)])]
+    replaced = {id(old): new for new, old in fused}  # each fused node takes its output Reshape's place
+    nodes = [replaced.get(id(n), n) for n in graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
     _prune(graph)

@@ -160,13 +160,13 @@ class OrtModel:
         if provider != "cpu":
             _preload_gpu_libraries()
         try:
-            self._source: str | bytes = str(path)
+            source: str | bytes = str(path)
             self.fused_attention = 0
             if fuse_attention and provider == "cpu":
                 from basinguard.engine.fusion import fused_model
 
-                self._source, self.fused_attention = fused_model(path)
-            self.session = ort.InferenceSession(self._source, session_options(threads), providers=providers)
+                source, self.fused_attention = fused_model(path)
+            self.session = ort.InferenceSession(source, session_options(threads), providers=providers)
         except EngineError:
             raise
         except Exception as exc:  # ORT raises its own exception types for a corrupt or truncated file
@@ -183,6 +183,7 @@ class OrtModel:
         # Inputs that `conform` must fit (a scalar or (1,) timestep); the rest pass through when dtypes match.
         self._fitted = {name for name, spec in self.inputs.items() if spec.takes_one}
         self.static_shapes = static_shapes and self.provider == "cpu"
+        self._source = source if self.static_shapes else None  # a fused model's bytes: kept only to build more sessions
         self.sessions = [self.session]  # every session this model has opened (benchmarks time them all)
         self._by_shapes: dict[tuple, ort.InferenceSession] = {}
         self._calls: dict[tuple, int] = {}
