@@ -176,6 +176,7 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         (["--latents", str(tmp_path / "missing.npy")], "cannot read --latents"),
         (["--policy", "og-dtp", "--pre-scale", "1"], "--pre-scale does not apply"),
         (["--num-images", "0"], "--num-images must be >= 1"),
+        (["--seed", "-1"], "seed -1 not allowed: seeds must be integers >= 0"),
     ]
     for extra, message in cases:
         proc = run_cli(*base, *extra)

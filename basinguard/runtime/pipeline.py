@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,9 @@ class Pipeline:
 
     def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
         """x_T per image from its own seed, so an image does not depend on what it was batched with."""
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, Integral) or s < 0]
+        if bad:  # numpy's seeding would fail deep inside with "expected non-negative integer"
+            raise InputError(f"seed {bad[0]!r} not allowed: seeds must be integers >= 0")
         f = self.folder.vae_scale_factor
         shape = (self.folder.latent_channels, height // f, width // f)
         return np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
