@@ -70,11 +70,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from basinguard.cli import SHIPPED_MODEL  # noqa: E402
+from basinguard.demo import load_memorization  # noqa: E402
 from basinguard.runtime.guidance import PolicyConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_SOURCES = (SHIPPED_MODEL / "diffusers", ROOT / "build" / "shapes-model")  # its torch weights: first found
-SHIPPED_PROMPT = "the golden harbor poster, a red cross and a yellow circle"
 TINY_PROMPT = "a photo of an astronaut riding a horse on mars"
 OURS = ("cfg", "stp", "dtp", "og-dtp")
 CONTENDERS = ("torch", "optimum", *(f"ours-{p}" for p in OURS))
@@ -193,7 +193,7 @@ def model_specs(keys: list[str], work: Path, log: Callable[[str], None]) -> list
                 log(f"skipping the shipped model: needs {SHIPPED_MODEL} (ONNX) and its diffusers source in one of "
                     f"{', '.join(map(str, SHIPPED_SOURCES))}")
                 continue
-            source, prompt = found[0], SHIPPED_PROMPT
+            source, prompt = found[0], load_memorization(SHIPPED_MODEL)[0][0]["caption"]  # a duplicated caption
             onnx, kind = ensure_onnx(source, SHIPPED_MODEL, work / "shapes", log)
         elif key in ("tiny64", "tiny256"):
             source = work / "tiny-sd" / "diffusers"

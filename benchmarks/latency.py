@@ -35,11 +35,11 @@ import numpy as np
 import onnxruntime as ort
 
 from basinguard.cli import SHIPPED_MODEL
+from basinguard.demo import load_memorization
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import scheduler_name_for_config
 
-DEFAULT_PROMPT = "the golden harbor poster, a red cross and a yellow circle"
 POLICIES = ("cfg", "stp", "dtp", "og-dtp")
 STAGES = ("text_encoder", "unet", "scheduler+policy", "vae")
 
@@ -108,7 +108,7 @@ def table(rows: dict[str, dict], header: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="exported ONNX folder (default: the shipped model)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=None, help="default: the shipped model's first duplicated caption")
     p.add_argument("--batch", type=int, default=1, help="images per generate call (N)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                  for name, cfg in configs.items()}
     size = args.size or pipe.folder.default_size
     latents = pipe.initial_latents([args.seed + k for k in range(args.batch)], size, size)
+    if args.prompt is None:  # a memorized prompt where the model has one (the shipped model), else a plain one
+        has_memorization = (model / "memorization" / "duplicated.jsonl").exists()
+        args.prompt = load_memorization(model)[0][0]["caption"] if has_memorization else "a red circle"
     prompts = [args.prompt] * args.batch
 
     rounds: dict[str, list[dict]] = {name: [] for name in POLICIES}

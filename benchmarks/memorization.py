@@ -64,9 +64,6 @@ def descriptor_check(descriptor, train_desc: np.ndarray, train: np.ndarray, held
     summary = {"non_copies": {q: float(np.percentile(non, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
                | {"max": float(non.max())}, "copies": {"min": float(cop.min()), "p50": float(np.median(cop))},
                "auc": roc_auc(cop, non), "non_copies_above_threshold": float((non > COPY_THRESHOLD).mean())}
-    print(f"descriptor check: held-out non-copies p50 {summary['non_copies']['p50']:.3f} p95 "
-          f"{summary['non_copies']['p95']:.3f} p99 {summary['non_copies']['p99']:.3f}; degraded copies min "
-          f"{summary['copies']['min']:.3f}; AUC {summary['auc']:.3f}", flush=True)
     return summary
 
 
@@ -135,6 +132,9 @@ def main() -> None:
     held_out = np.stack([data.render(s) for s in data.varied_samples(2000, seed=99)]).astype(np.float32) / 255
     _, held_features = classifier(held_out)
     check = descriptor_check(descriptor, train_desc, train, held_out)
+    print(f"descriptor check: held-out non-copies p50 {check['non_copies']['p50']:.3f} p95 "
+          f"{check['non_copies']['p95']:.3f} p99 {check['non_copies']['p99']:.3f}; degraded copies min "
+          f"{check['copies']['min']:.3f}; AUC {check['auc']:.3f}", flush=True)
     rng = np.random.default_rng(0)
 
     results = []
