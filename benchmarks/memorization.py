@@ -183,7 +183,9 @@ def main() -> None:
     # Detection (Wen et al.): d at the first step(s), mean over seeds; duplicated vs novel captions.
     detection = []
     zero = gap_curves["zero CFG"]
-    for steps, seeds in ((1, 1), (1, 4), (5, 4), (1, args.seeds)):
+    # at most the seeds that were generated: a --seeds 2 run reports 1 and 2 seeds, not a mislabelled 4
+    combos = ((1, 1), (1, 4), (5, 4), (1, args.seeds))
+    for steps, seeds in dict.fromkeys((st, min(se, args.seeds)) for st, se in combos):
         def score(part: str, steps: int = steps, seeds: int = seeds) -> np.ndarray:
             g = zero[part].reshape(-1, args.seeds, zero[part].shape[1])[:, :seeds, :steps]
             return g.mean((1, 2))
