@@ -119,6 +119,22 @@ def test_masked_attention_is_left_alone(tmp_path: Path) -> None:
     assert np.abs(want - numpy_attention(q, k, v, 2, 0.5)).max() > 1e-2  # the mask matters
 
 
+def test_attention_whose_probabilities_are_read_elsewhere_is_left_alone(tmp_path: Path) -> None:
+    """A Shape node (or any other) reading the softmax output: that output is needed, so nothing is fused."""
+    model = attention_graph(0.3, masked=False, key_two_transposes=False)
+    model.graph.node.append(helper.make_node("Shape", ["probs"], ["probs_shape"]))
+    model.graph.output.append(helper.make_tensor_value_info("probs_shape", TensorProto.INT64, [4]))
+    path = tmp_path / "read_elsewhere.onnx"
+    onnx.save(model, str(path))
+    loaded = OrtModel(path, threads=1)
+    assert loaded.fused_attention == 0
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 4, 6), dtype=np.float32) for _ in range(3))
+    out = loaded.run({"q": q, "k": k, "v": v})
+    np.testing.assert_allclose(out["out"], numpy_attention(q, k, v, 2, 0.3), rtol=1e-5, atol=1e-6)
+    assert out["probs_shape"].tolist() == [1, 2, 4, 4]
+
+
 def test_external_data_model_is_fused_beside_it(tiny_onnx_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from basinguard.export import onnx_files

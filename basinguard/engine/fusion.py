@@ -56,6 +56,11 @@ class _Graph:
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op_type else None
 
+    def only_consumer(self, name: str):
+        """The one node reading `name`, or None when several (a Shape too) or none do."""
+        readers = self.consumers.get(name, [])
+        return readers[0] if len(readers) == 1 else None
+
     def sole_use(self, name: str) -> bool:
         """Read by one node only, besides Shape nodes (the exporter takes head_dim for the scale from q's shape)."""
         return sum(node.op_type != "Shape" for node in self.consumers.get(name, [])) == 1
@@ -140,16 +145,17 @@ def _match(g: _Graph, softmax):
     from onnx import helper
 
     axis = _attr(softmax, "axis", -1)
-    if axis not in (-1, 3) or not g.sole_use(softmax.output[0]):
+    if axis not in (-1, 3):
         return None
-    (probs_mm,) = g.consumers[softmax.output[0]]
-    if probs_mm.op_type != "MatMul" or probs_mm.input[0] != softmax.output[0] or not g.sole_use(probs_mm.output[0]):
+    # the chain after the scores: each output read by the next node alone, else it is needed as it is
+    probs_mm = g.only_consumer(softmax.output[0])
+    if probs_mm is None or probs_mm.op_type != "MatMul" or probs_mm.input[0] != softmax.output[0]:
         return None
-    (merge_t,) = g.consumers[probs_mm.output[0]]
-    if merge_t.op_type != "Transpose" or list(_attr(merge_t, "perm", [])) != [0, 2, 1, 3] or not g.sole_use(merge_t.output[0]):
+    merge_t = g.only_consumer(probs_mm.output[0])
+    if merge_t is None or merge_t.op_type != "Transpose" or list(_attr(merge_t, "perm", [])) != [0, 2, 1, 3]:
         return None
-    (merge_r,) = g.consumers[merge_t.output[0]]
-    if merge_r.op_type != "Reshape":
+    merge_r = g.only_consumer(merge_t.output[0])
+    if merge_r is None or merge_r.op_type != "Reshape":
         return None
 
     logits, post = _unscale(g, softmax.input[0])  # a scale applied to the scores (older exports)
