@@ -120,6 +120,12 @@ def test_parity_config_variants(variant: str, name: str, spacing: str, n: int) -
     _assert_parity(name, {**SD15, **VARIANTS[variant], "timestep_spacing": spacing}, n)
 
 
+@pytest.mark.parametrize("n", (1, 10, 50))
+def test_parity_ddim_clip_with_v_prediction(n: int) -> None:
+    # The one DDIM path where the clipped x0 and a sample-dependent ε̂ (v-prediction) meet.
+    _assert_parity("ddim", {**SD15, "clip_sample": True, "prediction_type": "v_prediction"}, n)
+
+
 @pytest.mark.parametrize("n", STEPS)
 @pytest.mark.parametrize("name", NAMES)
 def test_parity_class_defaults(name: str, n: int) -> None:
