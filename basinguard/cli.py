@@ -30,6 +30,27 @@ def model_dir(arg: str | None) -> Path:
     return SHIPPED_MODEL
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --threads: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {text!r})")
+    return value
+
+
+def output_file(arg: str, flag: str, suffixes: tuple[str, ...] | None = None) -> Path:
+    """A file path the command will write: not an existing directory, with one of `suffixes` if given."""
+    path = Path(arg)
+    if path.is_dir():
+        raise BasinguardError(f"{flag} {arg} is a directory; give a file path")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise BasinguardError(f"{flag} {arg} must end in {' or '.join(suffixes)}")
+    return path
+
+
 def indexed(path: Path, k: int, n: int) -> Path:
     return path if n == 1 else path.with_name(f"{path.stem}-{k}{path.suffix}")
 
@@ -47,7 +68,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by generate, batch, detect and demo. None means: the model's own default."""
     p.add_argument("--model", help="exported ONNX model folder (default: the shipped model)")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads per model (default: ORT's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads per model (default: ORT's)")
     p.add_argument("--static-shapes", action="store_true",
                    help="cpu: shape-specialised UNet sessions, built after a shape's 3rd call (~0.5 s and one more "
                    "copy of the weights each); 10-20 %% faster UNet calls on small models, for long jobs")
@@ -74,8 +95,11 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> Sampling
         value = getattr(args, name, None)
         return d.get(name) if value is None else value
 
-    if pick("policy") and pick("policy").startswith("og-") and args.pre_scale is not None:
-        raise BasinguardError("--pre-scale does not apply to og-* policies; their pre-switch scale is -(--opposite-scale)")
+    name = pick("policy")
+    applied = (pick("mitigation") or "og-dtp") if name == "auto" else name  # the policy --pre-scale would feed
+    if args.pre_scale is not None and applied not in ("stp", "dtp"):
+        raise BasinguardError(f"--pre-scale applies to stp and dtp only, not {applied}"
+                              + (" (its pre-switch scale is -(--opposite-scale))" if applied.startswith("og-") else ""))
     policy = PolicyConfig(name=pick("policy"), guidance_scale=pick("guidance_scale"), transition_t=pick("transition_t"),
                           pre_scale=pick("pre_scale"), opposite_scale=pick("opposite_scale"),
                           detect_threshold=pick("detect_threshold"), mitigation=pick("mitigation") or "og-dtp")
@@ -88,6 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.num_images < 1:
         raise BasinguardError(f"--num-images must be >= 1 (got {args.num_images})")
+    out = output_file(args.out, "--out", (".png", ".npy"))
+    trace = output_file(args.trace, "--trace") if args.trace else None
     pipe = Pipeline(model_dir(args.model), provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
     n = args.num_images
@@ -97,17 +123,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
             latents = np.load(args.latents)
         except (OSError, ValueError) as exc:
             raise BasinguardError(f"cannot read --latents {args.latents}: {exc}") from None
-        if latents.ndim != 4:
-            raise BasinguardError(f"--latents must have shape (N, C, h, w); got {latents.shape}")
+        if latents.ndim != 4 or len(latents) == 0:
+            raise BasinguardError(f"--latents must have shape (N, C, h, w) with N >= 1; got {latents.shape}")
+        if not np.issubdtype(latents.dtype, np.floating) or not np.isfinite(latents).all():
+            raise BasinguardError(f"--latents must hold finite real numbers (got dtype {latents.dtype}"
+                                  f"{'' if not np.issubdtype(latents.dtype, np.floating) else ' with NaN or inf'})")
+        if args.num_images not in (1, len(latents)):
+            raise BasinguardError(f"--num-images {args.num_images} but --latents holds {len(latents)} images; "
+                                  "the latents decide the count")
         n = len(latents)
     seeds = [args.seed + k for k in range(n)]
     gens = pipe.generate([args.prompt] * n, sampling, seeds=None if latents is not None else seeds,
                          negative_prompts=[args.negative_prompt] * n, latents=latents)
-    out = Path(args.out)
     for k, g in enumerate(gens):
-        write_atomic(indexed(out, k, n), lambda p, g=g: save_image(g, p, raw=out.suffix == ".npy"))
-        if args.trace:
-            write_atomic(indexed(Path(args.trace), k, n), lambda p, g=g: p.write_text(json.dumps(g.trace, indent=1)))
+        write_atomic(indexed(out, k, n), lambda p, g=g: save_image(g, p, raw=out.suffix.lower() == ".npy"))
+        if trace is not None:
+            write_atomic(indexed(trace, k, n), lambda p, g=g: p.write_text(json.dumps(g.trace, indent=1)))
         ts = g.trace["transition_step"]
         print(f"{indexed(out, k, n)}  seed={g.trace['seed']}  transition_step={ts}")
     times = pipe.timer.summary()
@@ -184,14 +215,15 @@ def _calibrated_threshold(args: argparse.Namespace) -> dict | None:
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import BatchJob, run_batch
-    from basinguard.runtime.model_folder import ModelFolder
+    from basinguard.runtime.batch import BatchJob, SpecChecker, check_settings, run_batch
     from basinguard.runtime.pipeline import Pipeline
 
     model = model_dir(args.model)
     calib = _calibrated_threshold(args)
-    sampling = sampling_from_args(args, ModelFolder.open(model).sampling_defaults)
-    if calib is not None and (calib.get("steps"), calib.get("scheduler")) != (sampling.steps, sampling.scheduler):
+    checker = SpecChecker(model)
+    sampling = sampling_from_args(args, checker.folder.sampling_defaults)
+    resolved = check_settings(sampling, checker)  # a bad flag stops here, before OUT_DIR or any model
+    if calib is not None and (calib.get("steps"), calib.get("scheduler")) != (resolved.steps, resolved.scheduler):
         print(f"basinguard batch: warning: {args.detect_calibration} was calibrated with --steps {calib.get('steps')} "
               f"--scheduler {calib.get('scheduler')}; step 0's timestep, and so d, differ here", file=sys.stderr)
     job = BatchJob(Path(args.prompts), Path(args.out_dir), sampling, images_per_prompt=args.images_per_prompt,
@@ -208,7 +240,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import model_identity, read_prompts
+    from basinguard.runtime.batch import check_settings, model_identity, read_prompts
     from basinguard.runtime.detection import calibrate, detection_scores
     from basinguard.runtime.pipeline import Pipeline
 
@@ -219,10 +251,14 @@ def cmd_detect(args: argparse.Namespace) -> None:
         raise BasinguardError("give PROMPTS, or --calibrate --memorized FILE --normal FILE --out FILE.json")
     if args.seeds < 1 or args.detect_steps < 1:
         raise BasinguardError(f"--seeds and --detect-steps must be >= 1 (got {args.seeds} and {args.detect_steps})")
+    if not 0 <= args.fpr < 1:
+        raise BasinguardError(f"--fpr must be in [0, 1) (got {args.fpr})")
+    calibration_out = output_file(args.out, "--out", (".json",)) if args.calibrate else None
     _calibrated_threshold(args)
     model = model_dir(args.model)
     pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
+    resolved = check_settings(sampling, pipe)
     seeds = [args.seed + k for k in range(args.seeds)]
 
     def score_file(path: str) -> tuple[list[int], list[str], list[float]]:
@@ -234,9 +270,17 @@ def cmd_detect(args: argparse.Namespace) -> None:
         first = [t for t in parsed.tasks if t.index == 0]  # one score per line; num_images does not apply
         if not first:
             raise BasinguardError(f"{path} has no usable prompt")
-        prompts = [t.prompt for t in first]
-        scores = detection_scores(pipe, prompts, sampling, seeds, steps=args.detect_steps, batch_size=args.batch_size)
-        return [t.line for t in first], prompts, scores.tolist()
+        # Lines may set their own steps, scheduler or guidance scale (as in batch); every line is scored on the
+        # same seeds, so that scores compare across prompts.
+        scores = np.empty(len(first))
+        by_settings: dict = {}
+        for k, t in enumerate(first):
+            by_settings.setdefault(t.sampling, []).append(k)
+        for group_sampling, ks in by_settings.items():
+            scores[ks] = detection_scores(pipe, [first[k].prompt for k in ks], group_sampling, seeds,
+                                          steps=args.detect_steps, batch_size=args.batch_size,
+                                          negative_prompts=[first[k].negative_prompt for k in ks])
+        return [t.line for t in first], [t.prompt for t in first], scores.tolist()
 
     if not args.calibrate:
         lines, prompts, scores = score_file(args.prompts)
@@ -252,10 +296,10 @@ def cmd_detect(args: argparse.Namespace) -> None:
         result = calibrate(pos, neg, fpr=args.fpr)
     except ValueError as exc:
         raise BasinguardError(str(exc)) from None
-    result |= {"detect_steps": args.detect_steps, "seeds": args.seeds, "seed": args.seed, "steps": sampling.steps,
-               "scheduler": sampling.scheduler, "guidance_scale": sampling.policy.guidance_scale,
+    result |= {"detect_steps": args.detect_steps, "seeds": args.seeds, "seed": args.seed, "steps": resolved.steps,
+               "scheduler": resolved.scheduler, "guidance_scale": resolved.policy.guidance_scale,
                "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": model_identity(model)}
-    write_atomic(Path(args.out), lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+    write_atomic(calibration_out, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     print(f"AUC {result['auc']:.4f}  TPR {result['tpr']:.4f} at FPR {result['fpr']:.4f} (target {args.fpr})  "
           f"threshold {result['threshold']:.6g}  ({len(pos)} memorized, {len(neg)} normal prompts) -> {args.out}")
 
@@ -310,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="basinguard-demo", help="report folder")
     d.add_argument("--seeds", type=int, default=6)
     d.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
-    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--threads", type=positive_int, default=None)
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("batch", help="generate a prompt file's images into OUT_DIR with a manifest; resumable")
     add_sampling_flags(b)
@@ -332,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("detect", help="memorization scores per prompt, or --calibrate a threshold for --policy auto")
     add_sampling_flags(t)
-    t.add_argument("prompts", metavar="PROMPTS", nargs="?", help=".txt, .jsonl or .csv prompt file (as batch)")
+    t.add_argument("prompts", metavar="PROMPTS", nargs="?", help=".txt, .jsonl or .csv prompt file (as batch; a "
+                   "line's seed and num_images fields do not apply: every prompt is scored on the same seeds)")
     t.add_argument("--detect-steps", type=int, default=1, help="score = mean d over this many first steps "
                    "(auto gates on 1)")
     t.add_argument("--seeds", type=int, default=1, help="score = mean over seeds SEED..SEED+N-1 (auto scores one)")

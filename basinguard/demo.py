@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from basinguard.errors import BasinguardError
 from basinguard.evaluation import COPY_THRESHOLD, EdgeDescriptor, colour_alignment, top1_similarity
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
@@ -27,9 +28,15 @@ COLOURS = {"cfg": "#d62728", "stp": "#1f77b4", "dtp": "#2ca02c", "og-dtp": "#946
 def load_memorization(folder: Path) -> tuple[list[dict], np.ndarray, list[str]]:
     """The shipped model's duplicated captions with their training images, and novel captions."""
     mem = folder / "memorization"
-    rows = [json.loads(line) for line in (mem / "duplicated.jsonl").read_text().splitlines() if line.strip()]
-    images = np.stack([np.asarray(Image.open(mem / r["image"]).convert("RGB"), np.float32) / 255 for r in rows])
-    others = [c for c in (mem / "other_captions.txt").read_text().splitlines() if c.strip()]
+    try:
+        rows = [json.loads(line) for line in (mem / "duplicated.jsonl").read_text().splitlines() if line.strip()]
+        images = np.stack([np.asarray(Image.open(mem / r["image"]).convert("RGB"), np.float32) / 255 for r in rows])
+        others = [c for c in (mem / "other_captions.txt").read_text().splitlines() if c.strip()]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BasinguardError(f"{folder} has no usable memorization/ set (duplicated.jsonl with caption and image, "
+                              f"other_captions.txt), which the demo needs: {exc}") from None
+    if not rows or not others:
+        raise BasinguardError(f"{mem}: duplicated.jsonl and other_captions.txt need at least one entry each")
     return rows, images, others
 
 
@@ -73,6 +80,8 @@ def save_grid(images: list[np.ndarray], path: Path, scale: int = 3) -> None:
 
 def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", threads: int | None = None,
              log=print) -> Path:
+    if seeds < 1:
+        raise BasinguardError(f"--seeds must be >= 1 (got {seeds})")
     pipe = Pipeline(folder, provider=provider, threads=threads)
     defaults = pipe.folder.sampling_defaults
     rows, train_images, others = load_memorization(pipe.folder.path)

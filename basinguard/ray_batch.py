@@ -107,7 +107,8 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
     with output_lock(job.out_dir):
         done = prepare_output(job.out_dir)
         parsed = load_job(job, SpecChecker(model))
-        check_same_job(parsed.tasks, done, job.out_dir)
+        identity = model_identity(model)
+        check_same_job(parsed.tasks, done, job.out_dir, identity)
         pending = [t for t in parsed.tasks if t.id not in done]
         if not pending:
             return summarize(parsed, done, [], 0.0)
@@ -117,7 +118,6 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
         cpus = threads or 1
         count = workers or _default_workers(ray, provider, cpus)
         shards = [s for s in shard_by_line(pending, count) if s]
-        identity = model_identity(model)
         actor_class = ray.remote(BatchWorker).options(num_cpus=cpus, num_gpus=0 if provider == "cpu" else 1)
         actors = [actor_class.remote(str(Path(model).resolve()), provider, cpus, str(job.out_dir.resolve()), k,
                                      identity, static_shapes) for k in range(len(shards))]

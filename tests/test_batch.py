@@ -259,6 +259,70 @@ def test_csv_and_txt_errors_name_their_lines(tiny_onnx_dir, tmp_path):
     assert [e.line for e in parsed.errors] == [3, 4]
 
 
+def test_each_bad_line_is_reported_even_when_an_earlier_one_had_the_same_values(tiny_onnx_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join([
+        '{"prompt": "a red cat"}',
+        '{"prompt": "a blue dog", "steps": 0}',
+        '{"prompt": "a green horse", "steps": 0}',  # the same bad settings as line 2: must fail too
+        '{"prompt": "a castle", "scheduler": "nope"}',
+        '{"prompt": "a tree", "scheduler": "nope"}',
+        '{"prompt": "a dog", "policy": "og-stp", "pre_scale": 3}',  # og-* takes -opposite_scale, as the CLI says
+    ]) + "\n")
+    out = tmp_path / "out"
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip")) == 0
+    stdout = capsys.readouterr().out
+    assert "skipped lines: 5" in stdout
+    for n, what in ((2, "num_inference_steps"), (3, "num_inference_steps"), (4, "unknown scheduler"),
+                    (5, "unknown scheduler"), (6, "pre_scale does not apply to og-*")):
+        assert any(line.strip().startswith(f"line {n}:") and what in line for line in stdout.splitlines()), (n, what)
+    assert_complete(out, ["000001-000"])
+
+
+def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    out = tmp_path / "out"
+    for flags, message in ((["--guidance-scale", "-1"], "job settings: guidance scale must be >= 0"),
+                           (["--transition-t", "5000"], "job settings: transition t must be in [0, 1000]"),
+                           (["--policy", "auto"], "job settings: policy 'auto' needs a detection threshold")):
+        assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip", *flags)) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and "line 1" not in err, err
+        assert not out.exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert cli_main(batch_args(tiny_onnx_dir, empty, out)) == 2
+    assert "has no usable prompt lines" in capsys.readouterr().err
+    unclosed = tmp_path / "p.csv"  # an unclosed quote would otherwise swallow the rest of the file into one prompt
+    unclosed.write_text('prompt,seed\na red cat,1\n"a yellow star,4\na red star,5\n')
+    assert cli_main(batch_args(tiny_onnx_dir, unclosed, tmp_path / "out2", "--on-error", "skip")) == 2
+    assert "malformed CSV" in capsys.readouterr().err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, a_file)) == 2
+    assert f"cannot use OUT_DIR {a_file}" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_scheduler_or_model(tiny_onnx_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    out = tmp_path / "out"
+    args = batch_args(tiny_onnx_dir, prompts, out, "--steps", "3")
+    assert cli_main(args) == 0
+    assert cli_main(args) == 0 and "1/1 done (0 this run, 1 already done)" in capsys.readouterr().out
+    assert cli_main([*args, "--scheduler", "euler"]) == 2
+    assert "different scheduler" in capsys.readouterr().err
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_onnx_dir, other)  # a copy (times kept) is the same model; a re-exported UNet is not
+    assert cli_main(batch_args(other, prompts, out, "--steps", "3")) == 0
+    unet = other / "unet/model.onnx"
+    os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))
+    assert cli_main(batch_args(other, prompts, out, "--steps", "3")) == 2
+    assert "different model" in capsys.readouterr().err
+    assert_complete(out, ["000001-000"])
+
+
 def test_second_job_on_the_same_out_dir_is_refused(tiny_onnx_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -99,6 +99,23 @@ def test_scores_equal_d_of_full_generations_and_run_only_those_steps(pipe):
     np.testing.assert_allclose(three, want, rtol=1e-4)
 
 
+def test_score_uses_each_line_negative_prompt_as_auto_does(pipe, tmp_path, capsys):
+    sampling = SamplingConfig(steps=4, policy=PolicyConfig("cfg", guidance_scale=5.0))
+    negative = PROMPTS[4]
+    auto = SamplingConfig(steps=4, policy=PolicyConfig("auto", guidance_scale=5.0, detect_threshold=0.0))
+    gated = pipe.generate([PROMPTS[0]], auto, seeds=[0], negative_prompts=[negative])[0].trace["detection_score"]
+    score = detection_scores(pipe, [PROMPTS[0]], sampling, [0], negative_prompts=[negative])
+    plain = detection_scores(pipe, [PROMPTS[0]], sampling, [0])
+    np.testing.assert_allclose(score, [gated], rtol=1e-5)
+    assert abs(plain[0] - gated) > 1e-3 * gated  # the negative prompt does change d
+    lines = tmp_path / "p.jsonl"
+    lines.write_text(json.dumps({"prompt": PROMPTS[0], "negative_prompt": negative}) + "\n"
+                     + json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    assert cli_main(["detect", str(lines), "--model", str(pipe.folder.path), "--threads", "1", "--steps", "4"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()[1:]]
+    np.testing.assert_allclose([float(r[1]) for r in rows], [gated, plain[0]], rtol=1e-4)
+
+
 def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
     model = str(pipe.folder.path)
     common = ["--model", model, "--threads", "1", "--steps", "4"]

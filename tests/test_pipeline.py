@@ -166,6 +166,10 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
     subprocess.run(["cp", "-r", str(tiny_onnx_dir), str(partial)], check=True)
     subprocess.run(["rm", "-r", str(partial / "vae_decoder")], check=True)
     np.save(tmp_path / "bad_lat.npy", np.zeros((1, 4, 3, 3), np.float32))
+    size = SIZE // 2 ** (len(json.loads((tiny_onnx_dir / "vae_decoder/config.json").read_text())["block_out_channels"]) - 1)
+    np.save(tmp_path / "nan_lat.npy", np.full((1, 4, size, size), np.nan, np.float32))
+    np.save(tmp_path / "two_lat.npy", np.zeros((2, 4, size, size), np.float32))
+    (tmp_path / "a_dir").mkdir()
     cases = [
         (["--height", "18"], "height 18 not allowed: must be a multiple of"),
         (["--width", "0"], "width 0 not allowed"),
@@ -174,7 +178,14 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         (["--guidance-scale", "-2"], "guidance scale must be >= 0"),
         (["--latents", str(tmp_path / "bad_lat.npy")], "latents have shape (1, 4, 3, 3)"),
         (["--latents", str(tmp_path / "missing.npy")], "cannot read --latents"),
-        (["--policy", "og-dtp", "--pre-scale", "1"], "--pre-scale does not apply"),
+        (["--policy", "og-dtp", "--pre-scale", "1"], "--pre-scale applies to stp and dtp only, not og-dtp"),
+        (["--policy", "cfg", "--pre-scale", "1"], "--pre-scale applies to stp and dtp only, not cfg"),
+        (["--policy", "auto", "--detect-threshold", "1", "--mitigation", "og-stp", "--pre-scale", "1"], "not og-stp"),
+        (["--latents", str(tmp_path / "nan_lat.npy")], "--latents must hold finite real numbers"),
+        (["--latents", str(tmp_path / "two_lat.npy"), "--num-images", "3"], "--num-images 3 but --latents holds 2"),
+        (["--out", str(tmp_path / "a_dir")], "is a directory"),
+        (["--out", str(tmp_path / "o.jpg")], "must end in .png or .npy"),
+        (["--trace", str(tmp_path / "a_dir")], "--trace"),
         (["--num-images", "0"], "--num-images must be >= 1"),
         (["--seed", "-1"], "seed -1 not allowed: seeds must be integers >= 0"),
     ]
@@ -187,9 +198,13 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
                             (tmp_path / "nowhere", "model folder not found")):
         proc = run_cli("generate", "--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "o.png"))
         assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
-    for extra in (["--scheduler", "lms"], ["--policy", "nope"]):  # argparse: usage plus one error line, exit 2
+    assert not list(tmp_path.glob(".*.tmp")) and not list(Path.cwd().glob(".a_dir.tmp"))  # nothing half-written
+    proc = run_cli("demo", "--model", str(tiny_onnx_dir), "--threads", "1", "--out", str(tmp_path / "demo"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no usable memorization/" in proc.stderr
+    for extra, message in ((["--scheduler", "lms"], "invalid choice"), (["--policy", "nope"], "invalid choice"),
+                           (["--threads", "0"], "expected an integer >= 1")):  # argparse: usage + one line, exit 2
         proc = run_cli(*base, *extra)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "invalid choice" in proc.stderr
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
 
 
 def test_runtime_imports_no_torch():

@@ -242,6 +242,18 @@ def test_make_scheduler_by_name_overrides_class() -> None:
     assert type(make_scheduler(SD15, 10, "euler")).__name__ == "EulerDiscreteScheduler"
 
 
+def test_pndm_by_name_from_another_class_means_sd_plms() -> None:
+    # A DDIM config has no skip_prk_steps; "pndm" by name runs PLMS as SD's own PNDM config (skip_prk_steps=True).
+    ddim = {k: v for k, v in SD15.items() if k != "skip_prk_steps"} | {"_class_name": "DDIMScheduler"}
+    switched = make_scheduler(ddim, 10, "pndm")
+    own = make_scheduler({**ddim, "_class_name": "PNDMScheduler", "skip_prk_steps": True}, 10)
+    np.testing.assert_array_equal(switched.timesteps, own.timesteps)
+    x = np.ones((1, 4, 2, 2), np.float32)
+    np.testing.assert_array_equal(switched.step(x, 0, x), own.step(x, 0, x))
+    with pytest.raises(ValueError, match="skip_prk_steps=False"):  # a PNDM config asking for PRK is still refused
+        make_scheduler({**ddim, "_class_name": "PNDMScheduler", "skip_prk_steps": False}, 10, "pndm")
+
+
 def test_unknown_name_lists_allowed() -> None:
     with pytest.raises(ValueError, match=r"'lms'.*'ddim', 'dpm\+\+2m', 'euler', 'pndm'"):
         make_scheduler(SD15, 10, "lms")

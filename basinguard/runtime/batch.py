@@ -188,7 +188,7 @@ def _csv_records(path: Path, data: bytes) -> Iterator[tuple[int, dict[str, Any] 
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise BatchError(f"prompt file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not a prompt
     header: list[str] | None = None
     end = 0  # the line the previous record ended on; a record starts on the next one
     try:
@@ -262,9 +262,12 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
     policy_overrides = {attr: fields[name] for name, attr in POLICY_FIELDS.items() if fields.get(name) is not None}
     sampling_overrides = {name: fields[name] for name in SAMPLING_FIELDS if fields.get(name) is not None}
     sampling = replace(base, policy=replace(base.policy, **policy_overrides), **sampling_overrides)
+    if sampling.policy.name.startswith("og-") and "pre_scale" in policy_overrides:
+        raise ValueError("pre_scale does not apply to og-* policies; their pre-switch scale is -opposite_scale")
     if sampling not in resolved:  # most lines share settings: validate each distinct one once
-        resolved[sampling] = checker.resolve(sampling)
-        checker.make_scheduler(resolved[sampling])  # steps and scheduler name checked against the model
+        checked = checker.resolve(sampling)
+        checker.make_scheduler(checked)  # steps and scheduler name checked against the model
+        resolved[sampling] = checked  # only once both checks passed: a later line with the same values fails too
     sampling = resolved[sampling]
     return [ImageTask(image_id(number, k), number, k, prompt, negative,
                       seed + k if seed is not None else derive_seed(base_seed, number, k), sampling)
@@ -306,8 +309,11 @@ def pack(tasks: Sequence[ImageTask], batch_size: int) -> list[list[ImageTask]]:
 @contextmanager
 def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold OUT_DIR/.lock (flock) for the job; a second job gets a clear refusal, a dead one frees it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # OUT_DIR is a file, or not writable
+        raise BatchError(f"cannot use OUT_DIR {out_dir}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -391,8 +397,8 @@ class ManifestWriter:
 
 
 # What resuming and the summary need of a finished entry; the rest (traces) stays on disk.
-_KEPT = ("id", "line", "index", "prompt", "negative_prompt", "seed", "policy", "steps", "height", "width", "flagged",
-         "transition_step")
+_KEPT = ("id", "line", "index", "prompt", "negative_prompt", "seed", "policy", "scheduler", "steps", "height", "width",
+         "model", "flagged", "transition_step")
 
 
 def slim(entry: dict) -> dict:
@@ -435,16 +441,19 @@ def prepare_output(out_dir: Path) -> dict[str, dict]:
     return done
 
 
-def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: Path) -> None:
-    """Refuse to mix jobs: an image id already in the manifest must describe the same image."""
+def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: Path, model: dict) -> None:
+    """Refuse to mix jobs: an image id already in the manifest must describe the same image, made by the same
+    model (`model_identity`)."""
     for task in tasks:
         entry = done.get(task.id)
         if entry is None:
             continue
         want = {"prompt": task.prompt, "negative_prompt": task.negative_prompt, "seed": task.seed,
-                "policy": task.sampling.policy.parameters(), "steps": task.sampling.steps,
-                "height": task.sampling.height, "width": task.sampling.width}
+                "policy": task.sampling.policy.parameters(), "scheduler": task.sampling.scheduler,
+                "steps": task.sampling.steps, "height": task.sampling.height, "width": task.sampling.width}
         diff = [k for k, v in want.items() if entry.get(k) != v]
+        if (entry.get("model") or {}).get("id") != model["id"]:
+            diff.append("model (its files changed, or another --model)")
         if diff:
             raise BatchError(f"{out_dir / MANIFEST} already has image {task.id} (line {task.line}) with a different "
                              f"{', '.join(diff)} than this job; it holds another job's output: restart with the same "
@@ -514,8 +523,20 @@ class BatchSummary:
         return "\n".join(out)
 
 
+def check_settings(sampling: SamplingConfig, checker: Checker) -> SamplingConfig:
+    """The job's own settings (its flags), checked once before any line, since a bad flag is not every line's
+    fault; returns them resolved against the model."""
+    try:
+        resolved = checker.resolve(sampling)
+        checker.make_scheduler(resolved)
+    except BasinguardError as exc:
+        raise BatchError(f"job settings: {exc}") from None
+    return resolved
+
+
 def load_job(job: BatchJob, checker: Checker) -> PromptFile:
     """Read and check the prompt file; bad lines are reported on stderr and then skipped or stop the job."""
+    check_settings(job.sampling, checker)
     parsed = read_prompts(job.prompts, checker, job.sampling, job.images_per_prompt, job.seed)
     for err in parsed.errors:
         print(f"basinguard batch: {job.prompts}: {err}", file=sys.stderr)
@@ -523,6 +544,8 @@ def load_job(job: BatchJob, checker: Checker) -> PromptFile:
         more = f" (and {len(parsed.errors) - 1} more bad lines)" if len(parsed.errors) > 1 else ""
         raise BatchError(f"{job.prompts} {parsed.errors[0]}{more}; nothing generated (--on-error stop; "
                          "--on-error skip makes the good lines)")
+    if not parsed.tasks:
+        raise BatchError(f"{job.prompts} has no usable prompt lines ({parsed.lines} read, {len(parsed.errors)} bad)")
     return parsed
 
 
@@ -585,9 +608,9 @@ def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline]) -> Bat
         done = prepare_output(job.out_dir)
         pipe = pipeline if isinstance(pipeline, Pipeline) else pipeline()
         parsed = load_job(job, pipe)
-        check_same_job(parsed.tasks, done, job.out_dir)
-        pending = [t for t in parsed.tasks if t.id not in done]
         model = model_identity(pipe.folder.path)
+        check_same_job(parsed.tasks, done, job.out_dir, model)
+        pending = [t for t in parsed.tasks if t.id not in done]
         new: list[dict] = []
         start = time.perf_counter()
         with ManifestWriter(job.out_dir / MANIFEST) as manifest, progress_bar(len(pending), job.progress) as bar:

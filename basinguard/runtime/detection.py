@@ -38,10 +38,14 @@ class _FirstSteps:
 
 
 def detection_scores(pipeline: Pipeline, prompts: Sequence[str], sampling: SamplingConfig, seeds: Sequence[int],
-                     steps: int = 1, batch_size: int = 8) -> np.ndarray:
-    """Score per prompt: d over the first `steps` steps, mean over steps and seeds; float64 (len(prompts),)."""
+                     steps: int = 1, batch_size: int = 8, negative_prompts: Sequence[str] | None = None) -> np.ndarray:
+    """Score per prompt: d over the first `steps` steps, mean over steps and seeds; float64 (len(prompts),).
+    e_∅ is each prompt's negative prompt (default ""), as in `Pipeline.generate`, so the score is what `auto` sees."""
     if not prompts or not seeds:
         raise BasinguardError(f"need at least one prompt and one seed (got {len(prompts)} and {len(seeds)})")
+    negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
+    if len(negative_prompts) != len(prompts):
+        raise BasinguardError(f"need one negative prompt per prompt (got {len(negative_prompts)} for {len(prompts)})")
     if batch_size < 1:
         raise BasinguardError(f"batch size must be >= 1 (got {batch_size})")
     # Plain CFG: the trajectory the score is defined on; d needs both UNet halves at every measured step.
@@ -49,14 +53,14 @@ def detection_scores(pipeline: Pipeline, prompts: Sequence[str], sampling: Sampl
     available = len(pipeline.make_scheduler(sampling).timesteps)
     if not 1 <= steps <= available:
         raise BasinguardError(f"detection steps must be in [1, {available}] (the sampling's step count), got {steps}")
-    pairs = [(p, s) for p in prompts for s in seeds]
+    pairs = [(p, neg, s) for p, neg in zip(prompts, negative_prompts, strict=True) for s in seeds]
     d = np.empty((len(pairs), steps))
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         n = len(chunk)
         scheduler = pipeline.make_scheduler(sampling)
-        e = pipeline.encode_text([""] * n + [p for p, _ in chunk])  # [e_∅; e_p] as Pipeline.generate builds it
-        latents = pipeline.initial_latents([s for _, s in chunk], sampling.height, sampling.width)
+        e = pipeline.encode_text([neg for _, neg, _ in chunk] + [p for p, _, _ in chunk])  # [e_∅; e_p], as generate
+        latents = pipeline.initial_latents([s for _, _, s in chunk], sampling.height, sampling.width)
         x = latents * np.float32(scheduler.init_noise_sigma)
         policy = make_policy(sampling.policy, n, pipeline.folder.num_train_timesteps)
         _, gap, _ = denoise(pipeline.unet, _FirstSteps(scheduler, steps), policy, x, e[:n], e)  # type: ignore[arg-type]

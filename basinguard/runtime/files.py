@@ -24,13 +24,17 @@ def write_atomic(path: Path, write: Callable[[Path], None], *, fsync: bool = Fal
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    if fsync:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a directory in the way, an interrupt: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
     if fsync:
         fsync_dir(path.parent)

@@ -171,7 +171,11 @@ class Pipeline:
         width = self.folder.default_size if sampling.width is None else sampling.width
         self.folder.check_size(height, width)
         sampling.policy.validate(self.folder.num_train_timesteps)
-        return replace(sampling, height=height, width=width)
+        try:  # the model's own scheduler by name, so traces and resumed jobs compare like with like
+            scheduler = sampling.scheduler or scheduler_name_for_config(self.folder.scheduler_config)
+        except ValueError as exc:
+            raise InputError(f"{exc}; choose one with --scheduler") from None
+        return replace(sampling, height=height, width=width, scheduler=scheduler)
 
     def make_scheduler(self, sampling: SamplingConfig) -> Scheduler:
         try:
@@ -217,7 +221,7 @@ class Pipeline:
             "negative_prompt": negative_prompts[k],
             "seed": None if seeds is None else int(seeds[k]),
             "policy": sampling.policy.parameters(),
-            "scheduler": sampling.scheduler or scheduler_name_for_config(self.folder.scheduler_config),
+            "scheduler": sampling.scheduler,
             "steps": sampling.steps,
             "height": sampling.height,
             "width": sampling.width,

@@ -427,4 +427,8 @@ def make_scheduler(config: Mapping[str, Any], num_inference_steps: int, name: st
     key = scheduler_name_for_config(config) if name is None else name
     if key not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {key!r}; choose one of {sorted(SCHEDULERS)}")
+    if key == "pndm" and config.get("_class_name") != "PNDMScheduler":
+        # Another class's config has no skip_prk_steps, and PNDM's default (False) is the Runge-Kutta warm-up this
+        # runtime does not implement; SD's own PNDM configs set it True, so switching to "pndm" means that.
+        config = {"skip_prk_steps": True, **config}
     return SCHEDULERS[key](config, num_inference_steps)
