@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv for basinguard on a fresh machine (CPU).
-#   bash scripts/setup.sh          runtime only: numpy, onnxruntime, tokenizers, pillow (no torch)
+#   bash scripts/setup.sh          runtime only: numpy, onnxruntime, onnx, tokenizers, pillow, tqdm (no torch)
 #   bash scripts/setup.sh test     + export and test extras; torch pinned to the CPU build 2.13.0
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -27,7 +27,8 @@ Nothing lost, nothing twice
   manifest line appended in one write and fsynced. On start the job removes leftover temporary files, cuts a
   truncated last manifest line (a kill mid-append), merges Ray shards (`manifest.part-K.jsonl`) and skips
   every image id the manifest already has, so a restart with the same arguments makes each missing image
-  exactly once. Manifest entries are checked against the prompt file, so a different job's OUT_DIR is refused.
+  exactly once. Manifest entries are checked against the prompt file, the settings and the model
+  (`check_same_job`), so a different job's OUT_DIR is refused rather than mixed.
 """
 
 from __future__ import annotations
