@@ -22,7 +22,7 @@ from basinguard.runtime.errors import ModelFolderError
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning, bytes_to_unicode
 
 transformers = pytest.importorskip("transformers")
-from transformers import CLIPTokenizer, CLIPTokenizerFast  # noqa: E402
+from transformers import AddedToken, CLIPTokenizer, CLIPTokenizerFast  # noqa: E402
 from transformers.models.clip.tokenization_clip import bytes_to_unicode as hf_bytes_to_unicode  # noqa: E402
 
 LONG = ", ".join(f"detailed painting of a castle number {i}" for i in range(30))
@@ -254,6 +254,45 @@ def test_added_token_in_config(sd1: tuple[Path, CLIPTokenizer], tmp_path: Path) 
     prompts = ["a photo of <my-concept> on a beach"]
     assert tok.encode(prompts).tolist() == _reference(slow, prompts).tolist()
     assert 49408 in tok.encode(prompts)[0]
+
+
+ADDED_PROMPTS = [
+    "a photo of <Cat-Toy> on a beach",
+    "a photo of SKS dog, Sks and sks",  # only the exact case is the added token; the rest is lowercased text
+    "<Cat-Toy>",
+    "<Cat-Toy> at the start and at the end sks",
+    "(<Cat-Toy>:1.2), [sks]!<Cat-Toy>.",
+    "<Cat-Toy><Cat-Toy> sks sks sksdog dogsks",
+    "<Cat-Toy>-v2 is longer than <Cat-Toy>-v and <cat-toy>-v2 is not added",
+    "MyStyle mystyle MYSTYLE myStyle<|endoftext|>MyStyle",
+    "猫sks猫 e\u0301sks\u200bsks <|ENDOFTEXT|>sks",
+    "a  zz  b zz, zzz",  # zz strips the spaces around it
+    "qq aqq qqb a qq b (qq)",  # single_word: qq counts only between spaces
+    "ww a  ww b, aww  ww x\tww",  # lstrip + single_word: the tab makes ww rejoin the stripped "x"
+]
+
+
+@pytest.mark.parametrize("source", ["vocab_merges", "tokenizer_json"])
+def test_added_tokens_match_raw_text_like_slow(source: str, sd1: tuple[Path, CLIPTokenizer], tmp_path: Path) -> None:
+    """Textual-inversion words: the slow tokenizer finds added tokens in the raw prompt (case-sensitive, longest
+    first) and cleans, lowercases and BPE-encodes only the text between them."""
+    slow = _without_ftfy(lambda: CLIPTokenizer.from_pretrained(sd1[0]))
+    slow.add_tokens(["<Cat-Toy>", "sks", "<Cat-Toy>-v2", "MyStyle", AddedToken("zz", lstrip=True, rstrip=True),
+                     AddedToken("qq", single_word=True), AddedToken("ww", lstrip=True, single_word=True)])
+    folder = tmp_path / "added"
+    slow.save_pretrained(folder)
+    if source == "tokenizer_json":  # a fast tokenizer's folder, whose tokenizer.json lists the added tokens too
+        CLIPTokenizerFast.from_pretrained(folder, from_slow=True).save_pretrained(tmp_path / "added_fast")
+        folder = tmp_path / "added_fast"
+        assert "<Cat-Toy>" in (folder / "tokenizer.json").read_text()
+    tok = PromptTokenizer.from_folder(folder)
+    ours, ref = tok.encode(ADDED_PROMPTS), _reference(slow, ADDED_PROMPTS)
+    for prompt, a, b in zip(ADDED_PROMPTS, ours.tolist(), ref.tolist(), strict=True):
+        assert a == b, f"mismatch for {prompt!r}"
+    assert ours[0, 4] == slow.convert_tokens_to_ids("<Cat-Toy>") == 49408
+    assert ours[1].tolist().count(slow.convert_tokens_to_ids("sks")) == 1  # "SKS" and "Sks" are plain text
+    ids = tok.tokenize(ADDED_PROMPTS[0])
+    assert tok.decode(ids) == " ".join(slow.decode(ids).split()) == ADDED_PROMPTS[0]
 
 
 def test_plain_prompts_also_match_the_ftfy_variant(sd1: tuple[Path, CLIPTokenizer]) -> None:

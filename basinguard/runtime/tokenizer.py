@@ -14,9 +14,10 @@ cannot express the first two steps (CLIPTokenizerFast skips them and differs on 
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ CLIP_CONTEXT = 77  # CLIP's text context; used when the folder does not state a 
 _MAX_SANE_LENGTH = 4096  # transformers writes ~1e30 for "no limit"; anything above this is treated as unset
 _CLIP_MERGES_LIMIT = 49152 - 256 - 2  # the slow tokenizer reads at most this many merges (CLIP's BPE size)
 _CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""  # CLIP's word pattern
+_CLIP_LITERALS = ("<|startoftext|>", "<|endoftext|>")  # the slow BPE regex keeps these whole in cleaned text
 _DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
              "pad_token": "<|endoftext|>"}  # CLIPTokenizer's constructor defaults
 # Unicode blocks that BERT's BasicTokenizer (and so the slow CLIPTokenizer) treats as CJK ideographs.
@@ -184,17 +186,17 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
 
 
 def _bare(tok: Tokenizer) -> Tokenizer:
-    """Leave normalization, special tokens, padding and truncation to PromptTokenizer, the same for any source.
+    """Only the BPE model, pre-tokenizer and decoder: normalization, added and special tokens, padding and
+    truncation are left to PromptTokenizer, the same for any source.
 
     A CLIP tokenizer.json normalizes with NFC → whitespace → lowercase. `_clean_prompt` already did that in
     the slow tokenizer's order (NFC, then lowercase); a second NFC after lowercasing would reorder combining
     marks (e.g. "İ" + virama lowercases to i + U+0307 + U+094D, which NFC reorders) and change the ids.
+    A tokenizer.json's added tokens go too: they would match in cleaned text (see `_register_added`).
     """
-    tok.normalizer = None
-    tok.post_processor = None
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
+    bare = Tokenizer(tok.model)
+    bare.pre_tokenizer, bare.decoder = tok.pre_tokenizer, tok.decoder
+    return bare
 
 
 def _added_tokens(folder: Path) -> list[tuple[int, AddedToken]]:
@@ -214,19 +216,45 @@ def _added_tokens(folder: Path) -> list[tuple[int, AddedToken]]:
     return added
 
 
-def _register_added(tok: Tokenizer, folder: Path, specials: dict[str, str]) -> None:
-    """Make added and special tokens split out of prompt text, as the slow tokenizer's trie does."""
+def _register_added(tok: Tokenizer, folder: Path, specials: dict[str, str]) -> dict[str, tuple[int, AddedToken]]:
+    """Added and special tokens, content → (id, token), for `_split_added` to find in the raw prompt.
+
+    `tok` gets only CLIP's two literals, which the slow BPE regex also keeps whole in cleaned text; any other
+    token there would match after lowercasing too ("SKS" as the added "sks"), which the slow tokenizer never does.
+    """
+    added = {}
     for index, token in _added_tokens(folder):
-        if token.special:
-            tok.add_special_tokens([token])
-        else:
-            tok.add_tokens([token])
-        if tok.token_to_id(token.content) != index:
+        if tok.token_to_id(token.content) not in (None, index):
             raise ModelFolderError(f"{folder / 'tokenizer_config.json'}: added token {token.content!r} has id "
                                    f"{index} but the vocabulary gives it {tok.token_to_id(token.content)}")
+        added[token.content] = (index, token)  # a new word's id is the config's, as in the slow tokenizer
     # Only tokens the vocabulary has: a new id would be outside the text encoder's embedding table.
-    known = [t for t in dict.fromkeys(specials.values()) if tok.token_to_id(t) is not None]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in known])
+    for text in dict.fromkeys(specials.values()):
+        if text not in added and tok.token_to_id(text) is not None:
+            added[text] = (tok.token_to_id(text), AddedToken(text, special=True))
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in _CLIP_LITERALS
+                            if tok.token_to_id(t) is not None])
+    return added
+
+
+def _split_added(pattern: re.Pattern[str] | None, text: str, added: dict[str, tuple[int, AddedToken]]) -> list[str]:
+    """Raw text cut into added tokens and the text between, with the slow tokenizer's `tokenize` quirks:
+    lstrip/rstrip eat the neighbour's whitespace, a single_word token not between spaces rejoins its text."""
+    parts = [p for p in pattern.split(text) if p] if pattern else [text]
+    for i, part in enumerate(parts):
+        if part not in added:
+            continue
+        token = added[part][1]
+        left, right = parts[i - 1] if i > 0 else None, parts[i + 1] if i + 1 < len(parts) else None
+        if token.rstrip and right:
+            parts[i + 1] = right.lstrip()
+        if token.lstrip and left:
+            parts[i - 1] = left.rstrip()
+        if token.single_word and left and left[-1] != " ":  # tests the unstripped neighbour, as transformers does
+            parts[i - 1], parts[i] = parts[i - 1] + part, ""
+        elif token.single_word and right and right[0] != " ":
+            parts[i + 1], parts[i] = part + parts[i + 1], ""
+    return parts
 
 
 @dataclass
@@ -238,6 +266,13 @@ class PromptTokenizer:
     bos_id: int
     eos_id: int
     pad_id: int
+    added: dict[str, tuple[int, AddedToken]] = field(default_factory=dict)  # content → (id, token)
+    _pattern: re.Pattern[str] | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        # Longest first: of two tokens starting at one place the longer wins, as in the slow tokenizer's trie.
+        if self.added:
+            self._pattern = re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) + ")")
 
     @classmethod
     def from_folder(cls, folder: Path) -> PromptTokenizer:
@@ -252,24 +287,41 @@ class PromptTokenizer:
             tok = _clip_bpe(folder, specials["unk_token"])
         else:
             raise ModelFolderError(f"tokenizer folder {folder} has neither tokenizer.json nor vocab.json + merges.txt")
-        _register_added(_bare(tok), folder, specials)
+        tok = _bare(tok)
+        added = _register_added(tok, folder, specials)
         ids = {}
         for key in ("bos_token", "eos_token", "pad_token"):
             ids[key] = tok.token_to_id(specials[key])
             if ids[key] is None:
                 raise ModelFolderError(f"tokenizer folder {folder}: {key} {specials[key]!r} is not in the vocabulary")
-        return cls(tok, _max_length(folder), ids["bos_token"], ids["eos_token"], ids["pad_token"])
+        return cls(tok, _max_length(folder), ids["bos_token"], ids["eos_token"], ids["pad_token"], added)
 
     def tokenize(self, prompt: str) -> list[int]:
-        """Token ids of one prompt, without start/end tokens and untruncated."""
-        return self.tokenizer.encode(_clean_prompt(prompt), add_special_tokens=False).ids
+        """Token ids of one prompt, without start/end tokens and untruncated.
+
+        As in the slow tokenizer, added tokens are found in the raw prompt (case-sensitively) and only the text
+        between them is cleaned, lowercased and BPE-encoded; a prompt without any is one `encode` call.
+        """
+        ids: list[int] = []
+        for part in _split_added(self._pattern, prompt, self.added):
+            if part in self.added:
+                ids.append(self.added[part][0])
+            elif part:
+                ids += self.tokenizer.encode(_clean_prompt(part), add_special_tokens=False).ids
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids, words separated by single spaces (CLIP marks word ends with "</w>")."""
-        pieces = "".join(self.tokenizer.id_to_token(i) or "" for i in ids).replace("</w>", " ")
+        names = {i: content for content, (i, _) in self.added.items()}
         table = _unicode_to_bytes()
-        data = b"".join(bytes([table[c]]) if c in table else c.encode("utf-8") for c in pieces)
-        return " ".join(data.decode("utf-8", errors="replace").split())
+
+        def piece(i: int) -> bytes:
+            if i in names:  # an added token is a word of its own, stored as text, not as byte-level symbols
+                return f" {names[i]} ".encode()
+            text = (self.tokenizer.id_to_token(i) or "").replace("</w>", " ")
+            return b"".join(bytes([table[c]]) if c in table else c.encode("utf-8") for c in text)
+
+        return " ".join(b"".join(map(piece, ids)).decode("utf-8", errors="replace").split())
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         """int64 (N, max_length) ids; a prompt that does not fit is cut and a PromptTruncatedWarning names the rest."""
