@@ -323,6 +323,23 @@ def test_resume_refuses_another_scheduler_or_model(tiny_onnx_dir, tmp_path, caps
     assert_complete(out, ["000001-000"])
 
 
+def test_a_deleted_png_is_made_again_and_listed_once(tiny_onnx_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    out = tmp_path / "out"
+    args = batch_args(tiny_onnx_dir, prompts, out, "--steps", "3")
+    assert cli_main(args) == 0
+    before = pixels(out / "000002-000.png")
+    (out / "000002-000.png").unlink()
+    (out / ".notes.tmp").write_text("the user's own file")
+    assert cli_main(args) == 0
+    captured = capsys.readouterr()
+    assert "have no PNG any more" in captured.err and "2/2 done (1 this run, 1 already done)" in captured.out
+    (out / ".notes.tmp").unlink()  # still there: the job removes only its own temporary files
+    assert_complete(out, ["000001-000", "000002-000"])  # each id once in the manifest
+    assert np.abs(pixels(out / "000002-000.png") - before).max() <= 1  # the same image, made again
+
+
 def test_second_job_on_the_same_out_dir_is_refused(tiny_onnx_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from basinguard.cli import main as cli_main
+from basinguard.engine import EngineError
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
 
@@ -205,6 +206,14 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
                            (["--threads", "0"], "expected an integer >= 1")):  # argparse: usage + one line, exit 2
         proc = run_cli(*base, *extra)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+
+
+def test_non_finite_model_output_is_an_error_not_an_image(ours, monkeypatch):
+    vae = ours.vae_decoder
+    real_run = vae.run
+    monkeypatch.setattr(vae, "run", lambda feed: {k: v * np.nan for k, v in real_run(feed).items()})
+    with pytest.raises(EngineError, match="the VAE decoder produced NaN or infinite values"):
+        ours.generate(["x"], SamplingConfig(steps=2), seeds=[0])
 
 
 def test_runtime_imports_no_torch():

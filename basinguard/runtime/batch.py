@@ -432,13 +432,26 @@ def merge_parts(out_dir: Path) -> None:
 
 
 def prepare_output(out_dir: Path) -> dict[str, dict]:
-    """Under the lock: drop temporary files of a killed job, merge shards, return the finished entries by id."""
-    for tmp in out_dir.glob(".*.tmp"):
-        tmp.unlink()
+    """Under the lock: drop temporary files of a killed job, merge shards, forget entries whose PNG is gone (so the
+    image is made again), and return the finished entries by id."""
+    for tmp in [*out_dir.glob(".*.png.tmp"), out_dir / f".{MANIFEST}.tmp"]:  # write_atomic's names for our files
+        tmp.unlink(missing_ok=True)
     merge_parts(out_dir)
+    manifest = out_dir / MANIFEST
     done: dict[str, dict] = {}
-    for entry in iter_manifest(out_dir / MANIFEST):
-        done.setdefault(entry["id"], slim(entry))
+    lost: set[str] = set()
+    for entry in iter_manifest(manifest):
+        if (out_dir / entry.get("file", f"{entry['id']}.png")).is_file():
+            done.setdefault(entry["id"], slim(entry))
+        else:
+            lost.add(entry["id"])
+    lost -= done.keys()
+    if lost:  # rewrite without them, atomically: a kill now leaves the old manifest or the new one
+        kept = [line for line in manifest.read_bytes().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["id"] not in lost]
+        write_atomic(manifest, lambda p: p.write_bytes(b"".join(kept)), fsync=True)
+        print(f"basinguard batch: {len(lost)} image(s) in {manifest} have no PNG any more; they will be made again",
+              file=sys.stderr)
     return done
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from basinguard.engine import LoadedModel, load_model
+from basinguard.engine import EngineError, LoadedModel, load_model
 from basinguard.runtime.errors import InputError
 from basinguard.runtime.guidance import GuidancePolicy, PolicyConfig, make_policy
 from basinguard.runtime.model_folder import ModelFolder
@@ -103,6 +103,13 @@ def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np
             assert not scale[i].any(), "a policy that skips the conditional branch must use scale 0"
         x = scheduler.step(eps, i, x)
     return x, gap, scale
+
+
+def check_finite(values: np.ndarray, stage: str) -> np.ndarray:
+    if not np.isfinite(values).all():
+        raise EngineError(f"{stage} produced NaN or infinite values; no image is written (with fp16 models, "
+                          "export in fp32 or keep the VAE in fp32)")
+    return values
 
 
 class UNetStage:
@@ -208,7 +215,9 @@ class Pipeline:
         x = latents.astype(np.float32) * np.float32(scheduler.init_noise_sigma)
         with self.timer("loop"):
             x, gap, scale = denoise(self.unet, scheduler, policy, x, e[:n], e)
-        pixels = self.decode(x)
+        # A NaN/inf (e.g. fp16 overflow) would otherwise become a black or garbage PNG without a word.
+        check_finite(x, "the denoising loop (UNet outputs)")
+        pixels = check_finite(self.decode(x), "the VAE decoder")
         return [Generation(pixels[k], self._trace(k, prompts, negative_prompts, seeds, sampling, scheduler,
                                                    policy, gap, scale)) for k in range(n)]
 
