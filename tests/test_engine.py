@@ -1,13 +1,19 @@
 """The ONNX Runtime backend's shape-specialised sessions (`static_shapes`): same outputs as the dynamic
-session, built once per set of input shapes after SPECIALISE_AFTER calls, and bounded in number."""
+session, built once per set of input shapes after SPECIALISE_AFTER calls, and bounded in number. Its run-time
+errors, and the model folder's configs it is loaded from: one-line errors naming the file, never tracebacks."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from basinguard.engine.base import EngineError
 from basinguard.engine.ort import MAX_SPECIALISED, SPECIALISE_AFTER, OrtModel
+from basinguard.runtime.errors import ModelFolderError
+from basinguard.runtime.model_folder import ModelFolder
 
 
 def unet_inputs(model: OrtModel, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -43,3 +49,67 @@ def test_static_shapes_are_bounded(tiny_onnx_dir: Path) -> None:
         for _ in range(SPECIALISE_AFTER):
             model.run(feed)
     assert len(model.sessions) == 1 + MAX_SPECIALISED  # later shapes run on the dynamic session
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_run_time_errors_name_the_model_file_and_the_inputs(tiny_onnx_dir: Path, static_shapes: bool) -> None:
+    """A folder mixing a 48-wide text encoder with a 32-wide UNet: ORT's InvalidArgument becomes an EngineError."""
+    path = tiny_onnx_dir / "unet" / "model.onnx"
+    model = OrtModel(path, threads=1, static_shapes=static_shapes)
+    feed = unet_inputs(model, 1, np.random.default_rng(2))
+    feed["encoder_hidden_states"] = np.zeros((1, 77, 48), np.float32)
+    for _ in range(SPECIALISE_AFTER + 1):  # the shape-specialised session too
+        with pytest.raises(EngineError) as caught:
+            model.run(feed)
+        message = str(caught.value)
+        assert str(path) in message and "encoder_hidden_states (1, 77, 48) float32" in message
+        assert "invalid dimensions" in message.lower() and "\n" not in message
+
+
+# -------------------------------------------------------------------------------------------- model folder
+
+
+def model_folder(root: Path, unet_config: dict | None = None) -> Path:
+    """The files ModelFolder.open reads (placeholder models: it does not load them)."""
+    for part in ("text_encoder", "unet", "vae_decoder"):
+        (root / part).mkdir(parents=True)
+        (root / part / "model.onnx").write_bytes(b"")
+    (root / "tokenizer").mkdir()
+    (root / "scheduler").mkdir()
+    (root / "scheduler/scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
+    unet = {"sample_size": 8, "block_out_channels": [32, 64], "in_channels": 4} | (unet_config or {})
+    (root / "unet/config.json").write_text(json.dumps(unet))
+    (root / "vae_decoder/config.json").write_text(json.dumps({"block_out_channels": [32, 64]}))
+    return root
+
+
+def test_model_folder_reads_sample_size_as_an_integer_or_height_and_width(tmp_path: Path) -> None:
+    square = ModelFolder.open(model_folder(tmp_path / "square"))
+    assert (square.default_size, square.default_image, square.size_multiple) == (16, (16, 16), 4)
+    wide = ModelFolder.open(model_folder(tmp_path / "wide", {"sample_size": [8, 12]}))
+    assert (wide.default_size, wide.default_image) == (16, (16, 24))
+    assert ModelFolder.open(model_folder(tmp_path / "listed", {"sample_size": [8, 8]})).default_size == 16
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "unet/config.json").write_text("[]"), r"unet/config.json: expected a JSON object, found an array"),
+    (lambda d: (d / "basinguard.json").write_text("null"), r"basinguard.json: expected a JSON object, found null"),
+    (lambda d: (d / "vae_decoder/config.json").write_text('"text"'), r"vae_decoder/config.json: .* found a string"),
+    (lambda d: ((d / "scheduler/scheduler_config.json").unlink(), (d / "scheduler/scheduler_config.json").mkdir()),
+     r"cannot read .*scheduler/scheduler_config.json"),
+    (lambda d: (d / "unet/config.json").write_bytes(b"\xff\xfe{"), r"corrupt JSON in .*unet/config.json"),
+    (lambda d: (d / "unet/config.json").write_text('{"sample_size": [8]}'), r"unet/config.json: sample_size must be"),
+    (lambda d: (d / "unet/config.json").write_text('{"sample_size": "64"}'), r"unet/config.json: sample_size must be"),
+    (lambda d: (d / "unet/config.json").write_text('{"sample_size": [0, 8]}'), r"sample_size must be a positive"),
+    (lambda d: (d / "unet/config.json").write_text('{"block_out_channels": 3}'), r"unet/config.json: block_out_chan"),
+    (lambda d: (d / "unet/config.json").write_text('{"in_channels": "4"}'), r"unet/config.json: in_channels must"),
+    (lambda d: (d / "scheduler/scheduler_config.json").write_text('{"num_train_timesteps": null}'),
+     r"scheduler_config.json: num_train_timesteps must"),
+    (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": []}'), r"basinguard.json: sampling_defaults"),
+])
+def test_corrupt_model_folder_configs_are_model_folder_errors_naming_the_file(tmp_path: Path, damage,
+                                                                               message: str) -> None:
+    folder = model_folder(tmp_path / "model")
+    damage(folder)
+    with pytest.raises(ModelFolderError, match=message):
+        ModelFolder.open(folder)

@@ -5,6 +5,8 @@ NumPy softmax attention written out here."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import basinguard.engine.fusion as fusion
+from basinguard.engine.base import EngineError
 from basinguard.engine.fusion import fuse_attention, fused_model
 from basinguard.engine.ort import OrtModel
 
@@ -146,19 +150,30 @@ def test_external_data_model_is_fused_beside_it(tiny_onnx_dir: Path, tmp_path: P
     assert (folder / "model.onnx_data").exists()
     source, count = fused_model(folder / "model.onnx")
     assert count > 0 and source == str(folder / "model.fused.onnx")
-    assert (folder / "model.fused.onnx").stat().st_size < 200_000  # the graph only; the weights stay in one file
+    # the graph only (~200 KB); the weights (3 MB) stay in one file
+    assert (folder / "model.fused.onnx").stat().st_size < (folder / "model.onnx_data").stat().st_size // 10
     plain = OrtModel(folder / "model.onnx", threads=1, fuse_attention=False)
     fast = OrtModel(folder / "model.onnx", threads=1)
     feed = unet_feed(plain, 2, 8, np.random.default_rng(3))
     np.testing.assert_allclose(fast.run(feed)["out_sample"], plain.run(feed)["out_sample"], rtol=1e-5, atol=1e-5)
 
+    # the fused cache is not part of the model: the TensorRT plan key (a hash of the model's files) ignores it
+    from basinguard.engine.tensorrt import onnx_digest
+    from basinguard.engine.tensorrt import onnx_files as model_files
+
+    assert [p.name for p in model_files(folder / "model.onnx")] == ["model.onnx", "model.onnx_data"]
+    without = onnx_digest(folder / "model.onnx")
+    (folder / "model.fused.onnx").rename(folder / "elsewhere")
+    assert onnx_digest(folder / "model.onnx") != without  # (any other file beside the model would count)
+    (folder / "elsewhere").rename(folder / "model.fused.onnx")
+
     # a folder it cannot write to: nothing written, the model runs as it is
     (folder / "model.fused.onnx").unlink()
 
-    def refuse(self: Path, data: bytes) -> int:
-        raise PermissionError(13, "Permission denied", str(self))
+    def refuse(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise PermissionError(13, "Permission denied", str(folder))
 
-    monkeypatch.setattr(Path, "write_bytes", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     assert fused_model(folder / "model.onnx") == (str(folder / "model.onnx"), 0)
     assert OrtModel(folder / "model.onnx", threads=1).run(feed)["out_sample"].shape == (2, 4, 8, 8)
     assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx_data"]
@@ -174,3 +189,149 @@ def test_vae_attention_is_fused_and_text_encoder_left_alone(tiny_onnx_dir: Path)
     np.testing.assert_allclose(fast.run({"latent_sample": z})["sample"], plain.run({"latent_sample": z})["sample"],
                                rtol=1e-5, atol=1e-5)
     assert OrtModel(tiny_onnx_dir / "text_encoder" / "model.onnx", threads=1).fused_attention == 0
+
+
+# ----------------------------------------------------------------------- what the fusion must leave alone
+
+
+def qkv(seed: int, shape: tuple[int, ...] = (2, 5, 6), dtype: type = np.float32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(shape).astype(dtype) for n in "qkv"}
+
+
+def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(value, name))
+
+
+def assert_left_alone(model: onnx.ModelProto, path: Path, feed: dict[str, np.ndarray]) -> None:
+    """Not fused, and the file runs as its unfused graph does."""
+    onnx.save(model, str(path))
+    assert fused_model(path) == (str(path), 0)
+    loaded = OrtModel(path, threads=1)
+    assert loaded.fused_attention == 0
+    want = OrtModel(path, threads=1, fuse_attention=False).run(feed)["out"]
+    np.testing.assert_array_equal(loaded.run(feed)["out"], want)
+
+
+@pytest.mark.parametrize("merge, out_shape", [
+    ([-1, 6], ["n", 6]),  # (B·S, C): MultiHeadAttention's (B, S, C) would be another output
+    ([2, -1, 6], ["b", "s", 6]),  # a constant batch: (B, S, C) only for B = 2
+    ([0, -1, 3], ["b", "s", 3]),  # channels other than heads·head_dim: the sequence axis doubles
+])
+def test_merge_reshape_other_than_batch_seq_channels_is_left_alone(tmp_path: Path, merge: list[int],
+                                                                   out_shape: list) -> None:
+    model = attention_graph(0.3, masked=False, key_two_transposes=False)
+    set_initializer(model, "merge", np.array(merge, np.int64))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape))
+    assert_left_alone(model, tmp_path / "merge.onnx", qkv(1, (4, 5, 6)))
+
+
+def test_split_reshape_whose_heads_times_head_dim_is_not_the_channels_is_left_alone(tmp_path: Path) -> None:
+    """(B, -1, 2, 1) of a (B, S, 6) tensor: (B, 3·S, 2, 1), attention over 3·S positions of one channel each."""
+    model = attention_graph(0.3, masked=False, key_two_transposes=False)
+    set_initializer(model, "split", np.array([0, -1, 2, 1], np.int64))
+    set_initializer(model, "merge", np.array([0, -1, 2], np.int64))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s", 2]))
+    assert_left_alone(model, tmp_path / "split.onnx", qkv(2))
+
+
+@pytest.mark.parametrize("opset, fused", [(12, False), (13, True)])
+def test_softmax_without_axis_follows_the_opsets_default(tmp_path: Path, opset: int, fused: bool) -> None:
+    """No axis attribute: the last axis since opset 13, but axis 1 (over heads·S·S, flattened) before it."""
+    model = attention_graph(0.3, masked=False, key_two_transposes=False)
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            del node.attribute[:]
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", opset))
+    feed = qkv(3)
+    if not fused:
+        assert_left_alone(model, tmp_path / "opset.onnx", feed)
+        return
+    path = tmp_path / "opset.onnx"
+    onnx.save(model, str(path))
+    loaded = OrtModel(path, threads=1)
+    assert loaded.fused_attention == 1
+    np.testing.assert_allclose(loaded.run(feed)["out"], numpy_attention(*feed.values(), 2, 0.3), rtol=1e-5, atol=1e-6)
+
+
+def test_float64_attention_is_left_alone(tmp_path: Path) -> None:
+    """ORT's CPU MultiHeadAttention is float32 only: a float64 model fused would no longer load."""
+    model = attention_graph(0.3, masked=False, key_two_transposes=False)
+    for info in [*model.graph.input, *model.graph.output]:
+        info.type.tensor_type.elem_type = TensorProto.DOUBLE
+    set_initializer(model, "scale", np.array(0.3, np.float64))
+    assert_left_alone(model, tmp_path / "f64.onnx", qkv(4, dtype=np.float64))
+
+
+@pytest.mark.parametrize("broken", ["unloadable graph", "error"])
+def test_a_fused_graph_ort_cannot_load_falls_back_to_the_model_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        broken: str) -> None:
+    path = tmp_path / "attention.onnx"
+    onnx.save(attention_graph(0.3, masked=False, key_two_transposes=False), str(path))
+
+    def fused(_: Path) -> tuple[bytes, int]:
+        if broken == "error":
+            raise RuntimeError("a bug in the fusion")
+        return b"not a model", 1
+
+    monkeypatch.setattr(fusion, "fused_model", fused)
+    loaded = OrtModel(path, threads=1, static_shapes=True)
+    assert loaded.fused_attention == 0
+    feed = qkv(5)
+    for _ in range(4):  # past SPECIALISE_AFTER: the specialised session is built from the file too
+        np.testing.assert_allclose(loaded.run(feed)["out"], numpy_attention(*feed.values(), 2, 0.3),
+                                   rtol=1e-5, atol=1e-6)
+    (tmp_path / "corrupt.onnx").write_bytes(b"not an onnx file")  # a file that is broken still says so
+    with pytest.raises(EngineError, match="cannot load .*corrupt.onnx"):
+        OrtModel(tmp_path / "corrupt.onnx", threads=1)
+
+
+# ------------------------------------------------------------------------------------ the fused-file cache
+
+
+def save_external(model: onnx.ModelProto, path: Path) -> None:
+    """`path` with a (here unused) 4 KB weight in `<name>_data` beside it, the small shape and scale constants
+    inline, as exporters write them (the data file is replaced: onnx appends to an existing one)."""
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(1024, np.float32), "weight"))
+    path.with_name(path.name + "_data").unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + "_data", size_threshold=1024)
+
+
+def test_cached_fused_graph_is_rebuilt_when_the_model_changes_whatever_the_timestamps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model A (2 heads of 3) is fused and cached; model B (3 heads of 2, same weights layout) is copied over it
+    with older timestamps (cp -p, rsync -a, tar x): B must run as B, not through A's cached graph."""
+    path, cache = tmp_path / "model.onnx", tmp_path / "model.fused.onnx"
+    save_external(attention_graph(0.3, masked=False, key_two_transposes=False, heads=2, head_dim=3), path)
+    assert fused_model(path) == (str(cache), 1)
+    assert OrtModel(path, threads=1).fused_attention == 1
+    built = cache.stat().st_mtime_ns
+
+    save_external(attention_graph(0.3, masked=False, key_two_transposes=False, heads=3, head_dim=2), path)
+    old = built - 3_600 * 10**9
+    for f in (path, tmp_path / "model.onnx_data"):
+        os.utime(f, ns=(old, old))
+    feed = qkv(6)
+    loaded = OrtModel(path, threads=1)
+    assert loaded.fused_attention == 1
+    np.testing.assert_allclose(loaded.run(feed)["out"], numpy_attention(*feed.values(), 3, 0.3), rtol=1e-5, atol=1e-6)
+    assert fused_model(path) == (str(cache), 1)  # now current: reused as it is
+    current = cache.read_bytes()
+    assert fused_model(path) == (str(cache), 1) and cache.read_bytes() == current
+
+    # another fusion code: rebuilt too
+    monkeypatch.setattr(fusion, "FUSION_VERSION", fusion.FUSION_VERSION + 1)
+    assert fused_model(path) == (str(cache), 1)
+    props = {p.key: p.value for p in onnx.load(str(cache), load_external_data=False).metadata_props}
+    assert f'"fusion": {fusion.FUSION_VERSION}' in props["basinguard.fusion.key"]
+
+    # a damaged cache file is rebuilt, not loaded; written under a unique temporary name, none left behind
+    cache.write_bytes(b"truncated")
+    assert fused_model(path) == (str(cache), 1) and cache.read_bytes() != b"truncated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fused.onnx", "model.onnx", "model.onnx_data"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert cache.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file written there, not mkstemp's 0600

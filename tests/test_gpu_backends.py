@@ -244,8 +244,36 @@ def test_find_plan_takes_the_newest_valid_plan_and_says_why_others_are_not(tmp_p
     newer = store_plan(tmp_path, fields_for(sha, batch=2), b"n2", [{"sample": [[2], [4], [4]]}], tmp_path / "m.onnx")
     record, why = find_plan(tmp_path, "unet", sha, ENV)
     assert record is not None and record.plan == newer.plan != older.plan
-    assert trt_backend.newest_input_profiles(tmp_path, "unet") == [{"sample": [[2], [4], [4]]}]
+    assert trt_backend.newest_input_profiles(tmp_path, "unet", sha) == [{"sample": [[2], [4], [4]]}]
     assert find_plan(tmp_path, "unet", "d" * 64, ENV)[0] is None  # another ONNX file: nothing loads
+
+
+def test_ort_tensorrt_profiles_come_from_this_models_plans_only(tmp_path: Path, monkeypatch) -> None:
+    """A plan cache shared by model folders ($BASINGUARD_ENGINE_DIR): the newest unet sidecar there is another
+    model's (another context width); ORT's TensorRT EP gets this model's profile, or none."""
+    import onnxruntime as ort
+
+    import basinguard.engine.ort as ort_backend
+
+    shared = tmp_path / "engines"
+    monkeypatch.setenv(trt_backend.ENGINE_DIR_ENV, str(shared))
+    monkeypatch.setattr(trt_backend, "native_problem", lambda: "tensorrt is not installed")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    made: list[dict | None] = []
+    monkeypatch.setattr(ort_backend, "OrtModel", lambda path, provider, threads, trt_profile: made.append(trt_profile))
+    ours = tiny_unet_onnx(tmp_path / "a" / "unet" / "model.onnx", context_dim=8)
+    other = tiny_unet_onnx(tmp_path / "b" / "unet" / "model.onnx", context_dim=16)
+    ehs = "encoder_hidden_states"
+    mine = store_plan(shared, fields_for(onnx_digest(ours), batch=1), b"a", [{ehs: [[1, 77, 8], [2, 77, 8], [2, 77, 8]]}], ours)
+    theirs = store_plan(shared, fields_for(onnx_digest(other), batch=2), b"b",
+                        [{ehs: [[1, 77, 16], [4, 77, 16], [4, 77, 16]]}], other)
+    assert theirs.sidecar["built_at"] >= mine.sidecar["built_at"]
+    load_model(ours, "tensorrt")
+    assert made[-1] == {ehs: ((1, 77, 8), (2, 77, 8), (2, 77, 8))}
+    assert trt_backend.newest_input_profiles(shared, "unet", onnx_digest(ours)) == mine.input_profiles
+    mine.plan.with_suffix(".json").unlink()  # only the other model's plans: no profile rather than a wrong one
+    load_model(ours, "tensorrt")
+    assert made[-1] is None
 
 
 def test_build_plan_reuses_valid_plans_and_rebuilds_stale_ones(tmp_path: Path, monkeypatch) -> None:

@@ -7,12 +7,15 @@ input, a scale Mul on q and on kᵀ, MatMul, Softmax, MatMul, Transpose, Reshape
 one kernel. Measured here (1 thread, batch 2, 1,024 tokens, 8 heads of 4): 20.6 ms against 32.6 ms,
 outputs equal to 1e-6; in a 256 px UNet, MatMul + Softmax were 78 % of the time.
 
-Only the exact pattern is rewritten (unmasked attention, softmax over the last axis, the default scale
-1/√head_dim or constant scales, float32); anything else is left as it is. Needs the `onnx` package.
+Only the exact pattern is rewritten (unmasked attention, softmax over the last axis, heads split from and
+merged back to (batch, S, heads·head_dim), the default scale 1/√head_dim or constant scales, a float32-only
+model); anything else is left as it is. Needs the `onnx` package.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,13 @@ from pathlib import Path
 import numpy as np
 
 MS_DOMAIN = "com.microsoft"
+# Bump whenever the rewrite changes: a cached `<name>.fused.onnx` written by another version is then rebuilt.
+FUSION_VERSION = 2
+FUSED_SUFFIX = ".fused.onnx"
+_KEY_PROP = "basinguard.fusion.key"  # metadata_props of a cached fused graph: what it was built from
+_COUNT_PROP = "basinguard.fusion.count"
+
+Term = tuple  # a shape element: ("const", v), ("dim", tensor, axis), ("mul", Term, v) or ("value", name)
 
 
 @dataclass
@@ -29,6 +39,7 @@ class _Graph:
     producer: dict
     consumers: dict
     tensors: dict  # name → TensorProto of initializers and Constant nodes, read only when asked for
+    declared: dict  # name → the declared shape (ints, or None for a dynamic axis) of graph inputs/outputs/value_info
 
     @classmethod
     def of(cls, graph) -> _Graph:
@@ -41,7 +52,12 @@ class _Graph:
         for node in graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 tensors[node.output[0]] = node.attribute[0].t
-        return cls(producer, consumers, tensors)
+        declared = {}
+        for info in (*graph.input, *graph.output, *graph.value_info):
+            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+                declared[info.name] = [d.dim_value if d.HasField("dim_value") else None
+                                       for d in info.type.tensor_type.shape.dim]
+        return cls(producer, consumers, tensors, declared)
 
     def constant(self, name: str) -> np.ndarray | None:
         """A small constant's value, flattened (shapes and scales); None for anything else."""
@@ -75,28 +91,106 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def _heads_of_reshape(g: _Graph, reshape) -> tuple[str, int] | None:
-    """(the rank-3 input, heads) of a Reshape (B, S, C) → (B, S, heads, head_dim) whose heads is a constant."""
-    shape = g.constant(reshape.input[1])
-    if shape is not None:
-        return (reshape.input[0], int(shape[2])) if shape.size == 4 and shape[2] > 0 else None
+def _scalar_term(g: _Graph, name: str) -> Term:
+    """What a scalar shape element is, with Casts looked through, so that the exporter's separate computations of
+    one value (batch, head_dim) compare equal: a constant, a dim of a tensor's Shape, a constant multiple, or
+    the tensor name itself."""
+    value = g.constant(name)
+    if value is not None and value.size == 1:
+        return ("const", int(value[0]))
+    node = g.producer.get(name)
+    if node is None:
+        return ("value", name)
+    if node.op_type == "Cast":
+        return _scalar_term(g, node.input[0])
+    if node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
+        shape, index = g.node(node.input[0], "Shape"), g.constant(node.input[1])
+        if shape is not None and index is not None and index.size == 1 and not shape.attribute:  # no start/end
+            return ("dim", shape.input[0], int(index[0]))
+    if node.op_type == "Mul":
+        for a, b in ((0, 1), (1, 0)):
+            factor = g.constant(node.input[b])
+            if factor is not None and factor.size == 1:
+                return ("mul", _scalar_term(g, node.input[a]), int(factor[0]))
+    return ("value", name)
+
+
+def _target_terms(g: _Graph, reshape) -> list[Term] | None:
+    """The target shape of a Reshape as one Term per output axis: from a constant, or from the exporter's
+    Concat of constants and Unsqueeze(scalar)s; None for anything else (or allowzero, where 0 is not "copy")."""
+    if _attr(reshape, "allowzero", 0) != 0:
+        return None
+    value = g.constant(reshape.input[1])
+    if value is not None:
+        return [("const", int(v)) for v in value]
     concat = g.node(reshape.input[1], "Concat")
-    heads = g.constant(concat.input[2]) if concat is not None and len(concat.input) == 4 else None
-    return (reshape.input[0], int(heads[0])) if heads is not None and heads.size == 1 and heads[0] > 0 else None
+    if concat is None:
+        return None
+    terms: list[Term] = []
+    for part in concat.input:
+        value = g.constant(part)
+        if value is not None:
+            terms += [("const", int(v)) for v in value]
+            continue
+        unsqueeze = g.node(part, "Unsqueeze")
+        if unsqueeze is None:
+            return None
+        axes = _attr(unsqueeze, "axes")  # an attribute before opset 13, an input since
+        if axes is None and len(unsqueeze.input) > 1:
+            axes = g.constant(unsqueeze.input[1])
+        if axes is None or [int(a) for a in axes] != [0]:
+            return None
+        terms.append(_scalar_term(g, unsqueeze.input[0]))
+    return terms
 
 
-def _split_heads(g: _Graph, name: str, perm: list[int]) -> tuple[str, int] | None:
-    """`name` = Transpose(perm)(Reshape(x → B, S, heads, head_dim)): returns (x, heads)."""
+def _batch_term(term: Term) -> bool:
+    """0 (copy the input's batch) or the batch read off a tensor's shape (the exporter's `batch_size`)."""
+    return term == ("const", 0) or (term[0] == "dim" and term[2] == 0)
+
+
+def _channels(g: _Graph, name: str) -> int | None:
+    """The static last dim of a (B, S, C) tensor where the graph states it: declared, or a projection's weight."""
+    dims = g.declared.get(name)
+    if dims and dims[-1]:
+        return int(dims[-1])
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Add":  # projection + bias: the bias's length
+        for other in node.input:
+            bias = g.tensors.get(other)
+            if bias is not None and len(bias.dims) == 1:
+                return int(bias.dims[0])
+    if node is not None and node.op_type == "MatMul":
+        weight = g.tensors.get(node.input[1])
+        if weight is not None and len(weight.dims) == 2:
+            return int(weight.dims[1])
+    return None
+
+
+def _split_heads(g: _Graph, name: str, perm: list[int]) -> tuple[str, tuple[Term, ...]] | None:
+    """`name` = Transpose(perm)(Reshape(x → B, S, heads, head_dim)): returns (x, the Reshape's four target terms)
+    when they read (batch, -1, heads, head_dim) with a constant heads; a constant head_dim must make heads·head_dim
+    the channels of x as far as the graph states them."""
     transpose = g.node(name, "Transpose")
     if transpose is None or list(_attr(transpose, "perm", [])) != perm or not g.sole_use(name):
         return None
     reshape = g.node(transpose.input[0], "Reshape")
     if reshape is None or not g.sole_use(reshape.output[0]):
         return None
-    return _heads_of_reshape(g, reshape)
+    terms = _target_terms(g, reshape)
+    if terms is None or len(terms) != 4:
+        return None
+    batch, seq, heads, head_dim = terms
+    if not _batch_term(batch) or seq != ("const", -1) or heads[0] != "const" or heads[1] <= 0:
+        return None
+    if head_dim[0] == "const":
+        # (B, -1, h, d) of a (B, S, C) tensor is (B, S·C/(h·d), h, d): the sequence is S only when h·d = C
+        if head_dim[1] <= 0 or _channels(g, reshape.input[0]) != heads[1] * head_dim[1]:
+            return None
+    return reshape.input[0], tuple(terms)
 
 
-def _key_heads(g: _Graph, name: str) -> tuple[str, int] | None:
+def _key_heads(g: _Graph, name: str) -> tuple[str, tuple[Term, ...]] | None:
     """kᵀ per head, (B, heads, head_dim, S): one Transpose (0, 2, 3, 1), or (0, 2, 1, 3) then (0, 1, 3, 2)."""
     direct = _split_heads(g, name, [0, 2, 3, 1])
     if direct is not None:
@@ -105,6 +199,21 @@ def _key_heads(g: _Graph, name: str) -> tuple[str, int] | None:
     if swap is None or list(_attr(swap, "perm", [])) != [0, 1, 3, 2] or not g.sole_use(name):
         return None
     return _split_heads(g, swap.input[0], [0, 2, 1, 3])
+
+
+def _merges_heads(g: _Graph, reshape, split: tuple[Term, ...]) -> bool:
+    """The output Reshape takes (B, S, heads, head_dim) back to (B, S, heads·head_dim), as MultiHeadAttention's
+    output is; `split` is the (shared) target of the input reshapes."""
+    terms = _target_terms(g, reshape)
+    if terms is None or len(terms) != 3:
+        return False
+    batch, seq, channels = terms
+    _, _, (_, heads), head_dim = split
+    if batch not in (("const", 0), split[0]) or seq != ("const", -1):
+        return False
+    if head_dim[0] == "const":
+        return channels == ("const", heads * head_dim[1])
+    return channels == ("mul", head_dim, heads) or (heads == 1 and channels == head_dim)
 
 
 def _default_scale_root(g: _Graph, name: str) -> str | None:
@@ -140,12 +249,16 @@ def _unscale(g: _Graph, name: str) -> tuple[str, float | str | None]:
     return name, None
 
 
-def _match(g: _Graph, softmax):
+def _match(g: _Graph, softmax, opset: int):
     """The MultiHeadAttention node replacing the attention around `softmax`, and the output it takes over."""
     from onnx import helper
 
-    axis = _attr(softmax, "axis", -1)
-    if axis not in (-1, 3):
+    axis = _attr(softmax, "axis")
+    if axis is None:  # ONNX's default: -1 since opset 13; 1 before, over the flattened (heads, S_q, S_kv)
+        if opset < 13:
+            return None
+        axis = -1
+    if axis not in (-1, 3):  # the scores are 4-D: -1 and 3 are the last axis, at any opset
         return None
     # the chain after the scores: each output read by the next node alone, else it is needed as it is
     probs_mm = g.only_consumer(softmax.output[0])
@@ -167,8 +280,10 @@ def _match(g: _Graph, softmax):
     q = _split_heads(g, q_scaled, [0, 2, 1, 3])
     k = _key_heads(g, k_scaled)
     v = _split_heads(g, probs_mm.input[1], [0, 2, 1, 3])
-    if q is None or k is None or v is None or not q[1] == k[1] == v[1]:
+    # one (batch, -1, heads, head_dim) for q, k and v, and the merge undoing it; else not MHA's computation
+    if q is None or k is None or v is None or not q[1] == k[1] == v[1] or not _merges_heads(g, merge_r, q[1]):
         return None
+    heads = q[1][2][1]
 
     factors = [f for f in (q_factor, k_factor, post) if f is not None]
     dynamic = [f for f in factors if isinstance(f, str)]
@@ -178,7 +293,7 @@ def _match(g: _Graph, softmax):
         if len(dynamic) != 2 or dynamic[0] != dynamic[1] or q_factor != k_factor or scale != 1.0:
             return None
         scale = None
-    attrs = {"num_heads": q[1]} | ({} if scale is None else {"scale": float(scale)})
+    attrs = {"num_heads": heads} | ({} if scale is None else {"scale": float(scale)})
     name = f"{softmax.name or softmax.output[0]}/fused_mha"
     return helper.make_node("MultiHeadAttention", [q[0], k[0], v[0]], [merge_r.output[0]], name=name,
                             domain=MS_DOMAIN, **attrs), merge_r
@@ -205,15 +320,47 @@ def _prune(graph) -> None:
     graph.value_info.extend(infos)
 
 
+def _all_nodes(graph):
+    """Every node of `graph` and of its subgraphs (If/Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else list(a.graphs)):
+                yield from _all_nodes(sub)
+
+
+def float32_only(model) -> bool:
+    """Whether float32 is the only floating-point type the model declares anywhere (initializers, inputs,
+    outputs, value_info, constants, Cast targets): ONNX Runtime's CPU MultiHeadAttention is float32 only, and
+    a mixed-precision attention is not this pattern."""
+    from onnx import AttributeProto, TensorProto
+
+    allowed = {TensorProto.UNDEFINED, TensorProto.FLOAT, TensorProto.BOOL, TensorProto.STRING, TensorProto.INT8,
+               TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16,
+               TensorProto.UINT32, TensorProto.UINT64}
+    graph = model.graph
+    types = [init.data_type for init in graph.initializer]
+    types += [info.type.tensor_type.elem_type for info in (*graph.input, *graph.output, *graph.value_info)
+              if info.type.HasField("tensor_type")]
+    for node in _all_nodes(graph):
+        for a in node.attribute:
+            if a.type == AttributeProto.TENSOR:
+                types.append(a.t.data_type)
+            elif a.type == AttributeProto.INT and a.name in ("to", "dtype"):
+                types.append(a.i)
+    return all(t in allowed for t in types)
+
+
 def fuse_attention(model) -> int:
     """Rewrite every matching attention of `model` (a ModelProto, in place); returns how many were fused."""
     from onnx import helper
 
     graph = model.graph
     g = _Graph.of(graph)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=1)
     fused = []
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
-        found = _match(g, softmax)
+        found = _match(g, softmax, opset)
         if found is not None:
             fused.append(found)
     if not fused:
@@ -228,28 +375,62 @@ def fuse_attention(model) -> int:
     return len(fused)
 
 
+def fused_path(path: Path) -> Path:
+    """Where the fused graph of an external-data model `path` is cached: `<name>.fused.onnx` beside it."""
+    return Path(path).with_name(Path(path).stem + FUSED_SUFFIX)
+
+
+def is_fusion_cache(path: Path) -> bool:
+    """A file this module writes beside a model (not part of the model: hashes of the model skip it)."""
+    return Path(path).name.endswith(FUSED_SUFFIX)
+
+
+def _cached_count(target: Path, key: str) -> int | None:
+    """The attention count of the cached fused graph `target` when it was built from exactly `key`, else None."""
+    import onnx
+
+    if not target.is_file():
+        return None
+    try:
+        props = {p.key: p.value for p in onnx.load(str(target), load_external_data=False).metadata_props}
+        return int(props[_COUNT_PROP]) if props.get(_KEY_PROP) == key else None
+    except Exception:  # unreadable or foreign: rebuilt
+        return None
+
+
 def fused_model(path: Path) -> tuple[bytes | str, int]:
     """What to open for `path`: the fused model (serialised) and the count, or `path` itself and 0 when nothing
     matched. A model whose weights live in external data files is fused into `<name>.fused.onnx` beside it (the
-    weights are not copied), rebuilt when the source is newer; where that folder is read-only it is not fused."""
+    weights are not copied: it names the same data files); where that folder is read-only it is not fused.
+
+    The cached file is reused only when it was built from exactly this `path` (the sha256 of its bytes: the graph,
+    a few MB, which is all the fused file derives from; the weights are read from their files at load) by this
+    FUSION_VERSION; timestamps are not trusted (cp -p, rsync -a and tar keep older ones)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    if any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
-        return str(path), 0  # ONNX Runtime's CPU MultiHeadAttention is float32 only
+    data = Path(path).read_bytes()
+    model = onnx.load_model_from_string(data)  # external weights are not read
+    if not float32_only(model):
+        return str(path), 0
     external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    target, key = fused_path(path), ""
+    if external:  # (a model without external data is fused in memory on each load: no cache, nothing to hash)
+        key = json.dumps({"fusion": FUSION_VERSION, "source": Path(path).name,
+                          "sha256": hashlib.sha256(data).hexdigest()})
+        cached = _cached_count(target, key)
+        if cached is not None:
+            return str(target), cached
     count = fuse_attention(model)
     if count == 0:
         return str(path), 0
     if not external:
         return model.SerializeToString(), count
-    target = path.with_name(path.stem + ".fused.onnx")
-    if target.exists() and target.stat().st_mtime >= path.stat().st_mtime:
-        return str(target), count
-    partial = target.with_name(target.name + ".partial")
+    from basinguard.engine.tensorrt import _write_atomic  # one atomic writer for every cache file
+
+    props = {p.key: p.value for p in model.metadata_props} | {_KEY_PROP: key, _COUNT_PROP: str(count)}
+    onnx.helper.set_model_props(model, props)  # what the file was built from, checked before reuse
     try:  # the graph alone: its initializers still name the weight files beside it, which are not copied
-        partial.write_bytes(model.SerializeToString())
-        partial.replace(target)
+        _write_atomic(target, model.SerializeToString())
     except OSError:
         return str(path), 0
     return str(target), count

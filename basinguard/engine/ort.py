@@ -33,6 +33,12 @@ def _specs(args: list) -> dict[str, TensorSpec]:
     return specs
 
 
+def _first_line(exc: BaseException) -> str:
+    """ONNX Runtime's message, first line (the rest is often a multi-line dump), or the exception's type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Sequential execution, full graph optimisation; `threads` caps intra-op threads (None: ORT's default)."""
     opts = ort.SessionOptions()
@@ -159,19 +165,26 @@ class OrtModel:
                 providers = provider_list(provider, None, fp16=fp16, trt_profile=trt_profile)
         if provider != "cpu":
             _preload_gpu_libraries()
-        try:
-            source: str | bytes = str(path)
-            self.fused_attention = 0
-            if fuse_attention and provider == "cpu":
+        source: str | bytes = str(path)
+        self.fused_attention = 0
+        self.session = None
+        if fuse_attention and provider == "cpu":
+            # The fusion is an optimisation: whatever goes wrong in it (a graph it should not have rewritten, a
+            # kernel ORT lacks), the model is opened as it is, so it never makes a loadable model unloadable.
+            try:
                 from basinguard.engine.fusion import fused_model
 
-                source, self.fused_attention = fused_model(path)
-            self.session = ort.InferenceSession(source, session_options(threads), providers=providers)
-        except EngineError:
-            raise
+                fused, count = fused_model(path)
+                if count:
+                    self.session = ort.InferenceSession(fused, session_options(threads), providers=providers)
+                    source, self.fused_attention = fused, count
+            except Exception:
+                self.session = None
+        try:
+            if self.session is None:
+                self.session = ort.InferenceSession(source, session_options(threads), providers=providers)
         except Exception as exc:  # ORT raises its own exception types for a corrupt or truncated file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EngineError(f"cannot load {path}: {first}") from None
+            raise EngineError(f"cannot load {path}: {_first_line(exc)}") from None
         check_active(provider, self.session.get_providers())
         # "ort-tensorrt": ORT's TensorRT EP, told apart in traces from the native backend ("tensorrt").
         self.provider = LABELS[self.session.get_providers()[0]]
@@ -218,16 +231,23 @@ class OrtModel:
             # The common case skips conform's checks: every call costs, and a denoising loop makes 50-100 of them.
             fits = type(value) is np.ndarray and value.dtype == spec.dtype and name not in self._fitted
             feed[name] = value if fits else conform(spec, value)
-        if self._io_binding:
-            # On a GPU provider, bind once per call: inputs are copied in, outputs come back to the host once.
-            binding = self.session.io_binding()
-            for name, value in feed.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            for name in self._output_names:
-                binding.bind_output(name)
-            self.session.run_with_iobinding(binding)
-            values = binding.copy_outputs_to_cpu()
-        else:
-            session = self._session_for(feed) if self.static_shapes else self.session
-            values = session.run(self._output_names, feed)
+        try:  # a try block costs nothing until something raises
+            if self._io_binding:
+                # On a GPU provider, bind once per call: inputs are copied in, outputs come back to the host once.
+                binding = self.session.io_binding()
+                for name, value in feed.items():
+                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                for name in self._output_names:
+                    binding.bind_output(name)
+                self.session.run_with_iobinding(binding)
+                values = binding.copy_outputs_to_cpu()
+            else:
+                session = self._session_for(feed) if self.static_shapes else self.session
+                values = session.run(self._output_names, feed)
+        except EngineError:
+            raise
+        except Exception as exc:  # ORT's own types (InvalidArgument, Fail...): shapes that do not fit, a bad kernel
+            shapes = ", ".join(f"{name} {tuple(value.shape)} {value.dtype}" for name, value in feed.items())
+            raise EngineError(f"{self.name}: ONNX Runtime could not run {self.path} on inputs ({shapes}): "
+                              f"{_first_line(exc)}") from None
         return dict(zip(self._output_names, values))

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from basinguard.engine.base import EngineError, TensorSpec, conform
+from basinguard.engine.fusion import is_fusion_cache
 
 ENGINE_DIR_ENV = "BASINGUARD_ENGINE_DIR"  # where plans live; default: ONNX_DIR/tensorrt
 CUDA_GRAPH_ENV = "BASINGUARD_CUDA_GRAPH"  # "1": capture CUDA graphs when a plan is static
@@ -239,12 +240,20 @@ def engine_dir(onnx_dir: Path) -> Path:
     return Path(env) if env else Path(onnx_dir) / "tensorrt"
 
 
+# The process's umask, read once at import (os.umask can only be read by setting it): written files get the
+# permissions open() would give them, not mkstemp's 0600, so a cache shared by users stays readable.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Unique temporary name, then rename: a kill or a concurrent builder never leaves a half-written file."""
+    """Unique temporary name, then rename: a kill or a concurrent builder (or loader) never leaves a half-written
+    file. Every cache file basinguard writes (plans, sidecars, digests, fused graphs) goes through here."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -261,14 +270,17 @@ def _sha256_file(path: Path) -> str:
 
 
 def onnx_files(onnx_path: Path) -> list[Path]:
-    """The ONNX file and its external data: every regular file beside it except JSON configs and hidden files.
+    """The ONNX file and its external data: every regular file beside it except JSON configs, hidden and
+    temporary files, and the CPU backend's fused-attention cache (`model.fused.onnx`, derived from model.onnx and
+    written by a CPU load: hashing it would invalidate every plan after one CPU run).
 
     Exporters name external data differently (model.onnx_data, model.onnx.data, weights.pb); taking the whole
     folder (not sub-folders, where ORT's TensorRT cache may live) needs no ONNX parser and misses none.
     """
     onnx_path = Path(onnx_path)
     siblings = [p for p in sorted(onnx_path.parent.iterdir()) if p != onnx_path and p.is_file()
-                and not p.name.startswith(".") and p.suffix != ".json"]
+                and not p.name.startswith(".") and p.suffix not in (".json", ".tmp", ".partial")
+                and not is_fusion_cache(p)]
     return [onnx_path, *siblings]
 
 
@@ -388,18 +400,22 @@ def find_plan(cache_dir: Path, role: str, onnx_sha: str, env: EngineEnv) -> tupl
     return max(valid, key=lambda r: str(r.sidecar.get("built_at", ""))), why
 
 
-def newest_input_profiles(cache_dir: Path, role: str) -> list[dict]:
-    """The per-input shapes of the newest sidecar for `role`, valid here or not (ORT's TensorRT EP reuses the
-    profile a user chose with build-engines; the shapes depend on the model and that choice, not on the GPU)."""
+def newest_input_profiles(cache_dir: Path, role: str, onnx_sha: str) -> list[dict]:
+    """The per-input shapes of the newest sidecar for `role` built from this ONNX file (`onnx_sha`), valid on
+    this GPU or not (ORT's TensorRT EP reuses the profile a user chose with build-engines; the shapes depend on
+    the model and that choice, not on the GPU). Another model's sidecars, in a shared $BASINGUARD_ENGINE_DIR,
+    are skipped: their shapes (another context width, another latent size) would not fit this model."""
     best: dict = {}
     for path in Path(cache_dir).glob(f"{role}-*.json"):
         try:
             sidecar = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(sidecar, dict) and str(sidecar.get("built_at", "")) > str(best.get("built_at", "")):
+        if (isinstance(sidecar, dict) and sidecar.get("onnx_sha256") == onnx_sha
+                and str(sidecar.get("built_at", "")) > str(best.get("built_at", ""))):
             best = sidecar
-    return best.get("input_profiles", [])
+    profiles = best.get("input_profiles", [])
+    return profiles if isinstance(profiles, list) else []
 
 
 # ------------------------------------------------------------------------------------------------- messages
@@ -931,14 +947,16 @@ def load_tensorrt(path: Path, threads: int | None = None):  # -> LoadedModel
         raise EngineError(f"model file not found: {path}")
     role, cache = path.parent.name, engine_dir(path.parent.parent)
     problem, plan_problem, record = native_problem(), None, None
+    # No sidecar for this role, no plans and no profiles: skip hashing the ONNX file (seconds for a full-size UNet).
+    sidecars = cache.is_dir() and any(cache.glob(f"{role}-*.json"))
+    sha = onnx_digest(path, cache / "digests.json") if sidecars else None
     if problem is None:
         try:
             env = engine_env()
         except EngineError as exc:
             problem = str(exc)
         else:
-            # No cache folder, no plans: skip hashing the ONNX file (seconds for a full-size UNet).
-            record, why = find_plan(cache, role, onnx_digest(path, cache / "digests.json"), env) if cache.is_dir() else (None, [])
+            record, why = find_plan(cache, role, sha, env) if sha is not None else (None, [])
             if record is None:
                 found = f" ({'; '.join(why)})" if why else ""
                 plan_problem = (f"no valid TensorRT plan for {role} in {cache}{found}; build them with "
@@ -952,5 +970,5 @@ def load_tensorrt(path: Path, threads: int | None = None):  # -> LoadedModel
         return TensorRTModel(record.plan, name=role, cuda_graph=graphs and bool(record.sidecar.get("static")))
     if plan_problem is not None:
         warnings.warn(f"{plan_problem}; running {role} on ONNX Runtime's TensorRT EP instead", stacklevel=2)
-    profiles = newest_input_profiles(cache, role) if cache.is_dir() else []
+    profiles = newest_input_profiles(cache, role, sha) if sha is not None else []
     return OrtModel(path, provider="tensorrt", threads=threads, trt_profile=merged_input_profile(profiles) or None)

@@ -11,15 +11,42 @@ from basinguard.runtime.errors import InputError, ModelFolderError
 REQUIRED = ("text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx", "tokenizer",
             "scheduler/scheduler_config.json")
 MAX_SIDE = 4096  # pixels; beyond this the latent buffers alone exceed any sane memory budget
+_JSON_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in `path`; a ModelFolderError naming the file for anything else (missing, unreadable, a
+    folder, not JSON, or JSON that is not an object)."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelFolderError(f"missing file: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFolderError(f"corrupt JSON in {path}: {exc}") from None
+    except OSError as exc:  # a folder in its place, no permission, an I/O error
+        raise ModelFolderError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(value, dict):
+        found = _JSON_NAMES.get(type(value), "another value")
+        raise ModelFolderError(f"corrupt config {path}: expected a JSON object, found {found}")
+    return value
+
+
+def _positive_int(value: object, what: str, path: Path) -> int:
+    """`value` as an int (1000.0 too), or a ModelFolderError naming the file and the field."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelFolderError(f"corrupt config {path}: {what} must be a positive integer, not {value!r}")
+    return value
+
+
+def _levels(config: dict, path: Path, default: int) -> int:
+    """How many resolution levels a UNet or VAE config's block_out_channels lists."""
+    blocks = config.get("block_out_channels", [0] * default)
+    if not isinstance(blocks, list) or not blocks:
+        raise ModelFolderError(f"corrupt config {path}: block_out_channels must be a non-empty list, not {blocks!r}")
+    return len(blocks)
 
 
 @dataclass
@@ -40,35 +67,60 @@ class ModelFolder:
             raise ModelFolderError(f"model folder {path} is missing {', '.join(missing)} "
                                    "(export a diffusers pipeline with `basinguard export SRC OUT`)")
         manifest = read_json(path / "basinguard.json") if (path / "basinguard.json").exists() else {}
-        return cls(path, read_json(path / "scheduler/scheduler_config.json"), read_json(path / "unet/config.json"),
-                   read_json(path / "vae_decoder/config.json"), manifest)
+        folder = cls(path, read_json(path / "scheduler/scheduler_config.json"), read_json(path / "unet/config.json"),
+                     read_json(path / "vae_decoder/config.json"), manifest)
+        # Read every config value used later once now: a corrupt one is reported at open, naming its file.
+        _ = (folder.default_image, folder.size_multiple, folder.latent_channels, folder.num_train_timesteps,
+             folder.sampling_defaults)
+        return folder
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
+        return 2 ** (_levels(self.vae_config, self.path / "vae_decoder/config.json", 4) - 1)
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet_config.get("in_channels", 4))
+        return _positive_int(self.unet_config.get("in_channels", 4), "in_channels", self.path / "unet/config.json")
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's and the UNet's downsampling together."""
-        unet_down = 2 ** (len(self.unet_config.get("block_out_channels", [0])) - 1)
+        unet_down = 2 ** (_levels(self.unet_config, self.path / "unet/config.json", 1) - 1)
         return self.vae_scale_factor * unet_down
 
     @property
+    def default_image(self) -> tuple[int, int]:
+        """The native (height, width) in pixels: the UNet's sample_size, an integer or [height, width] as diffusers
+        writes it (basinguard.export.graphs reads it the same way; not imported here: it needs torch)."""
+        where = self.path / "unet/config.json"
+        size = self.unet_config.get("sample_size", 64)
+        if isinstance(size, list) and len(size) == 2:
+            h, w = (_positive_int(v, "sample_size", where) for v in size)
+        elif isinstance(size, int) and not isinstance(size, bool):
+            h = w = _positive_int(size, "sample_size", where)
+        else:
+            raise ModelFolderError(f"corrupt config {where}: sample_size must be a positive integer or "
+                                   f"[height, width], not {size!r}")
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    @property
     def default_size(self) -> int:
-        return int(self.unet_config.get("sample_size", 64)) * self.vae_scale_factor
+        """The native image side; for a model with a non-square sample_size its height (see `default_image`)."""
+        return self.default_image[0]
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+        return _positive_int(self.scheduler_config.get("num_train_timesteps", 1000), "num_train_timesteps",
+                             self.path / "scheduler/scheduler_config.json")
 
     @property
     def sampling_defaults(self) -> dict:
         """Defaults the model carries (guidance scale, scheduler, steps, τ…), used where no flag says otherwise."""
-        return dict(self.manifest.get("sampling_defaults", {}))
+        defaults = self.manifest.get("sampling_defaults", {})
+        if not isinstance(defaults, dict):
+            raise ModelFolderError(f"corrupt config {self.path / 'basinguard.json'}: sampling_defaults must be an "
+                                   f"object, not {defaults!r}")
+        return dict(defaults)
 
     def check_size(self, height: int, width: int) -> None:
         m = self.size_multiple

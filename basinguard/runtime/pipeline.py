@@ -174,8 +174,9 @@ class Pipeline:
 
     def resolve(self, sampling: SamplingConfig) -> SamplingConfig:
         """Fill unset size and validate everything before any model runs."""
-        height = self.folder.default_size if sampling.height is None else sampling.height
-        width = self.folder.default_size if sampling.width is None else sampling.width
+        native_height, native_width = self.folder.default_image
+        height = native_height if sampling.height is None else sampling.height
+        width = native_width if sampling.width is None else sampling.width
         self.folder.check_size(height, width)
         sampling.policy.validate(self.folder.num_train_timesteps)
         try:  # the model's own scheduler by name, so traces and resumed jobs compare like with like
