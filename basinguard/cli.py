@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("build-engines", help="TensorRT plans for an exported ONNX folder (for --provider tensorrt)")
     r.add_argument("onnx_dir", metavar="ONNX_DIR")
-    r.add_argument("--cache-dir", help="where plans live (default: $BASINGUARD_ENGINE_DIR, else ONNX_DIR/tensorrt)")
+    r.add_argument("--cache-dir", help="where plans live (default: $BASINGUARD_ENGINE_DIR, else ONNX_DIR/tensorrt); "
+                   "generate/batch look in $BASINGUARD_ENGINE_DIR, so set it to this directory when running")
     r.add_argument("--batch", type=int, default=1, help="images per call N: the UNet profile spans N..2N")
     r.add_argument("--min-batch", type=int, default=None, help="smallest UNet batch (default N; 1 serves batch "
                    "jobs' smaller tail batches)")

@@ -290,6 +290,8 @@ def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir
         err = capsys.readouterr().err
         assert message in err and "line 1" not in err, err
         assert not out.exists()
+    assert cli_main(batch_args(tiny_onnx_dir, tmp_path / "missing.txt", out)) == 2
+    assert "prompt file" in capsys.readouterr().err and not out.exists()
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert cli_main(batch_args(tiny_onnx_dir, empty, out)) == 2

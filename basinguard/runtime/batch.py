@@ -503,6 +503,8 @@ class BatchJob:
     progress: bool = True
 
     def validate(self) -> None:
+        if not Path(self.prompts).is_file():  # before OUT_DIR is created or any model loads
+            raise BatchError(f"prompt file {self.prompts} not found")
         if self.batch_size < 1:
             raise BatchError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if not 1 <= self.images_per_prompt <= MAX_IMAGES_PER_LINE:
