@@ -306,12 +306,18 @@ def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir
     assert f"cannot use OUT_DIR {a_file}" in capsys.readouterr().err
 
 
-def test_resume_refuses_another_scheduler_or_model(tiny_onnx_dir, tmp_path, capsys):
+def finished_job(model: Path, tmp_path: Path, lines: str) -> tuple[Path, Path, list[str]]:
+    """A 3-step job over `lines`, run to the end: (prompt file, OUT_DIR, its arguments)."""
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cat\n")
+    prompts.write_text(lines)
     out = tmp_path / "out"
-    args = batch_args(tiny_onnx_dir, prompts, out, "--steps", "3")
+    args = batch_args(model, prompts, out, "--steps", "3")
     assert cli_main(args) == 0
+    return prompts, out, args
+
+
+def test_resume_refuses_another_scheduler_or_model(tiny_onnx_dir, tmp_path, capsys):
+    prompts, out, args = finished_job(tiny_onnx_dir, tmp_path, "a red cat\n")
     assert cli_main(args) == 0 and "1/1 done (0 this run, 1 already done)" in capsys.readouterr().out
     assert cli_main([*args, "--scheduler", "euler"]) == 2
     assert "different scheduler" in capsys.readouterr().err
@@ -326,11 +332,7 @@ def test_resume_refuses_another_scheduler_or_model(tiny_onnx_dir, tmp_path, caps
 
 
 def test_a_deleted_png_is_made_again_and_listed_once(tiny_onnx_dir, tmp_path, capsys):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cat\na blue dog\n")
-    out = tmp_path / "out"
-    args = batch_args(tiny_onnx_dir, prompts, out, "--steps", "3")
-    assert cli_main(args) == 0
+    _, out, args = finished_job(tiny_onnx_dir, tmp_path, "a red cat\na blue dog\n")
     before = pixels(out / "000002-000.png")
     (out / "000002-000.png").unlink()
     (out / ".notes.tmp").write_text("the user's own file")
