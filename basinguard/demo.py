@@ -17,7 +17,13 @@ import numpy as np
 from PIL import Image
 
 from basinguard.errors import BasinguardError
-from basinguard.evaluation import COPY_THRESHOLD, EdgeDescriptor, colour_alignment, top1_similarity
+from basinguard.evaluation import (
+    COPY_THRESHOLD,
+    EdgeDescriptor,
+    colour_alignment,
+    mentioned_labels,
+    top1_similarity,
+)
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 
@@ -38,12 +44,6 @@ def load_memorization(folder: Path) -> tuple[list[dict], np.ndarray, list[str]]:
     if not rows or not others:
         raise BasinguardError(f"{mem}: duplicated.jsonl and other_captions.txt need at least one entry each")
     return rows, images, others
-
-
-def mentioned_labels(caption: str, label_names: list[str]) -> list[int]:
-    """Indices of attribute labels (e.g. "red circle") named word for word in the caption."""
-    words = f" {' '.join(caption.replace(',', ' ').split())} "
-    return [i for i, name in enumerate(label_names) if f" {name} " in words]
 
 
 def svg_curves(series: list[tuple[str, list[float | None], str, int | None]], width: int = 420,

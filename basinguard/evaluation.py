@@ -4,13 +4,15 @@
   an image descriptor, summarised as the paper does (95th percentile, mean ± std, fraction above
   the copy threshold). The default descriptor suits the shipped toy model; any ONNX image embedder
   (an exported SSCD for real SD models) plugs in through `OnnxEmbedder`.
-- Alignment (stand-in for CLIP score): fraction of the caption's attributes an attribute classifier
-  finds in the image (`attribute_alignment`); `colour_alignment` is a model-free cross-check. Quality
-  (stand-in for FID): Fréchet distance on that classifier's features.
+- Alignment (stand-in for CLIP score): fraction of the caption's named shapes (`mentioned_labels`) an
+  attribute classifier finds in the image (`attribute_alignment`); a named background (`mentioned_background`)
+  is scored apart; `colour_alignment` is a model-free cross-check. Quality (stand-in for FID): Fréchet
+  distance on that classifier's features.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -110,6 +112,29 @@ class AttributeClassifier:
         x = np.asarray(images, np.float32).transpose(0, 3, 1, 2) * 2 - 1
         out = self.model.run({"image": x})
         return 1 / (1 + np.exp(-out["logits"])), out["features"]
+
+
+BACKGROUND_LABEL = " background"  # attribute label names: "<colour> <kind>" for shapes, "<colour> background"
+
+
+def _words(caption: str) -> str:
+    return f" {' '.join(caption.lower().replace(',', ' ').split())} "
+
+
+def mentioned_labels(caption: str, label_names: Sequence[str]) -> list[int]:
+    """Indices of the shape labels (e.g. "red circle") the caption names word for word: what alignment scores.
+    Background labels are left out (see `mentioned_background`): a caption's "red background" is not a shape."""
+    words = _words(caption)
+    return [i for i, name in enumerate(label_names) if not name.endswith(BACKGROUND_LABEL) and f" {name} " in words]
+
+
+def mentioned_background(caption: str, label_names: Sequence[str]) -> list[int]:
+    """Indices of the background-colour labels a caption's "on a X background" or "on a X and Y background" names."""
+    match = re.search(r" on an? ((?:\w+ and )?\w+) background ", _words(caption))
+    if match is None:
+        return []
+    names = [f"{colour}{BACKGROUND_LABEL}" for colour in match.group(1).split(" and ")]
+    return [label_names.index(name) for name in names if name in label_names]
 
 
 def attribute_alignment(probabilities: np.ndarray, mentioned: Sequence[Sequence[int]], threshold: float = 0.5) -> np.ndarray:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memorizing_data as data  # noqa: E402
 
 from basinguard.cli import SHIPPED_MODEL  # noqa: E402
-from basinguard.demo import load_memorization, mentioned_labels  # noqa: E402
+from basinguard.demo import load_memorization  # noqa: E402
 from basinguard.evaluation import (  # noqa: E402
     COPY_THRESHOLD,
     AttributeClassifier,
@@ -32,6 +32,8 @@ from basinguard.evaluation import (  # noqa: E402
     attribute_alignment,
     colour_alignment,
     frechet_distance,
+    mentioned_background,
+    mentioned_labels,
     similarity_summary,
     top1_similarity,
 )
@@ -136,6 +138,7 @@ def main() -> None:
           f"{check['non_copies']['p95']:.3f} p99 {check['non_copies']['p99']:.3f}; degraded copies min "
           f"{check['copies']['min']:.3f}; AUC {check['auc']:.3f}", flush=True)
     rng = np.random.default_rng(0)
+    generate_set(pipe, dup_captions[:1], 2, sampling)  # warm-up: the first row's time must not carry session start-up
 
     results = []
     examples: dict[str, np.ndarray] = {}
@@ -151,6 +154,10 @@ def main() -> None:
             probs, feats = classifier(pixels)
             align = attribute_alignment(probs, mentioned)
             colour = colour_alignment(pixels, mentioned, label_names, attributes["palette"])
+            # The background a caption names (a third of the varied captions, no poster caption), scored apart from
+            # the shapes: the layout is fixed early, where the mitigations hold CFG back.
+            background = [mentioned_background(c, label_names) for c in captions for _ in range(args.seeds)]
+            with_background = [k for k, labels in enumerate(background) if labels]
             ts = [t["transition_step"] for t in traces]
             non_copy = top1 <= COPY_THRESHOLD
             row[part] = {**similarity_summary(top1), "alignment": float(align.mean()),
@@ -158,6 +165,10 @@ def main() -> None:
                          # generations that do not copy separates that from what a mitigation costs
                          "alignment_non_copies": float(align[non_copy].mean()) if non_copy.any() else None,
                          "colour_alignment": float(colour.mean()),
+                         "background_alignment": float(attribute_alignment(
+                             probs[with_background], [background[k] for k in with_background]).mean())
+                         if with_background else None,
+                         "background_named": len(with_background),
                          "frechet": frechet_distance(feats, held_features),
                          "mean_transition_step": float(np.mean([t for t in ts if t is not None])) if any(
                              t is not None for t in ts) else None,
@@ -216,8 +227,10 @@ def markdown(results: list[dict], detection: list[dict], meta: dict) -> str:
              f"{meta['novel_captions']} novel captions per row ({meta['date']}). Similarity = top-1 cosine similarity to "
              f"the whole training set (20,020 images) under the edge descriptor (copy: > {meta['copy_threshold']}); "
              "alignment = fraction of the caption's named shapes the attribute classifier finds (colour align: the "
-             "model-free cross-check, named colours present); FD = Fréchet distance on the classifier's features vs "
-             "held-out real images.", "",
+             "model-free cross-check, named colours present); novel bg = fraction of the named background colours "
+             "found, over the novel captions that name one (scored apart from the shapes); FD = Fréchet distance on the "
+             "classifier's features vs held-out real images. Mean transition step: over the generations that switched "
+             "(never: how many did not).", "",
              f"Descriptor check: held-out real images (non-copies) score p50 {check['non_copies']['p50']:.3f}, p95 "
              f"{check['non_copies']['p95']:.3f}, p99 {check['non_copies']['p99']:.3f} against the training set, the "
              f"duplicated images (copies) ≥ {check['copies']['min']:.3f}, both blurred (σ 1.5 px) and noised like VAE "
@@ -228,14 +241,15 @@ def markdown(results: list[dict], detection: list[dict], meta: dict) -> str:
         lines += [f"Attribute classifier on held-out images through the VAE: named-shape recall {c['named_shape_recall']:.3f}, "
                   f"false positives on absent shapes {c['absent_shape_false_positive_rate']:.3f}.", ""]
     lines += ["| row | dup sim95 | dup sim mean ± std | dup copies | dup align | dup align (non-copies) | dup colour align | "
-              "dup FD | novel sim95 | novel align | novel FD | mean transition step (dup) | ms / image |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "dup FD | novel sim95 | novel align | novel bg | novel FD | mean transition step (dup; never) | ms / image |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         d, n = r["duplicated"], r["novel"]
-        mts = "—" if d["mean_transition_step"] is None else f"{d['mean_transition_step']:.1f}"
+        mts = "—" if d["mean_transition_step"] is None else f"{d['mean_transition_step']:.1f}; {d['never_switched']}"
+        nbg = "—" if n.get("background_alignment") is None else f"{n['background_alignment']:.2f}"
         anc = "—" if d["alignment_non_copies"] is None else f"{d['alignment_non_copies']:.2f}"
         lines.append(f"| {r['row']} | {d['sim95']:.3f} | {d['sim_mean']:.3f} ± {d['sim_std']:.3f} | {d['copy_fraction']:.2f} | "
-                     f"{d['alignment']:.2f} | {anc} | {d['colour_alignment']:.2f} | {d['frechet']:.1f} | {n['sim95']:.3f} | {n['alignment']:.2f} | {n['frechet']:.1f} | "
+                     f"{d['alignment']:.2f} | {anc} | {d['colour_alignment']:.2f} | {d['frechet']:.1f} | {n['sim95']:.3f} | {n['alignment']:.2f} | {nbg} | {n['frechet']:.1f} | "
                      f"{mts} | {d['seconds_per_image'] * 1000:.1f} |")
     cfg = next(r for r in results if r["row"] == "cfg")
     floor = check["non_copies"]["p95"]
