@@ -13,7 +13,7 @@ import numpy as np
 
 from basinguard.errors import BasinguardError
 from basinguard.runtime.files import write_atomic  # one crash-safe writer, shared with the batch job
-from basinguard.runtime.guidance import POLICY_NAMES
+from basinguard.runtime.guidance import POLICY_NAMES, pre_scale_problem
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
 SCHEDULER_CHOICES = ("ddim", "dpm++2m", "euler", "pndm")
@@ -41,13 +41,23 @@ def positive_int(text: str) -> int:
     return value
 
 
-def output_file(arg: str, flag: str, suffixes: tuple[str, ...] | None = None) -> Path:
-    """A file path the command will write: not an existing directory, with one of `suffixes` if given."""
+def output_file(arg: str, flag: str, suffixes: tuple[str, ...] | None = None, count: int = 1) -> Path:
+    """A file path the command will write (`count` of them, see `indexed`), checked before any work: not a
+    directory, a parent that is one (or can be made), one of `suffixes` if given, a name short enough."""
     path = Path(arg)
+    targets = [indexed(path, k, count) for k in range(count)]
+    if any(len(f".{target.name}.tmp".encode()) > 255 for target in targets):  # write_atomic's temporary name too
+        raise BasinguardError(f"{flag} {arg}: file name too long (at most 250 bytes)")
     if path.is_dir():
         raise BasinguardError(f"{flag} {arg} is a directory; give a file path")
     if suffixes and path.suffix.lower() not in suffixes:
         raise BasinguardError(f"{flag} {arg} must end in {' or '.join(suffixes)}")
+    for target in targets:
+        if target.is_dir():
+            raise BasinguardError(f"{flag} {target} is a directory; give a file path")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise BasinguardError(f"{flag} {arg}: {parent} is a file, not a directory")
     return path
 
 
@@ -97,9 +107,8 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> Sampling
 
     name = pick("policy")
     applied = (pick("mitigation") or "og-dtp") if name == "auto" else name  # the policy --pre-scale would feed
-    if args.pre_scale is not None and applied not in ("stp", "dtp"):
-        raise BasinguardError(f"--pre-scale applies to stp and dtp only, not {applied}"
-                              + (" (its pre-switch scale is -(--opposite-scale))" if applied.startswith("og-") else ""))
+    if args.pre_scale is not None and pre_scale_problem(applied):
+        raise BasinguardError(f"--{pre_scale_problem(applied)}")
     policy = PolicyConfig(name=pick("policy"), guidance_scale=pick("guidance_scale"), transition_t=pick("transition_t"),
                           pre_scale=pick("pre_scale"), opposite_scale=pick("opposite_scale"),
                           detect_threshold=pick("detect_threshold"), mitigation=pick("mitigation") or "og-dtp")
@@ -112,8 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.num_images < 1:
         raise BasinguardError(f"--num-images must be >= 1 (got {args.num_images})")
-    out = output_file(args.out, "--out", (".png", ".npy"))
-    trace = output_file(args.trace, "--trace") if args.trace else None
+    out = output_file(args.out, "--out", (".png", ".npy"), args.num_images)
+    trace = output_file(args.trace, "--trace", (".json",), args.num_images) if args.trace else None
     pipe = Pipeline(model_dir(args.model), provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
     n = args.num_images
@@ -123,15 +132,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
             latents = np.load(args.latents)
         except (OSError, ValueError) as exc:
             raise BasinguardError(f"cannot read --latents {args.latents}: {exc}") from None
+        if not isinstance(latents, np.ndarray):  # an .npz archive
+            raise BasinguardError(f"--latents must be one .npy array (got {type(latents).__name__} from {args.latents})")
         if latents.ndim != 4 or len(latents) == 0:
             raise BasinguardError(f"--latents must have shape (N, C, h, w) with N >= 1; got {latents.shape}")
-        if not np.issubdtype(latents.dtype, np.floating) or not np.isfinite(latents).all():
-            raise BasinguardError(f"--latents must hold finite real numbers (got dtype {latents.dtype}"
-                                  f"{'' if not np.issubdtype(latents.dtype, np.floating) else ' with NaN or inf'})")
+        real = np.issubdtype(latents.dtype, np.floating)
+        with np.errstate(over="ignore"):  # the denoising loop runs in float32: a float64 beyond its range is inf
+            if not real or not np.isfinite(latents.astype(np.float32)).all():
+                raise BasinguardError(f"--latents must hold finite real numbers within float32's range (got dtype "
+                                      f"{latents.dtype}{' with NaN, inf or |x| > 3.4e38' if real else ''})")
         if args.num_images not in (1, len(latents)):
             raise BasinguardError(f"--num-images {args.num_images} but --latents holds {len(latents)} images; "
                                   "the latents decide the count")
         n = len(latents)
+        output_file(args.out, "--out", None, n)  # the indexed names of N images
+        if trace is not None:
+            output_file(args.trace, "--trace", None, n)
     seeds = [args.seed + k for k in range(n)]
     gens = pipe.generate([args.prompt] * n, sampling, seeds=None if latents is not None else seeds,
                          negative_prompts=[args.negative_prompt] * n, latents=latents)
@@ -193,6 +209,8 @@ def cmd_build_engines(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from basinguard.demo import run_demo
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise BasinguardError(f"--out {args.out} is a file; the demo writes a report folder")
     report = run_demo(model_dir(args.model), Path(args.out), seeds=args.seeds, provider=args.provider,
                       threads=args.threads)
     print(f"report: {report.resolve()}")
@@ -261,7 +279,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     resolved = check_settings(sampling, pipe)
     seeds = [args.seed + k for k in range(args.seeds)]
 
-    def score_file(path: str) -> tuple[list[int], list[str], list[float]]:
+    def score_file(path: str):  # -> (the first image task of each usable line, its score)
         parsed = read_prompts(Path(path), pipe, sampling)
         for err in parsed.errors:
             print(f"basinguard detect: {path}: {err}", file=sys.stderr)
@@ -280,18 +298,21 @@ def cmd_detect(args: argparse.Namespace) -> None:
             scores[ks] = detection_scores(pipe, [first[k].prompt for k in ks], group_sampling, seeds,
                                           steps=args.detect_steps, batch_size=args.batch_size,
                                           negative_prompts=[first[k].negative_prompt for k in ks])
-        return [t.line for t in first], [t.prompt for t in first], scores.tolist()
+        return first, scores.tolist()
 
     if not args.calibrate:
-        lines, prompts, scores = score_file(args.prompts)
-        threshold = args.detect_threshold
-        print("line\tscore" + ("\tflagged" if threshold is not None else "") + "\tprompt")
-        for line, prompt, score in zip(lines, prompts, scores, strict=True):
-            flag = f"\t{'yes' if score > threshold else 'no'}" if threshold is not None else ""
-            print(f"{line}\t{score:.6g}{flag}\t{prompt}")
+        first, scores = score_file(args.prompts)
+        # A line's own detect_threshold (else the flag's), as `auto` in batch would gate that line.
+        thresholds = [t.sampling.policy.detect_threshold for t in first]
+        flagging = any(th is not None for th in thresholds)
+        print("line\tscore" + ("\tflagged" if flagging else "") + "\tprompt")
+        for t, score, th in zip(first, scores, thresholds, strict=True):
+            flag = ("\t-" if th is None else f"\t{'yes' if score > th else 'no'}") if flagging else ""
+            prompt = t.prompt.replace("\t", "\\t").replace("\n", "\\n")  # one row per line, whatever the prompt
+            print(f"{t.line}\t{score:.6g}{flag}\t{prompt}")
         return
-    _, _, pos = score_file(args.memorized)
-    _, _, neg = score_file(args.normal)
+    _, pos = score_file(args.memorized)
+    _, neg = score_file(args.normal)
     try:
         result = calibrate(pos, neg, fpr=args.fpr)
     except ValueError as exc:
@@ -407,6 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except BasinguardError as exc:
         print(f"basinguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the checks could not foresee (full disk, permissions): one line, not a traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"basinguard {args.command}: error: cannot read or write{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"basinguard {args.command}: interrupted", file=sys.stderr)

@@ -268,13 +268,17 @@ def test_each_bad_line_is_reported_even_when_an_earlier_one_had_the_same_values(
         '{"prompt": "a castle", "scheduler": "nope"}',
         '{"prompt": "a tree", "scheduler": "nope"}',
         '{"prompt": "a dog", "policy": "og-stp", "pre_scale": 3}',  # og-* takes -opposite_scale, as the CLI says
+        '{"prompt": "a dog", "policy": "cfg", "pre_scale": 1}',  # cfg has no transition
+        '{"prompt": "a dog", "policy": "auto", "detect_threshold": 1, "mitigation": "og-dtp", "pre_scale": 3}',
+        '{"prompt": "bad \\ud800 x"}',  # a lone surrogate escape: valid JSON, not writable as UTF-8
     ]) + "\n")
     out = tmp_path / "out"
     assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip")) == 0
     stdout = capsys.readouterr().out
-    assert "skipped lines: 5" in stdout
+    assert "skipped lines: 8" in stdout
     for n, what in ((2, "num_inference_steps"), (3, "num_inference_steps"), (4, "unknown scheduler"),
-                    (5, "unknown scheduler"), (6, "pre_scale does not apply to og-*")):
+                    (5, "unknown scheduler"), (6, "not og-stp"), (7, "not cfg"), (8, "not og-dtp"),
+                    (9, "not valid Unicode")):
         assert any(line.strip().startswith(f"line {n}:") and what in line for line in stdout.splitlines()), (n, what)
     assert_complete(out, ["000001-000"])
 
@@ -328,7 +332,16 @@ def test_resume_refuses_another_scheduler_or_model(tiny_onnx_dir, tmp_path, caps
     os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))
     assert cli_main(batch_args(other, prompts, out, "--steps", "3")) == 2
     assert "different model" in capsys.readouterr().err
+    more = tmp_path / "more.txt"  # no image id in common: still one OUT_DIR, one model
+    more.write_text("\na blue dog\n")
+    assert cli_main(batch_args(other, more, out, "--steps", "3")) == 2
+    assert "different model" in capsys.readouterr().err
     assert_complete(out, ["000001-000"])
+    mf = out / "manifest.jsonl"
+    entry = json.loads(mf.read_text())
+    mf.write_text(json.dumps({**entry, "file": None}) + "\n")  # a hand-edited entry: named, not a traceback
+    assert cli_main(args) == 2
+    assert "line 1 is corrupt" in capsys.readouterr().err
 
 
 def test_a_deleted_png_is_made_again_and_listed_once(tiny_onnx_dir, tmp_path, capsys):

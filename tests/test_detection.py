@@ -114,6 +114,12 @@ def test_score_uses_each_line_negative_prompt_as_auto_does(pipe, tmp_path, capsy
     assert cli_main(["detect", str(lines), "--model", str(pipe.folder.path), "--threads", "1", "--steps", "4"]) == 0
     rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()[1:]]
     np.testing.assert_allclose([float(r[1]) for r in rows], [gated, plain[0]], rtol=1e-4)
+    # A line's own detect_threshold flags it, as auto would gate it in batch; a line without one uses the flag's.
+    lines.write_text(json.dumps({"prompt": PROMPTS[0], "detect_threshold": plain[0] / 2}) + "\n"
+                     + json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    assert cli_main(["detect", str(lines), "--model", str(pipe.folder.path), "--threads", "1", "--steps", "4",
+                     "--detect-threshold", str(plain[0] * 2)]) == 0
+    assert [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()[1:]] == ["yes", "no"]
 
 
 def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):

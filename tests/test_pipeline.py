@@ -171,6 +171,10 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
     np.save(tmp_path / "nan_lat.npy", np.full((1, 4, size, size), np.nan, np.float32))
     np.save(tmp_path / "two_lat.npy", np.zeros((2, 4, size, size), np.float32))
     (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "q-1.png").mkdir()  # where image 1 of 2 of --out q.png would go
+    np.savez(tmp_path / "lat.npz", a=np.zeros((1, 4, size, size), np.float32))
+    np.save(tmp_path / "huge_lat.npy", np.full((1, 4, size, size), 1e300))
     cases = [
         (["--height", "18"], "height 18 not allowed: must be a multiple of"),
         (["--width", "0"], "width 0 not allowed"),
@@ -187,6 +191,12 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         (["--out", str(tmp_path / "a_dir")], "is a directory"),
         (["--out", str(tmp_path / "o.jpg")], "must end in .png or .npy"),
         (["--trace", str(tmp_path / "a_dir")], "--trace"),
+        (["--trace", str(tmp_path / "o.png")], "--trace"),  # the trace would overwrite the image
+        (["--out", str(tmp_path / "a_file" / "o.png")], "is a file, not a directory"),
+        (["--out", str(tmp_path / ("x" * 300 + ".png"))], "file name too long"),
+        (["--num-images", "2", "--out", str(tmp_path / "q.png")], "q-1.png is a directory"),
+        (["--latents", str(tmp_path / "lat.npz")], "--latents must be one .npy array"),
+        (["--latents", str(tmp_path / "huge_lat.npy")], "within float32's range"),
         (["--num-images", "0"], "--num-images must be >= 1"),
         (["--seed", "-1"], "seed -1 not allowed: seeds must be integers >= 0"),
     ]
@@ -200,6 +210,8 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         proc = run_cli("generate", "--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "o.png"))
         assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
     assert not list(tmp_path.glob(".*.tmp")) and not list(Path.cwd().glob(".a_dir.tmp"))  # nothing half-written
+    proc = run_cli("demo", "--threads", "1", "--out", str(tmp_path / "a_file"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "is a file" in proc.stderr, proc.stderr
     proc = run_cli("demo", "--model", str(tiny_onnx_dir), "--threads", "1", "--out", str(tmp_path / "demo"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no usable memorization/" in proc.stderr
     for extra, message in ((["--scheduler", "lms"], "invalid choice"), (["--policy", "nope"], "invalid choice"),

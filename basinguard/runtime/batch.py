@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from basinguard.errors import BasinguardError
 from basinguard.runtime.files import fsync_dir, write_atomic
+from basinguard.runtime.guidance import pre_scale_problem
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import Scheduler
@@ -222,6 +223,10 @@ def _typed(name: str, value: Any) -> Any:
     if want is str:
         if not isinstance(value, str):
             raise ValueError(f"field {name!r} must be text, got {json.dumps(value)}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape ("\\ud800"): it could never be written to the manifest
+            raise ValueError(f"field {name!r} is not valid Unicode (a lone surrogate escape)") from None
         return value
     if isinstance(value, str):  # CSV
         try:
@@ -263,8 +268,9 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
     policy_overrides = {attr: fields[name] for name, attr in POLICY_FIELDS.items() if fields.get(name) is not None}
     sampling_overrides = {name: fields[name] for name in SAMPLING_FIELDS if fields.get(name) is not None}
     sampling = replace(base, policy=replace(base.policy, **policy_overrides), **sampling_overrides)
-    if sampling.policy.name.startswith("og-") and "pre_scale" in policy_overrides:
-        raise ValueError("pre_scale does not apply to og-* policies; their pre-switch scale is -opposite_scale")
+    applied = sampling.policy.mitigation if sampling.policy.name == "auto" else sampling.policy.name
+    if "pre_scale" in policy_overrides and pre_scale_problem(applied):
+        raise ValueError(f"field {pre_scale_problem(applied)}")
     if sampling not in resolved:  # most lines share settings: validate each distinct one once
         checked = checker.resolve(sampling)
         checker.make_scheduler(checked)  # steps and scheduler name checked against the model
@@ -361,7 +367,8 @@ def iter_manifest(path: Path) -> Iterator[dict]:
                 continue
             try:
                 entry = json.loads(line)
-                entry["id"]  # noqa: B018 - every entry must carry its image id
+                if not isinstance(entry["id"], str) or not isinstance(entry.get("file", ""), str):
+                    raise TypeError("id and file must be text")
             except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
                 raise BatchError(f"{path} line {number} is corrupt (not a manifest entry); fix or remove that line "
                                  "and restart: its image will be made again") from None
@@ -458,6 +465,10 @@ def prepare_output(out_dir: Path) -> dict[str, dict]:
 def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: Path, model: dict) -> None:
     """Refuse to mix jobs: an image id already in the manifest must describe the same image, made by the same
     model (`model_identity`)."""
+    other_model = next((e for e in done.values() if (e.get("model") or {}).get("id") != model["id"]), None)
+    if other_model is not None:  # even where no image id overlaps: one OUT_DIR, one model
+        raise BatchError(f"{out_dir / MANIFEST} already has image {other_model['id']} made by a different model (its "
+                         "files changed, or another --model); use a new OUT_DIR, or the model it was made with")
     for task in tasks:
         entry = done.get(task.id)
         if entry is None:
@@ -466,8 +477,6 @@ def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: P
                 "policy": task.sampling.policy.parameters(), "scheduler": task.sampling.scheduler,
                 "steps": task.sampling.steps, "height": task.sampling.height, "width": task.sampling.width}
         diff = [k for k, v in want.items() if entry.get(k) != v]
-        if (entry.get("model") or {}).get("id") != model["id"]:
-            diff.append("model (its files changed, or another --model)")
         if diff:
             raise BatchError(f"{out_dir / MANIFEST} already has image {task.id} (line {task.line}) with a different "
                              f"{', '.join(diff)} than this job; it holds another job's output: restart with the same "

@@ -68,6 +68,15 @@ class PolicyConfig:
         return {k: v for k, v in asdict(self).items() if k in used}
 
 
+def pre_scale_problem(policy: str) -> str | None:
+    """Why a pre-scale (s_pre) given for `policy` (the one applied: auto's mitigation) would be ignored, or None.
+    Only stp and dtp take it; og-* use -opposite_scale, cfg has no transition."""
+    if policy in ("stp", "dtp"):
+        return None
+    why = " (its pre-switch scale is -(opposite scale))" if policy.startswith("og-") else ""
+    return f"pre-scale applies to stp and dtp only, not {policy}{why}"
+
+
 def _constant(n: int, value: float) -> np.ndarray:
     """One read-only scale array for every step. Right after a UNet call the CPU caches are cold and each numpy
     call costs 10-70 µs (measured on the shipped model), so the per-step policy work is kept to few calls."""
