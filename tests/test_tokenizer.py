@@ -186,7 +186,8 @@ def test_truncation_warns_with_dropped_words(sd1: tuple[Path, CLIPTokenizer]) ->
         ids = tok.encode(["short prompt", prompt])
     assert len(record) == 1
     message = str(record[0].message)
-    assert message.startswith("prompt 1 has 84 tokens") and "purple" not in message
+    head = prompt[:40] + "…"  # the prompt is named by its text, not by its row in the [e_∅; e_p] batch
+    assert message.startswith(f"prompt {head!r} has 84 tokens") and "purple" not in message
     dropped = sd1[1](prompt)["input_ids"][1:-1][75:]
     assert message.endswith(f"dropped: {' '.join(sd1[1].decode(dropped).split())!r}")
     assert message.endswith("dropped: 'elephant über - bäume !'")  # CLIP ids mark word ends, not punctuation

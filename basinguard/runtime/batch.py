@@ -516,6 +516,8 @@ class BatchJob:
             raise BatchError(f"prompt file {self.prompts} not found")
         if self.batch_size < 1:
             raise BatchError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise BatchError(f"--seed must be an integer >= 0 (got {self.seed!r})")
         if not 1 <= self.images_per_prompt <= MAX_IMAGES_PER_LINE:
             raise BatchError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_LINE}] (got {self.images_per_prompt})")
         if self.on_error not in ON_ERROR:

@@ -332,7 +332,8 @@ class PromptTokenizer:
         for row, prompt in enumerate(prompts):
             ids = self.tokenize(prompt)
             if len(ids) > room:
-                warnings.warn(f"prompt {row} has {len(ids)} tokens but the text encoder takes {room}; dropped: "
+                head = prompt if len(prompt) <= 40 else prompt[:40] + "…"  # the text, not its row in [e_∅; e_p]
+                warnings.warn(f"prompt {head!r} has {len(ids)} tokens but the text encoder takes {room}; dropped: "
                               f"{self.decode(ids[room:])!r}", PromptTruncatedWarning, stacklevel=2)
                 ids = ids[:room]
             out[row, : len(ids) + 2] = [self.bos_id, *ids, self.eos_id]
