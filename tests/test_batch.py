@@ -257,6 +257,9 @@ def test_csv_and_txt_errors_name_their_lines(tiny_onnx_dir, tmp_path):
     parsed = read_prompts(txt, spec, SamplingConfig(steps=2))
     assert [(t.line, t.prompt) for t in parsed.tasks] == [(1, "a cat"), (5, "a dog")]
     assert [e.line for e in parsed.errors] == [3, 4]
+    txt.write_bytes(b"a cat\ra dog\r\na cow\n")  # old-Mac, Windows and Unix line ends
+    parsed = read_prompts(txt, spec, SamplingConfig(steps=2))
+    assert [(t.line, t.prompt) for t in parsed.tasks] == [(1, "a cat"), (2, "a dog"), (3, "a cow")]
 
 
 def test_each_bad_line_is_reported_even_when_an_earlier_one_had_the_same_values(tiny_onnx_dir, tmp_path, capsys):

@@ -161,9 +161,9 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
     if kind == ".csv":
         yield from _csv_records(path, data)
         return
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    for number, raw in enumerate(data.splitlines(), start=1):  # \n, \r\n or a lone \r, as the CSV reader splits
         try:
-            text = raw.decode("utf-8").removesuffix("\r")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             yield number, LineError(number, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
             continue
