@@ -18,11 +18,13 @@ import pytest
 from PIL import Image
 
 from basinguard.cli import main as cli_main
+from basinguard.engine.fusion import FUSED_SUFFIX
 from basinguard.runtime.batch import (
     BatchJob,
     SpecChecker,
     derive_seed,
     generate_batch,
+    model_identity,
     pack,
     read_prompts,
     run_batch,
@@ -291,12 +293,15 @@ def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir
     prompts.write_text("a red cat\na blue dog\n")
     out = tmp_path / "out"
     for flags, message in ((["--guidance-scale", "-1"], "job settings: guidance scale must be >= 0"),
-                           (["--transition-t", "5000"], "job settings: transition t must be in [0, 1000]"),
-                           (["--policy", "auto"], "job settings: policy 'auto' needs a detection threshold")):
+                           (["--transition-t", "5000"], "job settings: transition t must be in [0, 1000]")):
         assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip", *flags)) == 2, flags
         err = capsys.readouterr().err
         assert message in err and "line 1" not in err, err
         assert not out.exists()
+    # auto without a threshold: lines may carry their own, so each line without one is what is reported
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, tmp_path / "auto", "--policy", "auto", "--on-error", "skip")) == 2
+    err = capsys.readouterr().err
+    assert "line 1: policy 'auto' needs a detection threshold" in err and "has no usable prompt lines" in err
     assert cli_main(batch_args(tiny_onnx_dir, tmp_path / "missing.txt", out)) == 2
     assert "prompt file" in capsys.readouterr().err and not out.exists()
     empty = tmp_path / "empty.txt"
@@ -345,6 +350,29 @@ def test_resume_refuses_another_scheduler_or_model(tiny_onnx_dir, tmp_path, caps
     mf.write_text(json.dumps({**entry, "file": None}) + "\n")  # a hand-edited entry: named, not a traceback
     assert cli_main(args) == 2
     assert "line 1 is corrupt" in capsys.readouterr().err
+
+
+def test_auto_job_whose_lines_carry_their_thresholds(tiny_onnx_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red cat", "detect_threshold": 0}\n{"prompt": "a blue dog"}\n')
+    out = tmp_path / "out"
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--steps", "3", "--policy", "auto", "--on-error", "skip")) == 0
+    stdout = capsys.readouterr().out
+    assert "skipped lines: 1" in stdout and "line 2: policy 'auto' needs a detection threshold" in stdout
+    (entry,) = assert_complete(out, ["000001-000"])
+    assert entry["flagged"] is True  # d > 0 at the first step: the line's own threshold gated it
+
+
+def test_model_identity_ignores_caches_written_beside_the_model(tiny_onnx_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_onnx_dir, model)
+    before = model_identity(model)["id"]
+    (model / "unet" / f"model{FUSED_SUFFIX}").write_bytes(b"a CPU load's fused graph")  # not part of the model
+    (model / "unet" / ".model.onnx.tmp").write_bytes(b"")
+    assert model_identity(model)["id"] == before
+    config = model / "vae_decoder" / "config.json"  # a config is part of the model
+    config.write_text(config.read_text() + " ")
+    assert model_identity(model)["id"] != before
 
 
 def test_a_deleted_png_is_made_again_and_listed_once(tiny_onnx_dir, tmp_path, capsys):

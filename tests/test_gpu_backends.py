@@ -106,6 +106,8 @@ def test_dynamic_profiles_span_batch_n_to_2n_and_the_size_range() -> None:
 
 
 def test_defaults_are_the_native_size_and_min_batch_can_go_lower() -> None:
+    (wide,) = role_profiles("unet", BuildSpec(), 8, (512, 768), 64)  # a non-square native size: (h, w) kept
+    assert wide.latent == ((64, 96),) * 3
     (unet,) = role_profiles("unet", BuildSpec(batch=3, min_batch=1), 8, 768, 64, seq_len=64)
     assert unet.batch == (1, 6, 6) and unet.latent == ((96, 96),) * 3 and unet.seq_len == 64
 

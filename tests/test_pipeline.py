@@ -220,11 +220,16 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
 
 
-def test_non_finite_model_output_is_an_error_not_an_image(ours, monkeypatch):
-    vae = ours.vae_decoder
-    real_run = vae.run
-    monkeypatch.setattr(vae, "run", lambda feed: {k: v * np.nan for k, v in real_run(feed).items()})
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_model_output_is_an_error_not_an_image(ours, monkeypatch, bad):
+    vae, unet = ours.vae_decoder, ours.unet.model
+    real_vae, real_unet = vae.run, unet.run
+    monkeypatch.setattr(vae, "run", lambda feed: {k: v * bad for k, v in real_vae(feed).items()})
     with pytest.raises(EngineError, match="the VAE decoder produced NaN or infinite values"):
+        ours.generate(["x"], SamplingConfig(steps=2), seeds=[0])
+    monkeypatch.setattr(vae, "run", real_vae)
+    monkeypatch.setattr(unet, "run", lambda feed: {k: v * bad for k, v in real_unet(feed).items()})
+    with pytest.raises(EngineError, match="the denoising loop"):
         ours.generate(["x"], SamplingConfig(steps=2), seeds=[0])
 
 

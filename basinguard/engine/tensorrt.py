@@ -113,9 +113,10 @@ class RoleProfile:
         return text
 
 
-def resolve_sizes(spec: BuildSpec, native: int, multiple: int) -> tuple[HW, HW, HW]:
-    """(min, opt, max) image sizes in pixels, checked: multiples of `multiple`, min <= opt <= max per side."""
-    opt = spec.image or (native, native)
+def resolve_sizes(spec: BuildSpec, native: int | HW, multiple: int) -> tuple[HW, HW, HW]:
+    """(min, opt, max) image sizes in pixels, checked: multiples of `multiple`, min <= opt <= max per side.
+    `native`: the model's own (height, width), or one side of a square."""
+    opt = spec.image or (native if isinstance(native, tuple) else (native, native))
     lo, hi = spec.min_image or opt, spec.max_image or opt
     for what, hw in (("min", lo), ("opt", opt), ("max", hi)):
         for side, value in zip(("height", "width"), hw):
@@ -126,7 +127,7 @@ def resolve_sizes(spec: BuildSpec, native: int, multiple: int) -> tuple[HW, HW, 
     return lo, opt, hi
 
 
-def role_profiles(role: str, spec: BuildSpec, vae_factor: int, native: int, multiple: int,
+def role_profiles(role: str, spec: BuildSpec, vae_factor: int, native: int | HW, multiple: int,
                   seq_len: int = DEFAULT_SEQ_LEN) -> list[RoleProfile]:
     """The optimization profiles of one model.
 
@@ -554,8 +555,8 @@ def _recording_logger(trt):  # -> trt.ILogger that keeps errors (for OOM detecti
 # --------------------------------------------------------------------------------------------------- builds
 
 
-def _model_geometry(onnx_dir: Path) -> tuple[int, int, int, int]:
-    """(VAE factor, native image size, size multiple, token length) from the exported folder's configs."""
+def _model_geometry(onnx_dir: Path) -> tuple[int, HW, int, int]:
+    """(VAE factor, native (height, width), size multiple, token length) from the exported folder's configs."""
     from basinguard.runtime.model_folder import ModelFolder  # lazy: the engine package does not need runtime
 
     folder = ModelFolder.open(onnx_dir)
@@ -567,7 +568,7 @@ def _model_geometry(onnx_dir: Path) -> tuple[int, int, int, int]:
         value = None
     if isinstance(value, int) and 2 < value <= 4096:  # huge sentinels (1e30) mean "unset"
         seq_len = value
-    return folder.vae_scale_factor, folder.default_size, folder.size_multiple, seq_len
+    return folder.vae_scale_factor, folder.default_image, folder.size_multiple, seq_len
 
 
 def _timing_cache_path(cache_dir: Path, env: EngineEnv) -> Path:

@@ -25,9 +25,9 @@ Nothing lost, nothing twice
   OUT_DIR/.lock is held with flock for the whole job (the kernel drops it when the process dies), so a second
   job on the same OUT_DIR refuses. Each image is written to `.<id>.png.tmp` and renamed; only then is its
   manifest line appended in one write and fsynced. On start the job removes leftover temporary files, cuts a
-  truncated last manifest line (a kill mid-append), merges Ray shards (`manifest.part-K.jsonl`) and skips
-  every image id the manifest already has, so a restart with the same arguments makes each missing image
-  exactly once. Manifest entries are checked against the prompt file, the settings and the model
+  truncated last manifest line (a kill mid-append), merges Ray shards (`manifest.part-K.jsonl`), drops the lines
+  of images whose PNG was deleted, and skips every image id the manifest still has, so a restart with the same
+  arguments makes each missing image exactly once. Manifest entries are checked against the prompt file, the settings and the model
   (`check_same_job`), so a different job's OUT_DIR is refused rather than mixed.
 """
 
@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 from basinguard.errors import BasinguardError
 from basinguard.runtime.files import fsync_dir, write_atomic
-from basinguard.runtime.guidance import pre_scale_problem
+from basinguard.runtime.guidance import POLICY_NAMES, pre_scale_problem
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import Scheduler
@@ -269,8 +269,8 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
     sampling_overrides = {name: fields[name] for name in SAMPLING_FIELDS if fields.get(name) is not None}
     sampling = replace(base, policy=replace(base.policy, **policy_overrides), **sampling_overrides)
     applied = sampling.policy.mitigation if sampling.policy.name == "auto" else sampling.policy.name
-    if "pre_scale" in policy_overrides and pre_scale_problem(applied):
-        raise ValueError(f"field {pre_scale_problem(applied)}")
+    if "pre_scale" in policy_overrides and applied in POLICY_NAMES and pre_scale_problem(applied):
+        raise ValueError(f"field {pre_scale_problem(applied, 'pre_scale')}")  # (unknown names: validation says so)
     if sampling not in resolved:  # most lines share settings: validate each distinct one once
         checked = checker.resolve(sampling)
         checker.make_scheduler(checked)  # steps and scheduler name checked against the model
@@ -484,13 +484,18 @@ def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: P
 
 
 def model_identity(folder: Path) -> dict:
-    """A cheap identity of a model folder: its path and a hash of basinguard.json and each model file's size+mtime."""
+    """A cheap identity of a model folder: its path and a hash of basinguard.json and each model file's size+mtime.
+    Only the model's own files (ONNX, external data, configs): not caches a backend writes beside them, such as the
+    CPU's fused-attention graph, or a CPU run would make every earlier job on the folder "another model"."""
+    from basinguard.engine.tensorrt import onnx_files  # the same rule the TensorRT plan key uses
+
     folder = Path(folder).resolve()
     h = hashlib.sha256()
     if (folder / "basinguard.json").is_file():
         h.update((folder / "basinguard.json").read_bytes())
     for part in ("text_encoder", "unet", "vae_decoder"):
-        for f in sorted((folder / part).glob("*")):
+        files = [*onnx_files(folder / part / "model.onnx"), *sorted((folder / part).glob("*.json"))]
+        for f in files:
             if f.is_file():
                 st = f.stat()
                 h.update(f"{part}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -513,7 +518,8 @@ class BatchJob:
 
     def validate(self) -> None:
         if not Path(self.prompts).is_file():  # before OUT_DIR is created or any model loads
-            raise BatchError(f"prompt file {self.prompts} not found")
+            what = "is a directory" if Path(self.prompts).is_dir() else "not found"
+            raise BatchError(f"prompt file {self.prompts} {what}")
         if self.batch_size < 1:
             raise BatchError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -553,8 +559,11 @@ class BatchSummary:
 def check_settings(sampling: SamplingConfig, checker: Checker) -> SamplingConfig:
     """The job's own settings (its flags), checked once before any line, since a bad flag is not every line's
     fault; returns them resolved against the model."""
+    policy = sampling.policy
+    if policy.name == "auto" and policy.detect_threshold is None:  # lines may each set detect_threshold
+        sampling = replace(sampling, policy=replace(policy, detect_threshold=0.0))  # a stand-in, for the check
     try:
-        resolved = checker.resolve(sampling)
+        resolved = replace(checker.resolve(sampling), policy=policy)
         checker.make_scheduler(resolved)
     except BasinguardError as exc:
         raise BatchError(f"job settings: {exc}") from None

@@ -68,13 +68,13 @@ class PolicyConfig:
         return {k: v for k, v in asdict(self).items() if k in used}
 
 
-def pre_scale_problem(policy: str) -> str | None:
-    """Why a pre-scale (s_pre) given for `policy` (the one applied: auto's mitigation) would be ignored, or None.
-    Only stp and dtp take it; og-* use -opposite_scale, cfg has no transition."""
+def pre_scale_problem(policy: str, name: str = "pre-scale") -> str | None:
+    """Why a pre-scale (s_pre, called `name` where it was given) for `policy` (the one applied: auto's mitigation)
+    would be ignored, or None. Only stp and dtp take it; og-* use -opposite_scale, cfg has no transition."""
     if policy in ("stp", "dtp"):
         return None
     why = " (its pre-switch scale is -(opposite scale))" if policy.startswith("og-") else ""
-    return f"pre-scale applies to stp and dtp only, not {policy}{why}"
+    return f"{name} applies to stp and dtp only, not {policy}{why}"
 
 
 def _constant(n: int, value: float) -> np.ndarray:

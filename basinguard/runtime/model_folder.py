@@ -96,8 +96,8 @@ class ModelFolder:
         size = self.unet_config.get("sample_size", 64)
         if isinstance(size, list) and len(size) == 2:
             h, w = (_positive_int(v, "sample_size", where) for v in size)
-        elif isinstance(size, int) and not isinstance(size, bool):
-            h = w = _positive_int(size, "sample_size", where)
+        elif isinstance(size, int | float) and not isinstance(size, bool):
+            h = w = _positive_int(size, "sample_size", where)  # 64.0 too, as int() read it before
         else:
             raise ModelFolderError(f"corrupt config {where}: sample_size must be a positive integer or "
                                    f"[height, width], not {size!r}")

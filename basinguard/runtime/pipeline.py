@@ -95,7 +95,7 @@ def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np
             np.sqrt(np.vecdot(flat, flat), out=gap[i])  # d_t, free: both halves are here
             scale[i] = policy.scale(i, t, gap[i])
             # ε̂ = ε_∅ + s · (ε_p − ε_∅), per sample
-            np.multiply(guidance, scale[i, :, None, None, None], out=guidance, casting="same_kind")
+            np.multiply(guidance, scale[i, :, None, None, None].astype(x.dtype), out=guidance)
             eps = np.add(eps_uncond, guidance, out=eps_uncond)
         else:  # the policy guarantees scale 0 here: ε̂ = ε_∅, at batch N
             eps = unet(x_in, t, e_uncond)
@@ -105,11 +105,10 @@ def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np
     return x, gap, scale
 
 
-def check_finite(values: np.ndarray, stage: str) -> np.ndarray:
+def check_finite(values: np.ndarray, stage: str) -> None:
     if not np.isfinite(values).all():
         raise EngineError(f"{stage} produced NaN or infinite values; no image is written (with fp16 models, "
                           "export in fp32 or keep the VAE in fp32)")
-    return values
 
 
 class UNetStage:
@@ -170,6 +169,7 @@ class Pipeline:
         z = latents / cfg.get("scaling_factor", 0.18215) + (cfg.get("shift_factor") or 0.0)
         with self.timer("vae"):
             img = self.vae_decoder.run({"latent_sample": z})["sample"].astype(np.float32, copy=False)
+        check_finite(img, "the VAE decoder")  # before the clip, which would turn an inf into a white pixel
         return np.clip(img / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
     def resolve(self, sampling: SamplingConfig) -> SamplingConfig:
@@ -217,8 +217,8 @@ class Pipeline:
         with self.timer("loop"):
             x, gap, scale = denoise(self.unet, scheduler, policy, x, e[:n], e)
         # A NaN/inf (e.g. fp16 overflow) would otherwise become a black or garbage PNG without a word.
-        check_finite(x, "the denoising loop (UNet outputs)")
-        pixels = check_finite(self.decode(x), "the VAE decoder")
+        check_finite(x, "the denoising loop (UNet outputs, or the latents given)")
+        pixels = self.decode(x)
         return [Generation(pixels[k], self._trace(k, prompts, negative_prompts, seeds, sampling, scheduler,
                                                    policy, gap, scale)) for k in range(n)]
 

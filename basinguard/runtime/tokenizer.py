@@ -199,8 +199,23 @@ def _bare(tok: Tokenizer) -> Tokenizer:
     return bare
 
 
-def _added_tokens(folder: Path) -> list[tuple[int, AddedToken]]:
-    """Extra tokens from tokenizer_config.json's added_tokens_decoder (e.g. textual-inversion words)."""
+def _added_tokens(folder: Path, from_tokenizer_json: dict[int, AddedToken]) -> list[tuple[int, AddedToken]]:
+    """Extra tokens (e.g. textual-inversion words) from tokenizer_config.json's added_tokens_decoder, else from where
+    older transformers kept them: tokenizer.json's added_tokens (`from_tokenizer_json`) and added_tokens.json."""
+    found = {token.content: (index, token) for index, token in from_tokenizer_json.items()}
+    legacy = folder / "added_tokens.json"  # {content: id}, written before transformers 4.34
+    if legacy.is_file():
+        entries = _read_json(legacy)
+        if not isinstance(entries, dict) or not all(isinstance(v, int) for v in entries.values()):
+            raise ModelFolderError(f"corrupt {legacy}: expected an object of token → id")
+        for content, index in entries.items():
+            found.setdefault(content, (index, AddedToken(content)))
+    for index, token in _config_added_tokens(folder):
+        found[token.content] = (index, token)  # the config's own entry wins: it has the flags transformers used
+    return sorted(found.values(), key=lambda pair: pair[0])
+
+
+def _config_added_tokens(folder: Path) -> list[tuple[int, AddedToken]]:
     path = folder / "tokenizer_config.json"
     decoder = _read_json(path).get("added_tokens_decoder", {}) if path.exists() else {}
     if not isinstance(decoder, dict):
@@ -216,14 +231,15 @@ def _added_tokens(folder: Path) -> list[tuple[int, AddedToken]]:
     return added
 
 
-def _register_added(tok: Tokenizer, folder: Path, specials: dict[str, str]) -> dict[str, tuple[int, AddedToken]]:
+def _register_added(tok: Tokenizer, folder: Path, specials: dict[str, str],
+                    from_tokenizer_json: dict[int, AddedToken]) -> dict[str, tuple[int, AddedToken]]:
     """Added and special tokens, content → (id, token), for `_split_added` to find in the raw prompt.
 
     `tok` gets only CLIP's two literals, which the slow BPE regex also keeps whole in cleaned text; any other
     token there would match after lowercasing too ("SKS" as the added "sks"), which the slow tokenizer never does.
     """
     added = {}
-    for index, token in _added_tokens(folder):
+    for index, token in _added_tokens(folder, from_tokenizer_json):
         if tok.token_to_id(token.content) not in (None, index):
             raise ModelFolderError(f"{folder / 'tokenizer_config.json'}: added token {token.content!r} has id "
                                    f"{index} but the vocabulary gives it {tok.token_to_id(token.content)}")
@@ -287,8 +303,9 @@ class PromptTokenizer:
             tok = _clip_bpe(folder, specials["unk_token"])
         else:
             raise ModelFolderError(f"tokenizer folder {folder} has neither tokenizer.json nor vocab.json + merges.txt")
+        from_json = tok.get_added_tokens_decoder() if (folder / "tokenizer.json").is_file() else {}
         tok = _bare(tok)
-        added = _register_added(tok, folder, specials)
+        added = _register_added(tok, folder, specials, from_json)
         ids = {}
         for key in ("bos_token", "eos_token", "pad_token"):
             ids[key] = tok.token_to_id(specials[key])
