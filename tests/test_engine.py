@@ -106,6 +106,12 @@ def test_model_folder_reads_sample_size_as_an_integer_or_height_and_width(tmp_pa
     (lambda d: (d / "scheduler/scheduler_config.json").write_text('{"num_train_timesteps": null}'),
      r"scheduler_config.json: num_train_timesteps must"),
     (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": []}'), r"basinguard.json: sampling_defaults"),
+    (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"guidance_scale": "7"}}'),
+     r"sampling_defaults.guidance_scale must be a number, not '7'"),
+    (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"steps": 3.5}}'),
+     r"sampling_defaults.steps must be an integer"),
+    (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"policy": 3, "scheduler": null}}'),
+     r"sampling_defaults.policy must be text"),  # (a null scheduler is allowed: the model's own)
 ])
 def test_corrupt_model_folder_configs_are_model_folder_errors_naming_the_file(tmp_path: Path, damage,
                                                                                message: str) -> None:

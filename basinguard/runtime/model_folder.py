@@ -32,6 +32,15 @@ def read_json(path: Path) -> dict:
     return value
 
 
+# What each sampling default must be (the flag it stands in for); unknown keys are left to the commands.
+_DEFAULT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "policy": str, "mitigation": str, "scheduler": str, "steps": int, "transition_t": int,
+    "guidance_scale": (int, float), "pre_scale": (int, float), "opposite_scale": (int, float),
+    "detect_threshold": (int, float),
+}
+_MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold")  # null: the model's own scheduler, the usual default
+
+
 def _positive_int(value: object, what: str, path: Path) -> int:
     """`value` as an int (1000.0 too), or a ModelFolderError naming the file and the field."""
     if isinstance(value, float) and value.is_integer():
@@ -116,10 +125,17 @@ class ModelFolder:
     @property
     def sampling_defaults(self) -> dict:
         """Defaults the model carries (guidance scale, scheduler, steps, τ…), used where no flag says otherwise."""
+        where = self.path / "basinguard.json"
         defaults = self.manifest.get("sampling_defaults", {})
         if not isinstance(defaults, dict):
-            raise ModelFolderError(f"corrupt config {self.path / 'basinguard.json'}: sampling_defaults must be an "
-                                   f"object, not {defaults!r}")
+            raise ModelFolderError(f"corrupt config {where}: sampling_defaults must be an object, not {defaults!r}")
+        for key, value in defaults.items():  # a hand-edited "7" would otherwise fail deep inside a policy
+            want = _DEFAULT_TYPES.get(key)
+            if value is None and key in _MAY_BE_UNSET:
+                continue
+            if want is not None and (isinstance(value, bool) or not isinstance(value, want)):
+                kind = {str: "text", int: "an integer"}.get(want, "a number")
+                raise ModelFolderError(f"corrupt config {where}: sampling_defaults.{key} must be {kind}, not {value!r}")
         return dict(defaults)
 
     def check_size(self, height: int, width: int) -> None:
