@@ -36,6 +36,7 @@ from basinguard.runtime.batch import (
     ManifestWriter,
     SpecChecker,
     check_same_job,
+    forget,
     load_job,
     merge_parts,
     model_identity,
@@ -105,10 +106,11 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
     if workers is not None and workers < 1:
         raise BasinguardError(f"--ray-workers must be >= 1 (got {workers})")
     with output_lock(job.out_dir):
-        done = prepare_output(job.out_dir)
+        done, lost = prepare_output(job.out_dir)
         parsed = load_job(job, SpecChecker(model))
         identity = model_identity(model)
         check_same_job(parsed.tasks, done, job.out_dir, identity)
+        forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if not pending:
             return summarize(parsed, done, [], 0.0)

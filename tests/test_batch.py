@@ -380,6 +380,9 @@ def test_a_deleted_png_is_made_again_and_listed_once(tiny_onnx_dir, tmp_path, ca
     before = pixels(out / "000002-000.png")
     (out / "000002-000.png").unlink()
     (out / ".notes.tmp").write_text("the user's own file")
+    lines = (out / "manifest.jsonl").read_text()
+    assert cli_main([*args, "--seed", "99"]) == 2  # another job: refused, and the manifest left as it was
+    assert "different seed" in capsys.readouterr().err and (out / "manifest.jsonl").read_text() == lines
     assert cli_main(args) == 0
     captured = capsys.readouterr()
     assert "have no PNG any more" in captured.err and "2/2 done (1 this run, 1 already done)" in captured.out

@@ -106,6 +106,8 @@ def test_model_folder_reads_sample_size_as_an_integer_or_height_and_width(tmp_pa
     (lambda d: (d / "scheduler/scheduler_config.json").write_text('{"num_train_timesteps": null}'),
      r"scheduler_config.json: num_train_timesteps must"),
     (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": []}'), r"basinguard.json: sampling_defaults"),
+    (lambda d: (d / "vae_decoder/config.json").write_text('{"block_out_channels": [32], "scaling_factor": "x"}'),
+     r"vae_decoder/config.json: scaling_factor must be a finite number other than 0, not 'x'"),
     (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"guidance_scale": "7"}}'),
      r"sampling_defaults.guidance_scale must be a number, not '7'"),
     (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"steps": 3.5}}'),

@@ -438,9 +438,9 @@ def merge_parts(out_dir: Path) -> None:
     fsync_dir(out_dir)
 
 
-def prepare_output(out_dir: Path) -> dict[str, dict]:
-    """Under the lock: drop temporary files of a killed job, merge shards, forget entries whose PNG is gone (so the
-    image is made again), and return the finished entries by id."""
+def prepare_output(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
+    """Under the lock: drop temporary files of a killed job, merge shards; return the finished entries by id, and
+    the ids whose PNG is gone (`forget` them once the job is known to be this OUT_DIR's, so they are made again)."""
     for tmp in [*out_dir.glob(".*.png.tmp"), out_dir / f".{MANIFEST}.tmp"]:  # write_atomic's names for our files
         tmp.unlink(missing_ok=True)
     merge_parts(out_dir)
@@ -452,14 +452,19 @@ def prepare_output(out_dir: Path) -> dict[str, dict]:
             done.setdefault(entry["id"], slim(entry))
         else:
             lost.add(entry["id"])
-    lost -= done.keys()
-    if lost:  # rewrite without them, atomically: a kill now leaves the old manifest or the new one
-        kept = [line for line in manifest.read_bytes().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["id"] not in lost]
-        write_atomic(manifest, lambda p: p.write_bytes(b"".join(kept)), fsync=True)
-        print(f"basinguard batch: {len(lost)} image(s) in {manifest} have no PNG any more; they will be made again",
-              file=sys.stderr)
-    return done
+    return done, lost - done.keys()
+
+
+def forget(out_dir: Path, lost: set[str]) -> None:
+    """Drop the manifest lines of `lost` image ids, atomically: a kill leaves the old manifest or the new one."""
+    if not lost:
+        return
+    manifest = out_dir / MANIFEST
+    kept = [line for line in manifest.read_bytes().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["id"] not in lost]
+    write_atomic(manifest, lambda p: p.write_bytes(b"".join(kept)), fsync=True)
+    print(f"basinguard batch: {len(lost)} image(s) in {manifest} have no PNG any more; they will be made again",
+          file=sys.stderr)
 
 
 def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: Path, model: dict) -> None:
@@ -641,11 +646,12 @@ def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline]) -> Bat
     so that a busy OUT_DIR is refused before any model loads."""
     job.validate()
     with output_lock(job.out_dir):
-        done = prepare_output(job.out_dir)
+        done, lost = prepare_output(job.out_dir)
         pipe = pipeline if isinstance(pipeline, Pipeline) else pipeline()
         parsed = load_job(job, pipe)
         model = model_identity(pipe.folder.path)
         check_same_job(parsed.tasks, done, job.out_dir, model)
+        forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         new: list[dict] = []
         start = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,12 +81,24 @@ class ModelFolder:
                      read_json(path / "vae_decoder/config.json"), manifest)
         # Read every config value used later once now: a corrupt one is reported at open, naming its file.
         _ = (folder.default_image, folder.size_multiple, folder.latent_channels, folder.num_train_timesteps,
-             folder.sampling_defaults)
+             folder.sampling_defaults, folder.latent_scaling)
         return folder
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (_levels(self.vae_config, self.path / "vae_decoder/config.json", 4) - 1)
+
+    @property
+    def latent_scaling(self) -> tuple[float, float]:
+        """(scaling_factor, shift_factor) of the VAE latents: the decoder gets latents / scaling + shift (diffusers')."""
+        where = self.path / "vae_decoder/config.json"
+        scale, shift = self.vae_config.get("scaling_factor", 0.18215), self.vae_config.get("shift_factor") or 0.0
+        for name, value in (("scaling_factor", scale), ("shift_factor", shift)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or (
+                    name == "scaling_factor" and value == 0):
+                raise ModelFolderError(f"corrupt config {where}: {name} must be a finite number"
+                                       f"{' other than 0' if name == 'scaling_factor' else ''}, not {value!r}")
+        return float(scale), float(shift)
 
     @property
     def latent_channels(self) -> int:

@@ -165,8 +165,8 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents → float32 images (N, H, W, 3) in [0, 1], with the VAE's own scaling (and shift)."""
-        cfg = self.folder.vae_config
-        z = latents / cfg.get("scaling_factor", 0.18215) + (cfg.get("shift_factor") or 0.0)
+        scaling, shift = self.folder.latent_scaling
+        z = latents / np.float32(scaling) + np.float32(shift)
         with self.timer("vae"):
             img = self.vae_decoder.run({"latent_sample": z})["sample"].astype(np.float32, copy=False)
         check_finite(img, "the VAE decoder")  # before the clip, which would turn an inf into a white pixel
