@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from basinguard.errors import BasinguardError
-from basinguard.runtime.files import write_atomic  # one crash-safe writer, shared with the batch job
+from basinguard.files import temporary_name_fits, write_atomic
 from basinguard.runtime.guidance import POLICY_NAMES, pre_scale_problem
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
@@ -46,8 +46,8 @@ def output_file(arg: str, flag: str, suffixes: tuple[str, ...] | None = None, co
     directory, a parent that is one (or can be made), one of `suffixes` if given, a name short enough."""
     path = Path(arg)
     targets = [indexed(path, k, count) for k in range(count)]
-    if any(len(f".{target.name}.tmp".encode()) > 255 for target in targets):  # write_atomic's temporary name too
-        raise BasinguardError(f"{flag} {arg}: file name too long (at most 250 bytes)")
+    if not all(temporary_name_fits(target.name) for target in targets):  # write_atomic's temporary name too
+        raise BasinguardError(f"{flag} {arg}: file name too long")
     if path.is_dir():
         raise BasinguardError(f"{flag} {arg} is a directory; give a file path")
     if suffixes and path.suffix.lower() not in suffixes:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from basinguard.files import write_atomic
+
 MS_DOMAIN = "com.microsoft"
 # Bump whenever the rewrite changes: a cached `<name>.fused.onnx` written by another version is then rebuilt.
 FUSION_VERSION = 2
@@ -425,12 +427,10 @@ def fused_model(path: Path) -> tuple[bytes | str, int]:
         return str(path), 0
     if not external:
         return model.SerializeToString(), count
-    from basinguard.engine.tensorrt import _write_atomic  # one atomic writer for every cache file
-
     props = {p.key: p.value for p in model.metadata_props} | {_KEY_PROP: key, _COUNT_PROP: str(count)}
     onnx.helper.set_model_props(model, props)  # what the file was built from, checked before reuse
     try:  # the graph alone: its initializers still name the weight files beside it, which are not copied
-        _write_atomic(target, model.SerializeToString())
+        write_atomic(target, model.SerializeToString())
     except OSError:
         return str(path), 0
     return str(target), count

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -42,6 +41,7 @@ import numpy as np
 
 from basinguard.engine.base import EngineError, TensorSpec, conform
 from basinguard.engine.fusion import is_fusion_cache
+from basinguard.files import write_atomic
 
 ENGINE_DIR_ENV = "BASINGUARD_ENGINE_DIR"  # where plans live; default: ONNX_DIR/tensorrt
 CUDA_GRAPH_ENV = "BASINGUARD_CUDA_GRAPH"  # "1": capture CUDA graphs when a plan is static
@@ -241,27 +241,6 @@ def engine_dir(onnx_dir: Path) -> Path:
     return Path(env) if env else Path(onnx_dir) / "tensorrt"
 
 
-# The process's umask, read once at import (os.umask can only be read by setting it): written files get the
-# permissions open() would give them, not mkstemp's 0600, so a cache shared by users stays readable.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Unique temporary name, then rename: a kill or a concurrent builder (or loader) never leaves a half-written
-    file. Every cache file basinguard writes (plans, sidecars, digests, fused graphs) goes through here."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -306,7 +285,7 @@ def onnx_digest(onnx_path: Path, memo: Path | None = None) -> str:
         h.update(f"{path.name}:{entry['sha256']}\n".encode())
     if memo is not None and changed:
         try:
-            _write_atomic(memo, json.dumps(known, indent=1).encode())
+            write_atomic(memo, json.dumps(known, indent=1).encode())
         except OSError:
             pass  # a read-only cache only costs re-hashing next time
     return h.hexdigest()
@@ -626,7 +605,7 @@ def _serialize(onnx_path: Path, role: str, profiles: Sequence[RoleProfile], prec
     if serialized is None:
         raise build_failure(role, logger.errors, profiles)
     try:
-        _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
+        write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     except OSError as exc:
         warnings.warn(f"could not save the timing cache {timing_cache}: {exc}", stacklevel=2)
     return serialized, resolved
@@ -667,11 +646,11 @@ def store_plan(cache_dir: Path, fields: dict, serialized: Any, input_profiles: l
     key = plan_key(fields)
     plan, sidecar = plan_paths(cache_dir, fields["model"], key)
     data = memoryview(serialized)
-    _write_atomic(plan, data)
+    write_atomic(plan, data)
     record = {**fields, "key": key, "plan": plan.name, "plan_bytes": data.nbytes,
               "plan_sha256": hashlib.sha256(data).hexdigest(), "input_profiles": input_profiles,
               "onnx": str(onnx_path), "built_at": datetime.now(timezone.utc).isoformat(), "build_seconds": round(seconds, 1)}
-    _write_atomic(sidecar, json.dumps(record, indent=1).encode())
+    write_atomic(sidecar, json.dumps(record, indent=1).encode())
     return PlanRecord(plan, record)
 
 

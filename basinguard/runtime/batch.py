@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from basinguard.errors import BasinguardError
-from basinguard.runtime.files import fsync_dir, write_atomic
+from basinguard.files import fsync_dir, temporary_files, write_atomic
 from basinguard.runtime.guidance import POLICY_NAMES, pre_scale_problem
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
@@ -441,7 +441,7 @@ def merge_parts(out_dir: Path) -> None:
 def prepare_output(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
     """Under the lock: drop temporary files of a killed job, merge shards; return the finished entries by id, and
     the ids whose PNG is gone (`forget` them once the job is known to be this OUT_DIR's, so they are made again)."""
-    for tmp in [*out_dir.glob(".*.png.tmp"), out_dir / f".{MANIFEST}.tmp"]:  # write_atomic's names for our files
+    for tmp in [*temporary_files(out_dir, "*.png"), *temporary_files(out_dir, MANIFEST)]:  # ours only
         tmp.unlink(missing_ok=True)
     merge_parts(out_dir)
     manifest = out_dir / MANIFEST

@@ -1,0 +1,65 @@
+"""Crash-safe file writes, the one way basinguard writes a file others read: images, traces and manifests (CLI,
+batch job) and caches (TensorRT plans, sidecars, fused graphs). Stdlib only."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): mkstemp's 0600 is widened to it
+os.umask(_UMASK)
+_TEMP_EXTRA = len(".") + len(".xxxxxxxx.tmp")  # what `write_atomic` adds to a name: `.NAME.<8 random>.tmp`
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (the directory entry, not just the data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_name_fits(name: str) -> bool:
+    """Whether `write_atomic`'s temporary name for a file called `name` fits the file system's 255 bytes."""
+    return len(name.encode()) + _TEMP_EXTRA <= 255
+
+
+def temporary_files(folder: Path, name_glob: str) -> list[Path]:
+    """`write_atomic`'s temporary files (left by a kill) for names matching `name_glob` in `folder`."""
+    return sorted(folder.glob(f".{name_glob}*.tmp"))
+
+
+def write_atomic(path: Path, content: bytes | memoryview | Callable[[Path], None], *, fsync: bool = False) -> None:
+    """Write `content` (bytes, or a function that writes the file at the path it is given) through a unique
+    temporary name beside `path`, then rename: a kill, a failed write or a concurrent writer never leaves a
+    half-written `path`, and a failure leaves no temporary file. The file gets the usual permissions (umask).
+
+    With `fsync` the data and the rename also survive a power loss (a kill -9 alone never loses data the kernel
+    has accepted, so it is off by default)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            if callable(content):
+                f.close()
+                content(tmp)
+            else:
+                f.write(content)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
