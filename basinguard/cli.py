@@ -105,13 +105,12 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> Sampling
         value = getattr(args, name, None)
         return d.get(name) if value is None else value
 
-    name = pick("policy")
-    applied = (pick("mitigation") or "og-dtp") if name == "auto" else name  # the policy --pre-scale would feed
-    if args.pre_scale is not None and pre_scale_problem(applied):
-        raise BasinguardError(f"--{pre_scale_problem(applied)}")
     policy = PolicyConfig(name=pick("policy"), guidance_scale=pick("guidance_scale"), transition_t=pick("transition_t"),
                           pre_scale=pick("pre_scale"), opposite_scale=pick("opposite_scale"),
                           detect_threshold=pick("detect_threshold"), mitigation=pick("mitigation") or "og-dtp")
+    problem = pre_scale_problem(policy.name, policy.mitigation)
+    if args.pre_scale is not None and problem:
+        raise BasinguardError(f"--{problem}")
     return SamplingConfig(steps=pick("steps"), scheduler=pick("scheduler"), height=args.height, width=args.width,
                           policy=policy)
 

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 from basinguard.errors import BasinguardError
 from basinguard.files import fsync_dir, temporary_files, write_atomic
-from basinguard.runtime.guidance import POLICY_NAMES, pre_scale_problem
+from basinguard.runtime.guidance import pre_scale_problem
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import Scheduler
@@ -268,9 +268,9 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
     policy_overrides = {attr: fields[name] for name, attr in POLICY_FIELDS.items() if fields.get(name) is not None}
     sampling_overrides = {name: fields[name] for name in SAMPLING_FIELDS if fields.get(name) is not None}
     sampling = replace(base, policy=replace(base.policy, **policy_overrides), **sampling_overrides)
-    applied = sampling.policy.mitigation if sampling.policy.name == "auto" else sampling.policy.name
-    if "pre_scale" in policy_overrides and applied in POLICY_NAMES and pre_scale_problem(applied):
-        raise ValueError(f"field {pre_scale_problem(applied, 'pre_scale')}")  # (unknown names: validation says so)
+    problem = pre_scale_problem(sampling.policy.name, sampling.policy.mitigation, "pre_scale")
+    if "pre_scale" in policy_overrides and problem:
+        raise ValueError(f"field {problem}")
     if sampling not in resolved:  # most lines share settings: validate each distinct one once
         checked = checker.resolve(sampling)
         checker.make_scheduler(checked)  # steps and scheduler name checked against the model

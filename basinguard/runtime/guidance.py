@@ -68,10 +68,12 @@ class PolicyConfig:
         return {k: v for k, v in asdict(self).items() if k in used}
 
 
-def pre_scale_problem(policy: str, name: str = "pre-scale") -> str | None:
-    """Why a pre-scale (s_pre, called `name` where it was given) for `policy` (the one applied: auto's mitigation)
-    would be ignored, or None. Only stp and dtp take it; og-* use -opposite_scale, cfg has no transition."""
-    if policy in ("stp", "dtp"):
+def pre_scale_problem(policy: str, mitigation: str, name: str = "pre-scale") -> str | None:
+    """Why a pre-scale (s_pre, called `name` where it was given) would be ignored under `policy` (for auto: its
+    `mitigation`), or None. Only stp and dtp take it; og-* use -opposite_scale, cfg has no transition. An unknown
+    name is not this check's to report (PolicyConfig.validate names it)."""
+    policy = mitigation if policy == "auto" else policy
+    if policy in ("stp", "dtp") or policy not in POLICY_NAMES:
         return None
     why = " (its pre-switch scale is -(opposite scale))" if policy.startswith("og-") else ""
     return f"{name} applies to stp and dtp only, not {policy}{why}"
