@@ -115,38 +115,38 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> Sampling
                           policy=policy)
 
 
+def read_latents(path: str, num_images: int) -> np.ndarray:
+    """--latents: one finite (N, C, h, w) .npy array; N decides the image count (--num-images 1 or N)."""
+    try:
+        latents = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise BasinguardError(f"cannot read --latents {path}: {exc}") from None
+    if not isinstance(latents, np.ndarray):  # an .npz archive
+        raise BasinguardError(f"--latents must be one .npy array (got {type(latents).__name__} from {path})")
+    if latents.ndim != 4 or len(latents) == 0:
+        raise BasinguardError(f"--latents must have shape (N, C, h, w) with N >= 1; got {latents.shape}")
+    real = np.issubdtype(latents.dtype, np.floating)
+    with np.errstate(over="ignore"):  # the denoising loop runs in float32: a float64 beyond its range is inf
+        if not real or not np.isfinite(latents.astype(np.float32)).all():
+            raise BasinguardError(f"--latents must hold finite real numbers within float32's range (got dtype "
+                                  f"{latents.dtype}{' with NaN, inf or |x| > 3.4e38' if real else ''})")
+    if num_images not in (1, len(latents)):
+        raise BasinguardError(f"--num-images {num_images} but --latents holds {len(latents)} images; "
+                              "the latents decide the count")
+    return latents
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from basinguard.runtime.pipeline import Pipeline
 
     if args.num_images < 1:
         raise BasinguardError(f"--num-images must be >= 1 (got {args.num_images})")
-    out = output_file(args.out, "--out", (".png", ".npy"), args.num_images)
-    trace = output_file(args.trace, "--trace", (".json",), args.num_images) if args.trace else None
+    latents = read_latents(args.latents, args.num_images) if args.latents else None
+    n = args.num_images if latents is None else len(latents)
+    out = output_file(args.out, "--out", (".png", ".npy"), n)
+    trace = output_file(args.trace, "--trace", (".json",), n) if args.trace else None
     pipe = Pipeline(model_dir(args.model), provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
-    n = args.num_images
-    latents = None
-    if args.latents:
-        try:
-            latents = np.load(args.latents)
-        except (OSError, ValueError) as exc:
-            raise BasinguardError(f"cannot read --latents {args.latents}: {exc}") from None
-        if not isinstance(latents, np.ndarray):  # an .npz archive
-            raise BasinguardError(f"--latents must be one .npy array (got {type(latents).__name__} from {args.latents})")
-        if latents.ndim != 4 or len(latents) == 0:
-            raise BasinguardError(f"--latents must have shape (N, C, h, w) with N >= 1; got {latents.shape}")
-        real = np.issubdtype(latents.dtype, np.floating)
-        with np.errstate(over="ignore"):  # the denoising loop runs in float32: a float64 beyond its range is inf
-            if not real or not np.isfinite(latents.astype(np.float32)).all():
-                raise BasinguardError(f"--latents must hold finite real numbers within float32's range (got dtype "
-                                      f"{latents.dtype}{' with NaN, inf or |x| > 3.4e38' if real else ''})")
-        if args.num_images not in (1, len(latents)):
-            raise BasinguardError(f"--num-images {args.num_images} but --latents holds {len(latents)} images; "
-                                  "the latents decide the count")
-        n = len(latents)
-        output_file(args.out, "--out", None, n)  # the indexed names of N images
-        if trace is not None:
-            output_file(args.trace, "--trace", None, n)
     seeds = [args.seed + k for k in range(n)]
     gens = pipe.generate([args.prompt] * n, sampling, seeds=None if latents is not None else seeds,
                          negative_prompts=[args.negative_prompt] * n, latents=latents)
