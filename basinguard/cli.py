@@ -231,6 +231,24 @@ def _calibrated_threshold(args: argparse.Namespace) -> dict | None:
     return calib
 
 
+def _warn_calibration_mismatch(path: str, calib: dict, resolved, model: Path) -> None:
+    """d at step 0 depends on the model, the image size and step 0's timestep (steps and scheduler), not on λ: a
+    threshold calibrated under other values of these may flag the wrong prompts. Files from before a field was
+    recorded lack it, and are not warned about for it."""
+    from basinguard.runtime.batch import model_identity
+
+    here = {"steps": resolved.steps, "scheduler": resolved.scheduler, "height": resolved.height,
+            "width": resolved.width}
+    differ = [f"{name} {calib[name]} (here {value})" for name, value in here.items()
+              if name in calib and calib[name] != value]
+    recorded = calib.get("model")
+    if isinstance(recorded, dict) and recorded.get("id") not in (None, model_identity(model)["id"]):
+        differ.append(f"model {recorded.get('path')} (here {model}; not the same files)")
+    if differ:
+        print(f"basinguard batch: warning: {path} was calibrated with {', '.join(differ)}; d at step 0 differs "
+              "there, so its threshold may not fit this job", file=sys.stderr)
+
+
 def cmd_batch(args: argparse.Namespace) -> None:
     from basinguard.runtime.batch import BatchJob, SpecChecker, check_settings, run_batch
     from basinguard.runtime.pipeline import Pipeline
@@ -240,9 +258,8 @@ def cmd_batch(args: argparse.Namespace) -> None:
     checker = SpecChecker(model)
     sampling = sampling_from_args(args, checker.folder.sampling_defaults)
     resolved = check_settings(sampling, checker)  # a bad flag stops here, before OUT_DIR or any model
-    if calib is not None and (calib.get("steps"), calib.get("scheduler")) != (resolved.steps, resolved.scheduler):
-        print(f"basinguard batch: warning: {args.detect_calibration} was calibrated with --steps {calib.get('steps')} "
-              f"--scheduler {calib.get('scheduler')}; step 0's timestep, and so d, differ here", file=sys.stderr)
+    if calib is not None:
+        _warn_calibration_mismatch(args.detect_calibration, calib, resolved, model)
     job = BatchJob(Path(args.prompts), Path(args.out_dir), sampling, images_per_prompt=args.images_per_prompt,
                    batch_size=args.batch_size, seed=args.seed, on_error=args.on_error, progress=not args.no_progress)
     if args.ray is not None:
@@ -317,7 +334,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise BasinguardError(str(exc)) from None
     result |= {"detect_steps": args.detect_steps, "seeds": args.seeds, "seed": args.seed, "steps": resolved.steps,
-               "scheduler": resolved.scheduler, "guidance_scale": resolved.policy.guidance_scale,
+               "scheduler": resolved.scheduler, "height": resolved.height, "width": resolved.width, "guidance_scale": resolved.policy.guidance_scale,
                "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": model_identity(model)}
     write_atomic(calibration_out, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     print(f"AUC {result['auc']:.4f}  TPR {result['tpr']:.4f} at FPR {result['fpr']:.4f} (target {args.fpr})  "

@@ -37,7 +37,7 @@ from basinguard.evaluation import (  # noqa: E402
     similarity_summary,
     top1_similarity,
 )
-from basinguard.runtime.detection import roc_auc, tpr_at_fpr  # noqa: E402
+from basinguard.runtime.detection import detection_scores, roc_auc, tpr_at_fpr  # noqa: E402
 from basinguard.runtime.guidance import PolicyConfig  # noqa: E402
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig  # noqa: E402
 
@@ -191,19 +191,19 @@ def main() -> None:
             _, traces, _ = generate_set(pipe, captions, args.seeds, replace(sampling, policy=policy))
             gap_curves[name][part] = np.array([t["gap"] for t in traces], np.float64)
 
-    # Detection (Wen et al.): d at the first step(s), mean over seeds; duplicated vs novel captions.
+    # Detection (Wen et al.): scored by the product's own `detection_scores` (what `basinguard detect` and `auto`
+    # use: plain CFG at λ, the first step(s), mean over seeds), duplicated captions against every varied caption the
+    # model folder lists, so that TPR at 1 % FPR rests on more than a handful of negatives.
     detection = []
-    zero = gap_curves["zero CFG"]
-    # at most the seeds that were generated: a --seeds 2 run reports 1 and 2 seeds, not a mislabelled 4
     combos = ((1, 1), (1, 4), (5, 4), (1, args.seeds))
     for steps, seeds in dict.fromkeys((st, min(se, args.seeds)) for st, se in combos):
-        def score(part: str, steps: int = steps, seeds: int = seeds) -> np.ndarray:
-            g = zero[part].reshape(-1, args.seeds, zero[part].shape[1])[:, :seeds, :steps]
-            return g.mean((1, 2))
-        pos, neg = score("duplicated"), score("novel")
-        detection.append({"steps": steps, "seeds": seeds, "auc": roc_auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01)})
+        pos, neg = (detection_scores(pipe, captions, sampling, list(range(seeds)), steps=steps, batch_size=16)
+                    for captions in (dup_captions, others))
+        detection.append({"steps": steps, "seeds": seeds, "n_duplicated": len(pos), "n_varied": len(neg),
+                          "auc": roc_auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01),
+                          "false_positives_allowed": int(np.floor(0.01 * len(neg) + 1e-9))})
         print(f"detection {steps} step(s) x {seeds} seed(s): AUC {detection[-1]['auc']:.3f} "
-              f"TPR@1%FPR {detection[-1]['tpr_at_1pct_fpr']:.2f}")
+              f"TPR@1%FPR {detection[-1]['tpr_at_1pct_fpr']:.2f} ({len(pos)} vs {len(neg)} captions)", flush=True)
 
     meta = {"model": str(args.model), "seeds": args.seeds, "duplicated_captions": len(dup_captions),
             "novel_captions": len(novel_captions), "sampling": {**defaults}, "copy_threshold": COPY_THRESHOLD,
@@ -268,6 +268,11 @@ def markdown(results: list[dict], detection: list[dict], meta: dict) -> str:
         nf = r["novel"]["frechet"] / cfg["novel"]["frechet"]
         ok = cut >= 0.4 and da >= 0.9 and na >= 0.9
         lines.append(f"| {r['row']} | {100 * cut:.0f} % | {da:.2f} | {na:.2f} | {nf:.2f} | {'met' if ok else 'missed'} |")
+    if detection:
+        x = detection[0]
+        lines += ["", f"Detection (`detection_scores`, as `basinguard detect`: plain CFG at λ): {x['n_duplicated']} "
+                  f"duplicated captions against {x['n_varied']} varied captions (every one the model folder lists); "
+                  f"1 % FPR allows {x['false_positives_allowed']} of them above the threshold."]
     lines += ["", "| detection score | AUC | TPR at 1 % FPR |", "|---|---|---|"]
     lines += [f"| d at first {x['steps']} step(s), mean of {x['seeds']} seed(s) | {x['auc']:.3f} | {x['tpr_at_1pct_fpr']:.2f} |"
               for x in detection]

@@ -156,6 +156,18 @@ def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
     entries = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert all(e["policy"]["detect_threshold"] == c["threshold"] for e in entries)
     assert [e["flagged"] for e in entries] == [e["detection_score"] > c["threshold"] for e in entries]
+    assert "warning" not in capsys.readouterr().err  # same model, size, steps and scheduler
+
+    # A threshold calibrated under other settings or on another model's files is used, with a warning naming why.
+    assert (c["height"], c["width"]) == pipe.folder.default_image
+    height, width = pipe.folder.default_image
+    shifted = dict(c, steps=5, width=width + 8, model={"path": "/elsewhere", "id": "0" * 16})
+    calib.write_text(json.dumps(shifted))
+    assert cli_main(["batch", str(mem), str(tmp_path / "batch2"), *common, "--policy", "auto", "--detect-calibration",
+                     str(calib), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "steps 5 (here 4)" in err and f"width {width + 8} (here {width})" in err and "model /elsewhere" in err
+    assert "height" not in err and "scheduler" not in err
 
 
 def test_calibration_file_errors(tmp_path):

@@ -780,7 +780,9 @@ class TensorRTModel:
                 raise EngineError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?): "
                                   f"{' | '.join(self._logger.errors[-2:])}")
             if profile or len(self._profiles) > 1:
-                context.set_optimization_profile_async(profile, self._stream_handle)
+                if not context.set_optimization_profile_async(profile, self._stream_handle):  # False: not selected
+                    raise EngineError(f"{self.name}: TensorRT could not select optimization profile {profile} of "
+                                      f"{len(self._profiles)}: {' | '.join(self._logger.errors[-2:])}")
                 self._cuda("cudaStreamSynchronize", self._cuda.rt.cudaStreamSynchronize(self._stream))
             self._contexts[profile] = context
         return self._contexts[profile]
