@@ -222,6 +222,7 @@ BAD_LINES = [
     '{"prompt": "a cat", "promt": "typo"}',  # 8 unknown field
     '{"prompt": "a cat", "num_images": "two"}',  # 9 wrong type
     '{"prompt": "the blue dog", "num_images": 2, "steps": 3}',  # 10 good, own settings
+    '{"prompt": "a cat", "seed": 1, "seed": 2}',  # 11 a field twice (json would keep the last one silently)
 ]
 
 
@@ -232,16 +233,17 @@ def test_bad_lines_stop_or_skip_with_line_numbers(tiny_onnx_dir, tmp_path, capsy
     assert cli_main(batch_args(tiny_onnx_dir, prompts, out)) == 2  # --on-error stop is the default
     err = capsys.readouterr().err
     assert "line 2: invalid JSON" in err and "nothing generated" in err
-    for n in (4, 5, 6, 7, 8, 9):
+    for n in (4, 5, 6, 7, 8, 9, 11):
         assert f"line {n}:" in err
     assert "line 1:" not in err and "line 3:" not in err and "line 10:" not in err
     assert not list(out.glob("*.png"))
 
     assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip")) == 0
     stdout = capsys.readouterr().out
-    assert "skipped lines: 7" in stdout
+    assert "skipped lines: 8" in stdout
     for n, what in ((2, "invalid JSON"), (4, "missing field 'prompt'"), (5, "100 tokens"), (6, "seed must be >= 0"),
-                    (7, "unknown policy"), (8, "unknown field 'promt'"), (9, "must be an integer")):
+                    (7, "unknown policy"), (8, "unknown field 'promt'"), (9, "must be an integer"),
+                    (11, "field 'seed' given twice")):
         assert any(line.strip().startswith(f"line {n}:") and what in line for line in stdout.splitlines()), (n, what)
     entries = assert_complete(out, ["000001-000", "000010-000", "000010-001"])
     assert {e["id"]: e["steps"] for e in entries} == {"000001-000": STEPS, "000010-000": 3, "000010-001": 3}

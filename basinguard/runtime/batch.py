@@ -149,6 +149,20 @@ def derive_seed(base_seed: int, line: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 11  # 53 bits: exact as a JSON number everywhere
 
 
+class _RepeatedField(Exception):
+    pass
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a field given twice is an error (json would keep the last one without a word)."""
+    record: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in record:
+            raise _RepeatedField(f"field {name!r} given twice")
+        record[name] = value
+    return record
+
+
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
     """(line number, raw fields or the error) per prompt line of a .txt/.jsonl/.csv file."""
     kind = path.suffix.lower()
@@ -175,9 +189,12 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
             yield number, {"prompt": text.strip()}
             continue
         try:
-            record = json.loads(text)
+            record = json.loads(text, object_pairs_hook=_object_without_repeats)
         except json.JSONDecodeError as exc:
             yield number, LineError(number, f"invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except _RepeatedField as exc:
+            yield number, LineError(number, str(exc))
             continue
         if not isinstance(record, dict):
             yield number, LineError(number, f"expected a JSON object with a \"prompt\" field, got {type(record).__name__}")
