@@ -8,12 +8,16 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from basinguard.errors import BasinguardError
 from basinguard.files import temporary_name_fits, write_atomic
 from basinguard.runtime.guidance import POLICY_NAMES, pre_scale_problem
+
+if TYPE_CHECKING:
+    from basinguard.runtime.pipeline import Generation
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
 SCHEDULER_CHOICES = ("ddim", "dpm++2m", "euler", "pndm")
@@ -118,9 +122,12 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> Sampling
 def read_latents(path: str, num_images: int) -> np.ndarray:
     """--latents: one finite (N, C, h, w) .npy array; N decides the image count (--num-images 1 or N)."""
     try:
-        latents = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise BasinguardError(f"cannot read --latents {path}: {exc}") from None
+        latents = np.load(path)  # allow_pickle stays False: a file that is not .npy/.npz fails as "pickled"
+    except OSError as exc:
+        raise BasinguardError(f"cannot read --latents {path}: {exc.strerror or exc}") from None
+    except (ValueError, EOFError) as exc:  # numpy takes a file without the .npy magic for a pickle
+        why = "" if "pickle" in str(exc) else f" ({exc})"
+        raise BasinguardError(f"--latents {path} is not a readable .npy file{why}") from None
     if not isinstance(latents, np.ndarray):  # an .npz archive
         raise BasinguardError(f"--latents must be one .npy array (got {type(latents).__name__} from {path})")
     if latents.ndim != 4 or len(latents) == 0:
@@ -137,10 +144,14 @@ def read_latents(path: str, num_images: int) -> np.ndarray:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE
     from basinguard.runtime.pipeline import Pipeline
 
-    if args.num_images < 1:
-        raise BasinguardError(f"--num-images must be >= 1 (got {args.num_images})")
+    if not 1 <= args.num_images <= MAX_IMAGES_PER_LINE:
+        raise BasinguardError(f"--num-images must be in [1, {MAX_IMAGES_PER_LINE}] (got {args.num_images}; "
+                              "for more, `basinguard batch`)")
+    if args.batch_size < 1:
+        raise BasinguardError(f"--batch-size must be >= 1 (got {args.batch_size})")
     latents = read_latents(args.latents, args.num_images) if args.latents else None
     n = args.num_images if latents is None else len(latents)
     out = output_file(args.out, "--out", (".png", ".npy"), n)
@@ -148,16 +159,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = Pipeline(model_dir(args.model), provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
     seeds = [args.seed + k for k in range(n)]
-    gens = pipe.generate([args.prompt] * n, sampling, seeds=None if latents is not None else seeds,
-                         negative_prompts=[args.negative_prompt] * n, latents=latents)
-    for k, g in enumerate(gens):
-        write_atomic(indexed(out, k, n), lambda p, g=g: save_image(g, p, raw=out.suffix.lower() == ".npy"))
-        if trace is not None:
-            write_atomic(indexed(trace, k, n), lambda p, g=g: p.write_text(json.dumps(g.trace, indent=1)))
-        ts = g.trace["transition_step"]
-        print(f"{indexed(out, k, n)}  seed={g.trace['seed']}  transition_step={ts}")
+    # Image k has seed + k (or latents[k]) whatever the batch it runs in; each batch's images are written before
+    # the next batch starts, so an interrupted run keeps what it made.
+    for start in range(0, n, args.batch_size):
+        m = min(args.batch_size, n - start)
+        gens = pipe.generate([args.prompt] * m, sampling,
+                             seeds=None if latents is not None else seeds[start:start + m],
+                             negative_prompts=[args.negative_prompt] * m,
+                             latents=None if latents is None else latents[start:start + m])
+        for k, g in enumerate(gens, start=start):
+            write_generation(out, trace, k, n, g)
     times = pipe.timer.summary()
     print("  ".join(f"{k} {v:.3f}s" for k, v in times.items()))
+
+
+def write_generation(out: Path, trace: Path | None, k: int, n: int, g: Generation) -> None:
+    """Image k of n (and its trace), each written atomically."""
+    write_atomic(indexed(out, k, n), lambda p: save_image(g, p, raw=out.suffix.lower() == ".npy"))
+    if trace is not None:
+        write_atomic(indexed(trace, k, n), lambda p: p.write_text(json.dumps(g.trace, indent=1)))
+    ts = g.trace["transition_step"]
+    print(f"{indexed(out, k, n)}  seed={g.trace['seed']}  transition_step={ts}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -269,7 +291,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
                                 workers=args.ray_workers, static_shapes=args.static_shapes)
     else:
         summary = run_batch(job, lambda: Pipeline(model, provider=args.provider, threads=args.threads,
-                                                  static_shapes=args.static_shapes))
+                                                  static_shapes=args.static_shapes), checker)
     print(summary.format())
 
 
@@ -351,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=8, help="images per UNet call (2x that with guidance); "
+                   "each batch is written before the next starts")
     g.add_argument("--latents", help="initial latents .npy of shape (N, C, h, w); overrides --seed")
     g.add_argument("--out", default="out.png", help="PNG path (.npy: float pixels); an index is added when N > 1")
     g.add_argument("--trace", help="JSON trace path; an index is added when N > 1")

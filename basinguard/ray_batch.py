@@ -105,9 +105,9 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
     job.validate()
     if workers is not None and workers < 1:
         raise BasinguardError(f"--ray-workers must be >= 1 (got {workers})")
+    parsed = load_job(job, SpecChecker(model))  # before OUT_DIR is made: a refused job leaves nothing behind
     with output_lock(job.out_dir):
         done, lost = prepare_output(job.out_dir)
-        parsed = load_job(job, SpecChecker(model))
         identity = model_identity(model)
         check_same_job(parsed.tasks, done, job.out_dir, identity)
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it

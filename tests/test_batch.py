@@ -294,22 +294,28 @@ def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue dog\n")
     out = tmp_path / "out"
-    for flags, message in ((["--guidance-scale", "-1"], "job settings: guidance scale must be >= 0"),
+    for flags, message in ((["--guidance-scale", "-1"], "job settings: guidance scale must be in [0, 100]"),
                            (["--transition-t", "5000"], "job settings: transition t must be in [0, 1000]")):
         assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip", *flags)) == 2, flags
         err = capsys.readouterr().err
         assert message in err and "line 1" not in err, err
         assert not out.exists()
-    # auto without a threshold: lines may carry their own, so each line without one is what is reported
+    # auto without a threshold: lines may carry their own, so the lines are checked; when every line fails for
+    # that one reason it is said once, not once per line
     assert cli_main(batch_args(tiny_onnx_dir, prompts, tmp_path / "auto", "--policy", "auto", "--on-error", "skip")) == 2
     err = capsys.readouterr().err
-    assert "line 1: policy 'auto' needs a detection threshold" in err and "has no usable prompt lines" in err
+    assert "every line (2): policy 'auto' needs a detection threshold" in err and "line 1" not in err, err
+    assert not (tmp_path / "auto").exists()  # a job refused for its prompts leaves no OUT_DIR behind
     assert cli_main(batch_args(tiny_onnx_dir, tmp_path / "missing.txt", out)) == 2
     assert "prompt file" in capsys.readouterr().err and not out.exists()
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert cli_main(batch_args(tiny_onnx_dir, empty, out)) == 2
-    assert "has no usable prompt lines" in capsys.readouterr().err
+    assert "has no usable prompt lines" in capsys.readouterr().err and not out.exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "seed": -1}\n')
+    assert cli_main(batch_args(tiny_onnx_dir, bad, out)) == 2  # --on-error stop
+    assert "line 2: seed must be >= 0" in capsys.readouterr().err and not out.exists()
     unclosed = tmp_path / "p.csv"  # an unclosed quote would otherwise swallow the rest of the file into one prompt
     unclosed.write_text('prompt,seed\na red cat,1\n"a yellow star,4\na red star,5\n')
     assert cli_main(batch_args(tiny_onnx_dir, unclosed, tmp_path / "out2", "--on-error", "skip")) == 2

@@ -180,7 +180,14 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         (["--width", "0"], "width 0 not allowed"),
         (["--steps", "0"], "1"),
         (["--steps", "1001"], "1000"),
-        (["--guidance-scale", "-2"], "guidance scale must be >= 0"),
+        (["--guidance-scale", "-2"], r"guidance scale must be in [0, 100]"),
+        (["--guidance-scale", "inf"], r"guidance scale must be in [0, 100] (got inf)"),
+        (["--guidance-scale", "1e38"], r"guidance scale must be in [0, 100]"),
+        (["--policy", "auto", "--detect-threshold", "nan"], "detection threshold must be a finite number (got nan)"),
+        (["--policy", "auto"], "--detect-calibration FILE"),
+        (["--latents", str(tmp_path / "a_file")], "is not a readable .npy file"),
+        (["--num-images", "10001"], "--num-images must be in [1, 10000]"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--latents", str(tmp_path / "bad_lat.npy")], "latents have shape (1, 4, 3, 3)"),
         (["--latents", str(tmp_path / "missing.npy")], "cannot read --latents"),
         (["--policy", "og-dtp", "--pre-scale", "1"], "--pre-scale applies to stp and dtp only, not og-dtp"),
@@ -197,7 +204,7 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         (["--num-images", "2", "--out", str(tmp_path / "q.png")], "q-1.png is a directory"),
         (["--latents", str(tmp_path / "lat.npz")], "--latents must be one .npy array"),
         (["--latents", str(tmp_path / "huge_lat.npy")], "within float32's range"),
-        (["--num-images", "0"], "--num-images must be >= 1"),
+        (["--num-images", "0"], "--num-images must be in [1, 10000]"),
         (["--seed", "-1"], "seed -1 not allowed: seeds must be integers >= 0"),
     ]
     for extra, message in cases:
@@ -263,3 +270,24 @@ def test_dtp_on_the_shipped_model_switches_per_sample_as_algorithm1(name):
     assert [g.trace["transition_step"] for g in gens] == switched
     assert len(set(switched)) > 1, f"expected different transition steps per sample, got {switched}"
     assert np.abs(np.stack([g.pixels for g in gens]) - ref).max() <= 2e-3
+
+
+def test_generate_in_batches_writes_the_same_images_batch_by_batch(ours, tiny_onnx_dir, tmp_path, monkeypatch):
+    """--batch-size splits --num-images into UNet batches; image k keeps seed + k, so the images are the same as
+    one batch's, and each batch is on disk before the next runs (an interrupted run keeps what it made)."""
+    common = ["generate", "--model", str(tiny_onnx_dir), "--prompt", PROMPTS[0], "--steps", "3", "--threads", "1",
+              "--num-images", "3", "--seed", "5", "--policy", "dtp"]
+    assert cli_main([*common, "--out", str(tmp_path / "one.npy"), "--trace", str(tmp_path / "one.json")]) == 0
+    written_before: list[int] = []
+    generate = Pipeline.generate
+
+    def spy(self, prompts, *args, **kwargs):
+        written_before.append(len(list(tmp_path.glob("two-*.npy"))))
+        return generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "generate", spy)
+    assert cli_main([*common, "--batch-size", "2", "--out", str(tmp_path / "two.npy")]) == 0
+    assert written_before == [0, 2]  # two calls; the first batch's two images were written before the second
+    for k in range(3):
+        np.testing.assert_allclose(np.load(tmp_path / f"two-{k}.npy"), np.load(tmp_path / f"one-{k}.npy"), atol=1e-5)
+        assert json.loads((tmp_path / f"one-{k}.json").read_text())["seed"] == 5 + k

@@ -596,6 +596,9 @@ def load_job(job: BatchJob, checker: Checker) -> PromptFile:
     """Read and check the prompt file; bad lines are reported on stderr and then skipped or stop the job."""
     check_settings(job.sampling, checker)
     parsed = read_prompts(job.prompts, checker, job.sampling, job.images_per_prompt, job.seed)
+    messages = {e.message for e in parsed.errors}
+    if not parsed.tasks and len(messages) == 1 and len(parsed.errors) > 1:  # one cause, not one report per line
+        raise BatchError(f"{job.prompts}: every line ({len(parsed.errors)}): {messages.pop()}")
     for err in parsed.errors:
         print(f"basinguard batch: {job.prompts}: {err}", file=sys.stderr)
     if parsed.errors and job.on_error == "stop":
@@ -658,14 +661,18 @@ def summarize(parsed: PromptFile, done: dict[str, dict], new: list[dict], second
                         seconds=seconds, skipped=parsed.errors)
 
 
-def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline]) -> BatchSummary:
+def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline], checker: Checker | None = None) -> BatchSummary:
     """Run (or resume) a batch job on this machine. `pipeline` may be a factory, called once OUT_DIR is locked,
-    so that a busy OUT_DIR is refused before any model loads."""
+    so that a busy OUT_DIR is refused before any model loads; it then needs a `checker` (a `SpecChecker`) to read
+    the prompt file with."""
     job.validate()
+    checker = pipeline if isinstance(pipeline, Pipeline) else checker
+    if checker is None:
+        raise TypeError("run_batch: a pipeline factory needs checker= (a SpecChecker of the same model folder)")
+    parsed = load_job(job, checker)  # before OUT_DIR is made: a job refused for its prompts leaves nothing behind
     with output_lock(job.out_dir):
         done, lost = prepare_output(job.out_dir)
         pipe = pipeline if isinstance(pipeline, Pipeline) else pipeline()
-        parsed = load_job(job, pipe)
         model = model_identity(pipe.folder.path)
         check_same_job(parsed.tasks, done, job.out_dir, model)
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it

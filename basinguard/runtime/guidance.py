@@ -17,6 +17,9 @@ from basinguard.errors import BasinguardError
 
 POLICY_NAMES = ("cfg", "stp", "dtp", "og-stp", "og-dtp")
 NO_TRANSITION = -1
+# Far above any scale in use (SD: λ 1-20): beyond it the guided ε overflows float32 within a few steps, and the
+# loop would stop on NaN, blamed on the model.
+MAX_SCALE = 100.0
 
 
 class PolicyError(BasinguardError, ValueError):
@@ -39,18 +42,22 @@ class PolicyConfig:
     def validate(self, num_train_timesteps: int = 1000) -> None:
         if self.name not in (*POLICY_NAMES, "auto"):
             raise PolicyError(f"unknown policy {self.name!r}; choose one of {', '.join((*POLICY_NAMES, 'auto'))}")
-        if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise PolicyError(f"guidance scale must be >= 0 (got {self.guidance_scale}); "
+        # NaN fails every comparison below, so each check is written to fail for it.
+        if not 0 <= self.guidance_scale <= MAX_SCALE:
+            raise PolicyError(f"guidance scale must be in [0, {MAX_SCALE:g}] (got {self.guidance_scale}); "
                               "opposite guidance is chosen with an og-* policy and --opposite-scale")
         if not 0 <= self.transition_t <= num_train_timesteps:
             raise PolicyError(f"transition t must be in [0, {num_train_timesteps}] (got {self.transition_t})")
-        if not np.isfinite(self.pre_scale):
-            raise PolicyError(f"pre-scale must be a finite number (got {self.pre_scale})")
-        if not np.isfinite(self.opposite_scale) or self.opposite_scale <= 0:
-            raise PolicyError(f"opposite scale must be > 0 (got {self.opposite_scale})")
+        if not -MAX_SCALE <= self.pre_scale <= MAX_SCALE:
+            raise PolicyError(f"pre-scale must be in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (got {self.pre_scale})")
+        if not 0 < self.opposite_scale <= MAX_SCALE:
+            raise PolicyError(f"opposite scale must be in (0, {MAX_SCALE:g}] (got {self.opposite_scale})")
         if self.name == "auto":
-            if self.detect_threshold is None or not np.isfinite(self.detect_threshold):
-                raise PolicyError("policy 'auto' needs a detection threshold (--detect-threshold)")
+            if self.detect_threshold is None:
+                raise PolicyError("policy 'auto' needs a detection threshold (--detect-threshold, or "
+                                  "--detect-calibration FILE from `basinguard detect --calibrate`)")
+            if not np.isfinite(self.detect_threshold):
+                raise PolicyError(f"detection threshold must be a finite number (got {self.detect_threshold})")
             if self.mitigation not in POLICY_NAMES or self.mitigation == "cfg":
                 raise PolicyError(f"mitigation must be one of stp, dtp, og-stp, og-dtp (got {self.mitigation!r})")
 
