@@ -237,53 +237,38 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report.resolve()}")
 
 
-def _calibrated_threshold(args: argparse.Namespace) -> dict | None:
-    """--detect-calibration FILE → args.detect_threshold (the two flags exclude each other)."""
+def _calibrated_threshold(args: argparse.Namespace, detect_steps: int | None = None, seeds: int = 1) -> dict | None:
+    """--detect-calibration FILE → args.detect_threshold (the two flags exclude each other). `detect_steps` and
+    `seeds`: how the scores it will be compared with are made (None, 1: d at step 0 of one image, as `auto`)."""
     from basinguard.runtime.detection import load_calibration
 
     if not getattr(args, "detect_calibration", None):
         return None
     if args.detect_threshold is not None:
         raise BasinguardError("give --detect-threshold or --detect-calibration, not both")
-    calib = load_calibration(Path(args.detect_calibration))
+    calib = load_calibration(Path(args.detect_calibration), detect_steps)
     args.detect_threshold = float(calib["threshold"])
-    if calib.get("seeds", 1) != 1:
-        print(f"basinguard: warning: {args.detect_calibration} averaged {calib['seeds']} seeds per prompt; "
-              "auto scores one image at a time, so its threshold may flag too few", file=sys.stderr)
+    if calib.get("seeds", 1) != seeds:
+        print(f"basinguard: warning: {args.detect_calibration} averaged {calib['seeds']} seeds per prompt, these "
+              f"scores {seeds}; averaging narrows the scores, so its threshold may flag too many or too few",
+              file=sys.stderr)
     return calib
-
-
-def _warn_calibration_mismatch(path: str, calib: dict, resolved, model: Path) -> None:
-    """d at step 0 depends on the model, the image size and step 0's timestep (steps and scheduler), not on λ: a
-    threshold calibrated under other values of these may flag the wrong prompts. Files from before a field was
-    recorded lack it, and are not warned about for it."""
-    from basinguard.runtime.batch import model_identity
-
-    here = {"steps": resolved.steps, "scheduler": resolved.scheduler, "height": resolved.height,
-            "width": resolved.width}
-    differ = [f"{name} {calib[name]} (here {value})" for name, value in here.items()
-              if name in calib and calib[name] != value]
-    recorded = calib.get("model")
-    if isinstance(recorded, dict) and recorded.get("id") not in (None, model_identity(model)["id"]):
-        differ.append(f"model {recorded.get('path')} (here {model}; not the same files)")
-    if differ:
-        print(f"basinguard batch: warning: {path} was calibrated with {', '.join(differ)}; d at step 0 differs "
-              "there, so its threshold may not fit this job", file=sys.stderr)
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
     from basinguard.runtime.batch import BatchJob, SpecChecker, check_settings, run_batch
     from basinguard.runtime.pipeline import Pipeline
 
+    if args.ray_workers is not None and args.ray is None:
+        raise BasinguardError("--ray-workers applies to --ray only")
     model = model_dir(args.model)
     calib = _calibrated_threshold(args)
     checker = SpecChecker(model)
     sampling = sampling_from_args(args, checker.folder.sampling_defaults)
-    resolved = check_settings(sampling, checker)  # a bad flag stops here, before OUT_DIR or any model
-    if calib is not None:
-        _warn_calibration_mismatch(args.detect_calibration, calib, resolved, model)
+    check_settings(sampling, checker)  # a bad flag stops here, before OUT_DIR or any model
     job = BatchJob(Path(args.prompts), Path(args.out_dir), sampling, images_per_prompt=args.images_per_prompt,
-                   batch_size=args.batch_size, seed=args.seed, on_error=args.on_error, progress=not args.no_progress)
+                   batch_size=args.batch_size, seed=args.seed, on_error=args.on_error, progress=not args.no_progress,
+                   calibration=None if calib is None else (Path(args.detect_calibration), calib))
     if args.ray is not None:
         from basinguard.ray_batch import run_batch_ray
 
@@ -296,7 +281,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import check_settings, model_identity, read_prompts
+    from basinguard.runtime.batch import calibration_warnings, check_settings, model_identity, read_prompts
     from basinguard.runtime.detection import calibrate, detection_scores
     from basinguard.runtime.pipeline import Pipeline
 
@@ -307,10 +292,17 @@ def cmd_detect(args: argparse.Namespace) -> None:
         raise BasinguardError("give PROMPTS, or --calibrate --memorized FILE --normal FILE --out FILE.json")
     if args.seeds < 1 or args.detect_steps < 1:
         raise BasinguardError(f"--seeds and --detect-steps must be >= 1 (got {args.seeds} and {args.detect_steps})")
-    if not 0 <= args.fpr < 1:
+    if args.calibrate and args.fpr is None:
+        args.fpr = 0.01
+    if args.fpr is not None and not 0 <= args.fpr < 1:
         raise BasinguardError(f"--fpr must be in [0, 1) (got {args.fpr})")
+    if not args.calibrate:
+        unused = [flag for flag, value in (("--memorized", args.memorized), ("--normal", args.normal),
+                                           ("--out", args.out), ("--fpr", args.fpr)) if value is not None]
+        if unused:
+            raise BasinguardError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to --calibrate only")
     calibration_out = output_file(args.out, "--out", (".json",)) if args.calibrate else None
-    _calibrated_threshold(args)
+    calib = _calibrated_threshold(args, args.detect_steps, args.seeds)
     model = model_dir(args.model)
     pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
@@ -326,6 +318,9 @@ def cmd_detect(args: argparse.Namespace) -> None:
         first = [t for t in parsed.tasks if t.index == 0]  # one score per line; num_images does not apply
         if not first:
             raise BasinguardError(f"{path} has no usable prompt")
+        if calib is not None:
+            for warning in calibration_warnings(Path(args.detect_calibration), calib, first, model_identity(model)["id"]):
+                print(f"basinguard detect: warning: {warning}", file=sys.stderr)
         # Lines may set their own steps, scheduler or guidance scale (as in batch); every line is scored on the
         # same seeds, so that scores compare across prompts.
         scores = np.empty(len(first))
@@ -450,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calibrate", action="store_true", help="choose a threshold from --memorized and --normal")
     t.add_argument("--memorized", metavar="FILE", help="prompts known to be memorized (positives)")
     t.add_argument("--normal", metavar="FILE", help="prompts known not to be (negatives)")
-    t.add_argument("--fpr", type=float, default=0.01, help="false-positive rate allowed on --normal")
+    t.add_argument("--fpr", type=float, default=None, help="false-positive rate allowed on --normal (default 0.01)")
     t.add_argument("--out", metavar="FILE.json", help="calibration file to write")
     t.set_defaults(func=cmd_detect)
     return ap

@@ -167,7 +167,38 @@ def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
                      str(calib), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "steps 5 (here 4)" in err and f"width {width + 8} (here {width})" in err and "model /elsewhere" in err
-    assert "height" not in err and "scheduler" not in err
+    assert "height" not in err and "scheduler" not in err and "every line" in err
+
+    # A line's own steps differ from the calibration's even where the job's flags match it: that line is named.
+    calib.write_text(json.dumps(c))
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" + json.dumps({"prompt": PROMPTS[1], "steps": 3}) + "\n")
+    assert cli_main(["batch", str(lines), str(tmp_path / "batch3"), *common, "--policy", "auto",
+                     "--detect-calibration", str(calib), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "steps 4 (here 3), for line 2:" in err and "line 1" not in err, err
+    # detect warns the same way (it flags with the file's threshold), for the lines it scores
+    assert cli_main(["detect", str(lines), *common, "--detect-calibration", str(calib)]) == 0
+    assert "basinguard detect: warning" in capsys.readouterr().err
+
+    # A calibration over 2 steps x 2 seeds serves detect at 2 steps; other step counts and auto are refused.
+    calib2 = tmp_path / "calib2.json"
+    assert cli_main(["detect", "--calibrate", "--memorized", str(mem), "--normal", str(normal), "--out", str(calib2),
+                     *common, "--detect-steps", "2", "--seeds", "2"]) == 0
+    capsys.readouterr()
+    assert cli_main(["detect", str(mem), *common, "--detect-steps", "2", "--seeds", "2",
+                     "--detect-calibration", str(calib2)]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()[1:]]
+    threshold2 = json.loads(calib2.read_text())["threshold"]
+    assert [r[2] for r in rows] == ["yes" if float(r[1]) > threshold2 else "no" for r in rows]
+    for argv, message in ((["detect", str(mem), *common, "--detect-calibration", str(calib2)], "--detect-steps 2; score"),
+                          (["batch", str(mem), str(tmp_path / "b4"), *common, "--policy", "auto",
+                            "--detect-calibration", str(calib2)], "gates on d at step 0"),
+                          (["detect", str(mem), *common, "--fpr", "0.5"], "--fpr applies to --calibrate only"),
+                          (["batch", str(mem), str(tmp_path / "b5"), *common, "--ray-workers", "2"],
+                           "--ray-workers applies to --ray only")):
+        assert cli_main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
 
 
 def test_calibration_file_errors(tmp_path):

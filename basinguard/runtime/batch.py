@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from basinguard.errors import BasinguardError
 from basinguard.files import fsync_dir, temporary_files, write_atomic
+from basinguard.runtime.detection import calibration_mismatch
 from basinguard.runtime.guidance import pre_scale_problem
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
@@ -537,6 +538,7 @@ class BatchJob:
     seed: int = 0  # base seed for lines without a seed field
     on_error: str = "stop"
     progress: bool = True
+    calibration: tuple[Path, dict] | None = None  # the --detect-calibration file and its contents, to warn against
 
     def validate(self) -> None:
         if not Path(self.prompts).is_file():  # before OUT_DIR is created or any model loads
@@ -607,7 +609,29 @@ def load_job(job: BatchJob, checker: Checker) -> PromptFile:
                          "--on-error skip makes the good lines)")
     if not parsed.tasks:
         raise BatchError(f"{job.prompts} has no usable prompt lines ({parsed.lines} read, {len(parsed.errors)} bad)")
+    if job.calibration is not None:
+        for warning in calibration_warnings(*job.calibration, parsed.tasks, model_identity(checker.folder.path)["id"]):
+            print(f"basinguard batch: warning: {warning}", file=sys.stderr)
     return parsed
+
+
+def calibration_warnings(path: Path, calib: dict, tasks: Sequence[ImageTask], model_id: str) -> list[str]:
+    """One warning per distinct way the lines' settings differ from a calibration's (`calibration_mismatch`),
+    naming the lines: a line may override steps or scheduler, and its d at step 0 then differs."""
+    lines_by_difference: dict[tuple[str, ...], list[int]] = {}
+    for task in tasks:
+        if task.index == 0:
+            difference = tuple(calibration_mismatch(calib, task.sampling, model_id))
+            if difference:
+                lines_by_difference.setdefault(difference, []).append(task.line)
+    total = len({task.line for task in tasks})
+    warnings = []
+    for difference, lines in lines_by_difference.items():
+        where = "every line" if len(lines) == total else (
+            f"line{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:10]))}{' and more' * (len(lines) > 10)}")
+        warnings.append(f"{path} was calibrated with {', '.join(difference)}, for {where}: d at step 0 differs "
+                        "there, so its threshold may not fit")
+    return warnings
 
 
 def generate_batch(pipeline: Pipeline, batch: Sequence[ImageTask]) -> tuple[list[Generation], dict[str, float]]:

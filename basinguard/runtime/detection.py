@@ -107,8 +107,9 @@ def calibrate(pos_scores: Sequence[float] | np.ndarray, neg_scores: Sequence[flo
             "target_fpr": fpr, "n_memorized": int(pos.size), "n_normal": int(neg.size)}
 
 
-def load_calibration(path: Path) -> dict:
-    """A calibration file written by `basinguard detect --calibrate`; its threshold is checked here."""
+def load_calibration(path: Path, detect_steps: int | None = None) -> dict:
+    """A calibration file written by `basinguard detect --calibrate`; its threshold is checked here. For `auto`
+    (`detect_steps` None) it must score d at step 0 alone; for `detect`, as many steps as `detect_steps`."""
     try:
         calib = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -119,7 +120,25 @@ def load_calibration(path: Path) -> dict:
     if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
         raise BasinguardError(f"calibration file {path} has no finite 'threshold' (write one with "
                               "`basinguard detect --calibrate`)")
-    if calib.get("detect_steps", 1) != 1:
-        raise BasinguardError(f"calibration file {path} was made with --detect-steps {calib['detect_steps']}, but "
-                              "--policy auto gates on d at step 0; calibrate with --detect-steps 1")
+    made = calib.get("detect_steps", 1)
+    if detect_steps is None and made != 1:
+        raise BasinguardError(f"calibration file {path} was made with --detect-steps {made}, but --policy auto "
+                              "gates on d at step 0; calibrate with --detect-steps 1")
+    if detect_steps is not None and made != detect_steps:
+        raise BasinguardError(f"calibration file {path} was made with --detect-steps {made}; score with the same "
+                              f"--detect-steps (got {detect_steps}), or calibrate again")
     return calib
+
+
+def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_id: str) -> list[str]:
+    """What differs between a calibration and a resolved sampling on a model (`model_identity(...)["id"]`), among
+    what d at step 0 depends on: the model's files, the image size and step 0's timestep (steps and scheduler) — not
+    λ. Each as "NAME CALIBRATED (here VALUE)". Fields an older file lacks are not compared."""
+    here = {"steps": sampling.steps, "scheduler": sampling.scheduler, "height": sampling.height,
+            "width": sampling.width}
+    differ = [f"{name} {calib[name]} (here {value})" for name, value in here.items()
+              if name in calib and calib[name] != value]
+    recorded = calib.get("model")
+    if isinstance(recorded, dict) and recorded.get("id") not in (None, model_id):
+        differ.append(f"model {recorded.get('path')} (other files)")
+    return differ
