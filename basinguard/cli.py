@@ -14,7 +14,7 @@ import numpy as np
 
 from basinguard.errors import BasinguardError
 from basinguard.files import temporary_name_fits, write_atomic
-from basinguard.runtime.guidance import POLICY_NAMES, pre_scale_problem
+from basinguard.runtime.guidance import POLICY_NAMES, setting_problem
 
 if TYPE_CHECKING:
     from basinguard.runtime.pipeline import Generation
@@ -112,9 +112,11 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> Sampling
     policy = PolicyConfig(name=pick("policy"), guidance_scale=pick("guidance_scale"), transition_t=pick("transition_t"),
                           pre_scale=pick("pre_scale"), opposite_scale=pick("opposite_scale"),
                           detect_threshold=pick("detect_threshold"), mitigation=pick("mitigation") or "og-dtp")
-    problem = pre_scale_problem(policy.name, policy.mitigation)
-    if args.pre_scale is not None and problem:
-        raise BasinguardError(f"--{problem}")
+    for setting in ("pre_scale", "transition_t", "opposite_scale", "mitigation"):
+        flag = "--" + setting.replace("_", "-")
+        problem = getattr(args, setting, None) is not None and setting_problem(setting, policy.name, policy.mitigation, flag)
+        if problem:
+            raise BasinguardError(problem)
     return SamplingConfig(steps=pick("steps"), scheduler=pick("scheduler"), height=args.height, width=args.width,
                           policy=policy)
 

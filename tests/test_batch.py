@@ -278,16 +278,22 @@ def test_each_bad_line_is_reported_even_when_an_earlier_one_had_the_same_values(
         '{"prompt": "a dog", "policy": "cfg", "pre_scale": 1}',  # cfg has no transition
         '{"prompt": "a dog", "policy": "auto", "detect_threshold": 1, "mitigation": "og-dtp", "pre_scale": 3}',
         '{"prompt": "bad \\ud800 x"}',  # a lone surrogate escape: valid JSON, not writable as UTF-8
+        '{"prompt": "a dog", "policy": "dtp", "transition_t": 300}',  # dtp finds its transition from d
+        '{"prompt": "a dog", "policy": "stp", "opposite_scale": 2}',  # only og-* take it
+        '{"prompt": "a dog", "policy": "stp", "mitigation": "og-dtp"}',  # only auto takes it
+        '{"prompt": "a dog", "policy": "og-stp", "transition_t": 300, "opposite_scale": 2}',  # good
     ]) + "\n")
     out = tmp_path / "out"
     assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip")) == 0
     stdout = capsys.readouterr().out
-    assert "skipped lines: 8" in stdout
+    assert "skipped lines: 11" in stdout
     for n, what in ((2, "num_inference_steps"), (3, "num_inference_steps"), (4, "unknown scheduler"),
                     (5, "unknown scheduler"), (6, "not og-stp"), (7, "not cfg"), (8, "not og-dtp"),
-                    (9, "not valid Unicode")):
+                    (9, "not valid Unicode"), (10, "field transition_t applies to stp and og-stp only, not dtp"),
+                    (11, "field opposite_scale applies to og-stp and og-dtp only, not stp"),
+                    (12, "field mitigation applies to policy auto only, not stp")):
         assert any(line.strip().startswith(f"line {n}:") and what in line for line in stdout.splitlines()), (n, what)
-    assert_complete(out, ["000001-000"])
+    assert_complete(out, ["000001-000", "000013-000"])
 
 
 def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir, tmp_path, capsys):

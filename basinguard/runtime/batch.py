@@ -51,7 +51,7 @@ from typing import Any, Protocol
 from basinguard.errors import BasinguardError
 from basinguard.files import fsync_dir, temporary_files, write_atomic
 from basinguard.runtime.detection import calibration_mismatch
-from basinguard.runtime.guidance import pre_scale_problem
+from basinguard.runtime.guidance import setting_problem
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import Scheduler
@@ -286,9 +286,11 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
     policy_overrides = {attr: fields[name] for name, attr in POLICY_FIELDS.items() if fields.get(name) is not None}
     sampling_overrides = {name: fields[name] for name in SAMPLING_FIELDS if fields.get(name) is not None}
     sampling = replace(base, policy=replace(base.policy, **policy_overrides), **sampling_overrides)
-    problem = pre_scale_problem(sampling.policy.name, sampling.policy.mitigation, "pre_scale")
-    if "pre_scale" in policy_overrides and problem:
-        raise ValueError(f"field {problem}")
+    for setting in ("pre_scale", "transition_t", "opposite_scale", "mitigation"):
+        problem = setting in policy_overrides and setting_problem(
+            setting, sampling.policy.name, sampling.policy.mitigation, f"field {setting}")
+        if problem:
+            raise ValueError(problem)
     if sampling not in resolved:  # most lines share settings: validate each distinct one once
         checked = checker.resolve(sampling)
         checker.make_scheduler(checked)  # steps and scheduler name checked against the model

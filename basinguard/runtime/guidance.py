@@ -75,15 +75,25 @@ class PolicyConfig:
         return {k: v for k, v in asdict(self).items() if k in used}
 
 
-def pre_scale_problem(policy: str, mitigation: str, name: str = "pre-scale") -> str | None:
-    """Why a pre-scale (s_pre, called `name` where it was given) would be ignored under `policy` (for auto: its
-    `mitigation`), or None. Only stp and dtp take it; og-* use -opposite_scale, cfg has no transition. An unknown
-    name is not this check's to report (PolicyConfig.validate names it)."""
-    policy = mitigation if policy == "auto" else policy
-    if policy in ("stp", "dtp") or policy not in POLICY_NAMES:
+# The policies each transition setting is used by (for auto: its mitigation's); a setting given where it is not
+# used would be ignored without a word, so it is refused instead.
+USED_BY = {"pre_scale": ("stp", "dtp"), "transition_t": ("stp", "og-stp"), "opposite_scale": ("og-stp", "og-dtp")}
+_OPPOSITE, _FROM_D = " (its pre-switch scale is -(opposite scale))", " (it finds its transition from d)"
+WHY_NOT = {("pre_scale", "og-stp"): _OPPOSITE, ("pre_scale", "og-dtp"): _OPPOSITE,
+           ("transition_t", "dtp"): _FROM_D, ("transition_t", "og-dtp"): _FROM_D}
+
+
+def setting_problem(setting: str, policy: str, mitigation: str, name: str) -> str | None:
+    """Why `setting` (given as `name`: a flag or a field) would be ignored under `policy`, or None. `mitigation`
+    applies to auto only; the others to the policies in USED_BY (for auto: to its mitigation). An unknown policy is
+    not this check's to report (PolicyConfig.validate names it)."""
+    if setting == "mitigation":
+        return None if policy == "auto" or policy not in POLICY_NAMES else f"{name} applies to policy auto only, not {policy}"
+    effective = mitigation if policy == "auto" else policy
+    users = USED_BY[setting]
+    if effective in users or effective not in POLICY_NAMES:
         return None
-    why = " (its pre-switch scale is -(opposite scale))" if policy.startswith("og-") else ""
-    return f"{name} applies to stp and dtp only, not {policy}{why}"
+    return f"{name} applies to {' and '.join(users)} only, not {effective}{WHY_NOT.get((setting, effective), '')}"
 
 
 def _constant(n: int, value: float) -> np.ndarray:
