@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the method at work on the shipped model: an HTML report")
     d.add_argument("--model", help="exported model folder with memorization/ (default: the shipped model)")
-    d.add_argument("--out", default="basinguard-demo", help="report folder")
-    d.add_argument("--seeds", type=int, default=6)
+    d.add_argument("--out", default="basinguard-demo", help="report folder (default: basinguard-demo)")
+    d.add_argument("--seeds", type=int, default=6, help="seeds per caption and policy (default: 6)")
     d.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
     d.add_argument("--threads", type=positive_int, default=None)
     d.set_defaults(func=cmd_demo)

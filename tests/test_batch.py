@@ -220,7 +220,7 @@ BAD_LINES = [
     '{"prompt": "a cat", "seed": -3}',  # 6 bad value
     '{"prompt": "a cat", "policy": "magic"}',  # 7 bad policy
     '{"prompt": "a cat", "promt": "typo"}',  # 8 unknown field
-    '{"prompt": "a cat", "num_images": "two"}',  # 9 wrong type
+    '{"prompt": "a cat", "num_images": "2"}',  # 9 wrong type: a number in quotes is text in JSON
     '{"prompt": "the blue dog", "num_images": 2, "steps": 3}',  # 10 good, own settings
     '{"prompt": "a cat", "seed": 1, "seed": 2}',  # 11 a field twice (json would keep the last one silently)
 ]

@@ -226,15 +226,30 @@ def _csv_records(path: Path, data: bytes) -> Iterator[tuple[int, dict[str, Any] 
             if len(row) > len(header):
                 yield start, LineError(start, f"{len(row)} cells but the header names {len(header)} fields")
                 continue
-            yield start, {h: cell for h, cell in zip(header, row, strict=False) if cell != "" or h == "negative_prompt"}
+            try:
+                yield start, {h: _csv_cell(h, cell) for h, cell in zip(header, row, strict=False)
+                              if cell != "" or h == "negative_prompt"}
+            except ValueError as exc:
+                yield start, LineError(start, str(exc))
     except csv.Error as exc:
         raise BatchError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from None
     if header is None:
         raise BatchError(f"{path} has no header row (e.g. 'prompt,seed')")
 
 
+def _csv_cell(name: str, text: str) -> Any:
+    """A CSV cell is text: a number field's is parsed here, so that it reaches `_typed` as JSON's would."""
+    want = FIELD_TYPES[name]
+    if want is str:
+        return text
+    try:
+        return int(text) if want is int else float(text)
+    except ValueError:
+        raise ValueError(f"field {name!r} must be {'an integer' if want is int else 'a number'}, got {text!r}") from None
+
+
 def _typed(name: str, value: Any) -> Any:
-    """A field's value as its type; CSV cells arrive as text and are parsed here."""
+    """A field's value as its type: text for text fields, a JSON number for number fields (not "2" in quotes)."""
     want = FIELD_TYPES[name]
     if value is None:
         return None
@@ -246,12 +261,6 @@ def _typed(name: str, value: Any) -> Any:
         except UnicodeEncodeError:  # a lone surrogate escape ("\\ud800"): it could never be written to the manifest
             raise ValueError(f"field {name!r} is not valid Unicode (a lone surrogate escape)") from None
         return value
-    if isinstance(value, str):  # CSV
-        try:
-            value = int(value) if want is int else float(value)
-        except ValueError:
-            raise ValueError(f"field {name!r} must be {'an integer' if want is int else 'a number'}, "
-                             f"got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, int | float) or (want is int and not isinstance(value, int)):
         raise ValueError(f"field {name!r} must be {'an integer' if want is int else 'a number'}, got {json.dumps(value)}")
     if want is float and not math.isfinite(value):
