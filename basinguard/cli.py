@@ -160,6 +160,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     trace = output_file(args.trace, "--trace", (".json",), n) if args.trace else None
     pipe = Pipeline(model_dir(args.model), provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
+    if args.detect_threshold is not None and sampling.policy.name != "auto":  # batch and detect flag with it
+        raise BasinguardError(f"--detect-threshold applies to policy auto only here, not {sampling.policy.name}")
     seeds = [args.seed + k for k in range(n)]
     # Image k has seed + k (or latents[k]) whatever the batch it runs in; each batch's images are written before
     # the next batch starts, so an interrupted run keeps what it made.
@@ -251,7 +253,7 @@ def _calibrated_threshold(args: argparse.Namespace, detect_steps: int | None = N
     calib = load_calibration(Path(args.detect_calibration), detect_steps)
     args.detect_threshold = float(calib["threshold"])
     if calib.get("seeds", 1) != seeds:
-        print(f"basinguard: warning: {args.detect_calibration} averaged {calib['seeds']} seeds per prompt, these "
+        print(f"basinguard: warning: {args.detect_calibration} averaged {calib.get('seeds', 1)} seeds per prompt, these "
               f"scores {seeds}; averaging narrows the scores, so its threshold may flag too many or too few",
               file=sys.stderr)
     return calib

@@ -197,7 +197,8 @@ def main() -> None:
     detection = []
     combos = ((1, 1), (1, 4), (5, 4), (1, args.seeds))
     for steps, seeds in dict.fromkeys((st, min(se, args.seeds)) for st, se in combos):
-        pos, neg = (detection_scores(pipe, captions, sampling, list(range(seeds)), steps=steps, batch_size=16)
+        at_lambda = replace(sampling, policy=PolicyConfig("cfg", guidance_scale=lam))
+        pos, neg = (detection_scores(pipe, captions, at_lambda, list(range(seeds)), steps=steps, batch_size=16)
                     for captions in (dup_captions, others))
         detection.append({"steps": steps, "seeds": seeds, "n_duplicated": len(pos), "n_varied": len(neg),
                           "auc": roc_auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01),

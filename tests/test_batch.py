@@ -301,7 +301,7 @@ def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir
     prompts.write_text("a red cat\na blue dog\n")
     out = tmp_path / "out"
     for flags, message in ((["--guidance-scale", "-1"], "job settings: guidance scale must be in [0, 100]"),
-                           (["--transition-t", "5000"], "job settings: transition t must be in [0, 1000]")):
+                           (["--policy", "stp", "--transition-t", "5000"], "job settings: transition t must be in [0, 1000]")):
         assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip", *flags)) == 2, flags
         err = capsys.readouterr().err
         assert message in err and "line 1" not in err, err

@@ -188,9 +188,19 @@ def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["detect", str(mem), *common, "--detect-steps", "2", "--seeds", "2",
                      "--detect-calibration", str(calib2)]) == 0
-    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()[1:]]
+    captured = capsys.readouterr()
+    rows = [line.split("\t") for line in captured.out.splitlines()[1:]]
     threshold2 = json.loads(calib2.read_text())["threshold"]
     assert [r[2] for r in rows] == ["yes" if float(r[1]) > threshold2 else "no" for r in rows]
+    assert "warning" not in captured.err
+    # past step 0 the trajectory is CFG's at λ: a 2-step calibration at another λ is warned about
+    assert cli_main(["detect", str(mem), *common, "--detect-steps", "2", "--seeds", "2", "--guidance-scale", "3",
+                     "--detect-calibration", str(calib2)]) == 0
+    assert f"guidance_scale {c['guidance_scale']} (here 3.0)" in capsys.readouterr().err
+    bare = tmp_path / "bare.json"  # a hand-written file: a threshold and nothing else
+    bare.write_text('{"threshold": 1.5}')
+    assert cli_main(["detect", str(mem), *common, "--seeds", "2", "--detect-calibration", str(bare)]) == 0
+    assert "averaged 1 seeds per prompt, these scores 2" in capsys.readouterr().err
     for argv, message in ((["detect", str(mem), *common, "--detect-calibration", str(calib2)], "--detect-steps 2; score"),
                           (["batch", str(mem), str(tmp_path / "b4"), *common, "--policy", "auto",
                             "--detect-calibration", str(calib2)], "gates on d at step 0"),

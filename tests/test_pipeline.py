@@ -197,6 +197,7 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         (["--policy", "cfg", "--transition-t", "100"], "--transition-t applies to stp and og-stp only, not cfg"),
         (["--policy", "dtp", "--opposite-scale", "3"], "--opposite-scale applies to og-stp and og-dtp only, not dtp"),
         (["--policy", "stp", "--mitigation", "og-dtp"], "--mitigation applies to policy auto only, not stp"),
+        (["--policy", "cfg", "--detect-threshold", "3"], "--detect-threshold applies to policy auto only here, not cfg"),
         (["--policy", "auto", "--detect-threshold", "1", "--mitigation", "og-dtp", "--transition-t", "9"], "not og-dtp"),
         (["--latents", str(tmp_path / "nan_lat.npy")], "--latents must hold finite real numbers"),
         (["--latents", str(tmp_path / "two_lat.npy"), "--num-images", "3"], "--num-images 3 but --latents holds 2"),
