@@ -6,7 +6,9 @@ by prompt line over one actor per worker slot. Each actor holds a Pipeline, pack
 batches, writes its PNGs into OUT_DIR and appends its entries to its own shard, `manifest.part-K.jsonl`
 (one write + fsync per entry, as the local job does). At the end the driver merges the shards into
 `manifest.jsonl`, each image id once (`basinguard.runtime.batch.merge_parts`); a killed job leaves shards that
-the next run (Ray or not) merges before it decides what is missing, so resume works across shards.
+the next run (Ray or not) merges before it decides what is missing, so resume works across shards. Each actor
+holds OUT_DIR/.worker-K.lock while its process lives; Ray stops the actors of a killed driver only seconds
+later, so the next run waits for those locks before it reads OUT_DIR (`batch.wait_for_workers`).
 
 Pointing it at a cluster
   basinguard batch PROMPTS OUT_DIR --ray                    a local Ray instance (or RAY_ADDRESS's cluster if set)
@@ -37,6 +39,7 @@ from basinguard.runtime.batch import (
     SpecChecker,
     check_same_job,
     forget,
+    hold_worker_lock,
     load_job,
     merge_parts,
     model_identity,
@@ -71,6 +74,7 @@ class BatchWorker:
         self.out_dir = Path(out_dir)
         self.identity = identity
         self.shard = shard
+        self._lock = hold_worker_lock(self.out_dir, shard)  # until this process ends; see wait_for_workers
         self.manifest = ManifestWriter(self.out_dir / MANIFEST.replace(".jsonl", f".part-{shard}.jsonl"))
 
     def run(self, batch: list[ImageTask]) -> list[dict]:

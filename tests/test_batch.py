@@ -431,6 +431,35 @@ def test_second_job_on_the_same_out_dir_is_refused(tiny_onnx_dir, tmp_path, caps
     assert "different seed" in capsys.readouterr().err
 
 
+def test_a_killed_jobs_worker_still_writing_is_waited_for(tmp_path, capsys):
+    """A Ray worker outlives its killed driver by seconds; the next job must not read OUT_DIR before it stops, or
+    the worker's last image would be missing from what the new job counts as done."""
+    from basinguard.runtime.batch import prepare_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import json, os, sys, time\n"
+        "from pathlib import Path\n"
+        "from basinguard.runtime.batch import hold_worker_lock\n"
+        f"out = Path({str(out)!r})\n"
+        "hold_worker_lock(out, 0); print('locked', flush=True); time.sleep(1.0)\n"
+        "(out / '000001-000.png').write_bytes(b'png')\n"
+        "with open(out / 'manifest.part-0.jsonl', 'a') as f:\n"
+        "    f.write(json.dumps({'id': '000001-000', 'file': '000001-000.png', 'line': 1, 'index': 0}) + '\\n')\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "locked"
+        done, lost = prepare_output(out)  # waits for the worker's lock, then merges its shard
+    finally:
+        worker.wait()
+        worker.stdout.close()
+    assert list(done) == ["000001-000"] and not lost
+    assert "waiting for the workers of an earlier job" in capsys.readouterr().err
+    done, _ = prepare_output(out)  # nobody holds it now: no wait, no message
+    assert list(done) == ["000001-000"] and "waiting" not in capsys.readouterr().err
+
+
 def test_ray_two_workers_merge_shards_exactly_once(tiny_onnx_dir, kill_prompts, reference, tmp_path):
     ray = pytest.importorskip("ray")
     out = tmp_path / "out"
@@ -456,4 +485,5 @@ def test_ray_two_workers_merge_shards_exactly_once(tiny_onnx_dir, kill_prompts, 
         assert json.dumps(by_id[i]) == lines[i].strip()
     new = [e for e in entries if e["id"] not in kept]
     assert {e["shard"] for e in new} == {0, 1} and len(new) == len(kill_ids()) - len(kept)
-    assert os.path.exists(out / ".lock")
+    assert os.path.exists(out / ".lock") and sorted(p.name for p in out.glob(".worker-*.lock")) == [
+        ".worker-0.lock", ".worker-1.lock"]

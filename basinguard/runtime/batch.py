@@ -60,6 +60,8 @@ from basinguard.runtime.tokenizer import PromptTokenizer
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part-*.jsonl"
 LOCK = ".lock"
+WORKER_LOCK = ".worker-{shard}.lock"  # held by each Ray worker for the life of its process
+WORKER_WAIT_S = 60.0
 ON_ERROR = ("skip", "stop")
 MAX_IMAGES_PER_LINE = 10_000  # a typo guard: num_images beyond this is almost surely a mistake
 
@@ -365,6 +367,39 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock; the file stays (deleting it would race with a waiting job)
 
 
+def hold_worker_lock(out_dir: Path, shard: int) -> int:
+    """A Ray worker's exclusive flock on OUT_DIR/.worker-K.lock, held until its process ends (the kernel releases
+    it however the process ends). A later job waits for these (`wait_for_workers`), so the workers of a killed
+    driver, which Ray stops only seconds later, cannot write into OUT_DIR while the next job reads it."""
+    fd = os.open(out_dir / WORKER_LOCK.format(shard=shard), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def wait_for_workers(out_dir: Path, timeout: float = WORKER_WAIT_S) -> None:
+    """Under the job lock: return once no worker of an earlier job holds its lock (or raise after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    told = False
+    for path in sorted(out_dir.glob(WORKER_LOCK.format(shard="*"))):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise BatchError(f"a worker of an earlier job still holds {path} after {timeout:.0f} s; stop "
+                                         "it (`ray stop`, or end its process) and run again") from None
+                    if not told:
+                        print(f"basinguard batch: waiting for the workers of an earlier job on {out_dir} to stop",
+                              file=sys.stderr)
+                        told = True
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)  # releases it at once: the lock only had to be free
+
+
 def _repair_tail(path: Path) -> None:
     """Cut a truncated last line (a kill mid-append) off a manifest file, in place."""
     with open(path, "r+b") as f:
@@ -470,6 +505,7 @@ def merge_parts(out_dir: Path) -> None:
 def prepare_output(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
     """Under the lock: drop temporary files of a killed job, merge shards; return the finished entries by id, and
     the ids whose PNG is gone (`forget` them once the job is known to be this OUT_DIR's, so they are made again)."""
+    wait_for_workers(out_dir)  # a killed Ray job's workers may still be writing for a few seconds
     for tmp in [*temporary_files(out_dir, "*.png"), *temporary_files(out_dir, MANIFEST)]:  # ours only
         tmp.unlink(missing_ok=True)
     merge_parts(out_dir)
