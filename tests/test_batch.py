@@ -487,3 +487,15 @@ def test_ray_two_workers_merge_shards_exactly_once(tiny_onnx_dir, kill_prompts, 
     assert {e["shard"] for e in new} == {0, 1} and len(new) == len(kill_ids()) - len(kept)
     assert os.path.exists(out / ".lock") and sorted(p.name for p in out.glob(".worker-*.lock")) == [
         ".worker-0.lock", ".worker-1.lock"]
+
+
+def test_resume_on_another_engine_warns(tiny_onnx_dir, tmp_path, capsys):
+    prompts, out, args = finished_job(tiny_onnx_dir, tmp_path, "a red cat\n")
+    capsys.readouterr()
+    assert cli_main(args) == 0 and "warning" not in capsys.readouterr().err  # same engine: nothing to say
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {e["engine"] for e in entries} == {"cpu"}
+    (out / "manifest.jsonl").write_text("".join(json.dumps(dict(e, engine="ort-tensorrt")) + "\n" for e in entries))
+    prompts.write_text("a red cat\na blue dog\n")
+    assert cli_main(args) == 0
+    assert "has images made on ort-tensorrt; this run uses cpu" in capsys.readouterr().err

@@ -470,7 +470,7 @@ class ManifestWriter:
 
 # What resuming and the summary need of a finished entry; the rest (traces) stays on disk.
 _KEPT = ("id", "line", "index", "prompt", "negative_prompt", "seed", "policy", "scheduler", "steps", "height", "width",
-         "model", "flagged", "transition_step")
+         "model", "flagged", "transition_step", "engine")
 
 
 def slim(entry: dict) -> dict:
@@ -746,6 +746,10 @@ def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline], checke
         pipe = pipeline if isinstance(pipeline, Pipeline) else pipeline()
         model = model_identity(pipe.folder.path)
         check_same_job(parsed.tasks, done, job.out_dir, model)
+        engines = sorted({e["engine"] for e in done.values() if e.get("engine")} - {pipe.unet.model.provider})
+        if engines:  # allowed (a job may move to a GPU), but the two engines' pixels differ slightly
+            print(f"basinguard batch: warning: {job.out_dir} has images made on {', '.join(engines)}; this run uses "
+                  f"{pipe.unet.model.provider}, whose images may differ from those in the last bits", file=sys.stderr)
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         new: list[dict] = []
