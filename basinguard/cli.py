@@ -75,7 +75,7 @@ def save_image(generation, path: Path, raw: bool = False) -> None:
         with open(path, "wb") as f:
             np.save(f, generation.pixels)
     else:
-        generation.to_pil().save(path, format="PNG")
+        generation.save_png(path)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -181,6 +181,10 @@ def test_batched_images_equal_each_image_alone(pipe, tmp_path):
             assert np.abs(gen.pixels - alone.pixels).max() <= 1e-4
             np.testing.assert_allclose(gen.trace["gap"], alone.trace["gap"], rtol=1e-4)
             assert np.abs(pixels(out / task.file) - np.asarray(alone.to_pil(), np.int16)).max() <= 1
+            with Image.open(out / task.file) as im:  # the PNG carries its own trace
+                embedded = json.loads(im.text["basinguard"])
+            assert (embedded["prompt"], embedded["seed"], embedded["negative_prompt"]) == (
+                task.prompt, task.seed, task.negative_prompt)
     assert tasks[0].seed == 11 and tasks[1].seed == 12 and tasks[2].seed == derive_seed(3, 2, 0)
 
 

@@ -297,3 +297,18 @@ def test_generate_in_batches_writes_the_same_images_batch_by_batch(ours, tiny_on
     for k in range(3):
         np.testing.assert_allclose(np.load(tmp_path / f"two-{k}.npy"), np.load(tmp_path / f"one-{k}.npy"), atol=1e-5)
         assert json.loads((tmp_path / f"one-{k}.json").read_text())["seed"] == 5 + k
+
+
+def test_png_carries_its_trace(tiny_onnx_dir, tmp_path):
+    """A PNG holds its trace (JSON in a compressed text chunk): the same as --trace writes, any prompt text."""
+    from PIL import Image
+
+    from basinguard.runtime.pipeline import PNG_TRACE_KEY
+
+    prompt = "a café — 猫 on a mat"  # beyond latin-1: PIL stores it as an iTXt chunk
+    assert cli_main(["generate", "--model", str(tiny_onnx_dir), "--prompt", prompt, "--steps", "3", "--threads", "1",
+                     "--policy", "dtp", "--out", str(tmp_path / "a.png"), "--trace", str(tmp_path / "a.json")]) == 0
+    with Image.open(tmp_path / "a.png") as im:
+        embedded = json.loads(im.text[PNG_TRACE_KEY])
+    assert embedded == json.loads((tmp_path / "a.json").read_text())
+    assert embedded["prompt"] == prompt and embedded["policy"]["name"] == "dtp" and len(embedded["gap"]) == 3

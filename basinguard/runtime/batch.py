@@ -707,7 +707,7 @@ def write_batch(pipeline: Pipeline, batch: Sequence[ImageTask], out_dir: Path, m
     gens, timings = generate_batch(pipeline, batch)
     entries = []
     for task, gen in zip(batch, gens, strict=True):
-        write_atomic(out_dir / task.file, lambda p, g=gen: g.to_pil().save(p, format="PNG"), fsync=True)
+        write_atomic(out_dir / task.file, lambda p, g=gen: g.save_png(p), fsync=True)
         entry = manifest_entry(task, gen, timings, model, len(batch)) | (extra or {})
         manifest.append(entry)  # after the rename: a manifest line always has its PNG
         entries.append(entry)

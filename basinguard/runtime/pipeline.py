@@ -6,6 +6,7 @@ per-stage timing table; the denoising loop is `denoise`, Algorithm 1 of Jain et 
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,8 @@ from basinguard.runtime.guidance import GuidancePolicy, PolicyConfig, make_polic
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.schedulers import Scheduler, make_scheduler, scheduler_name_for_config
 from basinguard.runtime.tokenizer import PromptTokenizer
+
+PNG_TRACE_KEY = "basinguard"
 
 
 class StageTimer:
@@ -72,6 +75,16 @@ class Generation:
         from PIL import Image
 
         return Image.fromarray((self.pixels * 255).round().astype(np.uint8))
+
+    def save_png(self, path: Path) -> None:
+        """The image as PNG carrying its trace (prompt, seed, policy, d and scale per step, transition step) as
+        compressed JSON in a text chunk named "basinguard", so how an image was made, and whether it was
+        mitigated, travels with it."""
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text(PNG_TRACE_KEY, json.dumps(self.trace, separators=(",", ":")), zip=True)
+        self.to_pil().save(path, format="PNG", pnginfo=info)
 
 
 def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np.ndarray,
