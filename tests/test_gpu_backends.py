@@ -440,6 +440,43 @@ def test_cuda_runtime_errors_are_engine_errors_without_a_gpu() -> None:
         pytest.skip("a CUDA device is present")
 
 
+def test_a_profile_tensorrt_will_not_select_is_an_engine_error() -> None:
+    """set_optimization_profile_async returns False (it does not raise) when TensorRT refuses a profile; running
+    on the context anyway would use another profile's shapes. Stub engine: no TensorRT or GPU needed."""
+
+    class Context:
+        def __init__(self, accepts: bool):
+            self.accepts, self.asked = accepts, []
+
+        def set_optimization_profile_async(self, profile: int, stream: int) -> bool:
+            self.asked.append((profile, stream))
+            return self.accepts
+
+    class Engine:
+        def __init__(self, accepts: bool):
+            self.context = Context(accepts)
+
+        def create_execution_context(self):
+            return self.context
+
+    class Logger:
+        errors = ["profile 1 is out of range"]
+
+    def stub(accepts: bool) -> trt_backend.TensorRTModel:
+        model = object.__new__(trt_backend.TensorRTModel)  # the constructor needs a plan and a GPU
+        model.name, model._engine, model._logger = "unet", Engine(accepts), Logger()
+        model._profiles, model._contexts, model._stream_handle, model._stream = [{}, {}], {}, 7, None
+        model._closed = True  # nothing of its own to free at exit
+        model._cuda = lambda what, result: result
+        model._cuda.rt = type("rt", (), {"cudaStreamSynchronize": staticmethod(lambda stream: None)})
+        return model
+
+    good = stub(True)
+    assert good._context(1) is good._engine.context and good._engine.context.asked == [(1, 7)]
+    with pytest.raises(EngineError, match="could not select optimization profile 1 of 2: profile 1 is out of range"):
+        stub(False)._context(1)
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 
