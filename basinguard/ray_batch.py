@@ -25,6 +25,7 @@ If an actor dies the job stops with Ray's error; run it again with the same argu
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,11 +71,11 @@ class BatchWorker:
                  static_shapes: bool = False):
         from basinguard.runtime.pipeline import Pipeline
 
-        self.pipeline = Pipeline(Path(model), provider=provider, threads=threads, static_shapes=static_shapes)
         self.out_dir = Path(out_dir)
+        self._lock = hold_worker_lock(self.out_dir, shard)  # first, and until this process ends: wait_for_workers
+        self.pipeline = Pipeline(Path(model), provider=provider, threads=threads, static_shapes=static_shapes)
         self.identity = identity
         self.shard = shard
-        self._lock = hold_worker_lock(self.out_dir, shard)  # until this process ends; see wait_for_workers
         self.manifest = ManifestWriter(self.out_dir / MANIFEST.replace(".jsonl", f".part-{shard}.jsonl"))
 
     def run(self, batch: list[ImageTask]) -> list[dict]:
@@ -102,6 +103,23 @@ def _default_workers(ray, provider: str, cpus: int) -> int:
     return max(1, int(resources.get("CPU", 1)) // cpus)
 
 
+def _first_line(exc: BaseException) -> str:
+    """Ray's messages are multi-line and coloured: their first line, without the colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_resources(cluster: dict, workers: int, cpus: int, provider: str) -> None:
+    """Ray keeps an actor that no node can hold pending for ever, and the job would wait without a word: refuse
+    workers that need more CPUs (or GPUs) than the whole cluster has."""
+    have_cpu, have_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    need_cpu, need_gpu = workers * cpus, workers if provider != "cpu" else 0
+    if need_cpu > have_cpu or need_gpu > have_gpu:
+        gpus = f" and {need_gpu} GPUs (one each)" if need_gpu else ""
+        raise BasinguardError(f"{workers} Ray worker(s) need {need_cpu} CPUs (--threads {cpus} each){gpus}; the "
+                              f"cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs: lower --ray-workers or --threads")
+
+
 def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: int | None = None,
                   address: str | None = LOCAL, workers: int | None = None, static_shapes: bool = False) -> BatchSummary:
     """Run (or resume) `job` on Ray. An already initialised Ray (e.g. a test's `ray.init(...)`) is used as is."""
@@ -119,11 +137,16 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
         if not pending:
             return summarize(parsed, done, [], 0.0)
         if not ray.is_initialized():
-            ray.init(address=None if address == LOCAL else address, include_dashboard=False,
-                     log_to_driver=False)
+            try:
+                ray.init(address=None if address == LOCAL else address, include_dashboard=False,
+                         log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as exc:  # no cluster there; ray:// without ray[client]
+                where = "a local Ray instance" if address == LOCAL else f"Ray at {address}"
+                raise BasinguardError(f"cannot start or join {where}: {_first_line(exc)}") from None
         cpus = threads or 1
         count = workers or _default_workers(ray, provider, cpus)
         shards = [s for s in shard_by_line(pending, count) if s]
+        check_resources(ray.cluster_resources(), len(shards), cpus, provider)
         actor_class = ray.remote(BatchWorker).options(num_cpus=cpus, num_gpus=0 if provider == "cpu" else 1)
         actors = [actor_class.remote(str(Path(model).resolve()), provider, cpus, str(job.out_dir.resolve()), k,
                                      identity, static_shapes) for k in range(len(shards))]
@@ -139,6 +162,12 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
                     new += map(slim, ray.get(ready[0]))
                     bar.update(running.pop(ready[0]))
             ray.get([actor.close.remote() for actor in actors])
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, Exception):
+                raise exc.cause from None  # reported as the same failure of a local job would be
+            raise BasinguardError(f"a Ray worker failed: {_first_line(exc)}") from None
+        except ray.exceptions.RayActorError as exc:
+            raise BasinguardError(f"a Ray worker died: {_first_line(exc)}") from None
         finally:
             for actor in actors:
                 ray.kill(actor)  # a stopped job must not keep writing into OUT_DIR

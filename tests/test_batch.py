@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -462,6 +463,56 @@ def test_a_killed_jobs_worker_still_writing_is_waited_for(tmp_path, capsys):
     assert "waiting for the workers of an earlier job" in capsys.readouterr().err
     done, _ = prepare_output(out)  # nobody holds it now: no wait, no message
     assert list(done) == ["000001-000"] and "waiting" not in capsys.readouterr().err
+
+
+def test_ray_resources_and_errors_are_one_line(tiny_onnx_dir, tmp_path, capsys):
+    from basinguard.errors import BasinguardError
+    from basinguard.ray_batch import _first_line, check_resources
+
+    check_resources({"CPU": 2.0}, 2, 1, "cpu")  # fits
+    for args, message in ((({"CPU": 2.0}, 3, 1, "cpu"), "3 Ray worker(s) need 3 CPUs (--threads 1 each); the cluster has 2 CPUs"),
+                          (({"CPU": 2.0}, 1, 4, "cpu"), "need 4 CPUs (--threads 4 each)"),
+                          (({"CPU": 8.0}, 1, 1, "cuda"), "need 1 CPUs (--threads 1 each) and 1 GPUs (one each); the "
+                                                         "cluster has 8 CPUs and 0 GPUs")):
+        with pytest.raises(BasinguardError, match=re.escape(message)):
+            check_resources(*args)
+    assert _first_line(RuntimeError("\x1b[36mray::BatchWorker.run()\x1b[39m (pid=1)\n  File ...")) == (
+        "ray::BatchWorker.run() (pid=1)")
+
+    ray = pytest.importorskip("ray")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    out = tmp_path / "out"
+    (out / "000002-000.png").mkdir(parents=True)  # the worker cannot write this image
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--ray", "--ray-workers", "2", "--threads", "2")) == 2
+        assert "2 Ray worker(s) need 4 CPUs (--threads 2 each)" in capsys.readouterr().err  # not a job waiting for ever
+        assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--ray", "--ray-workers", "1")) == 2
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("basinguard batch: error: cannot read or write") and "Is a directory" in err, err
+    assert len(err.splitlines()) == 1 and "\x1b[" not in err  # as a local job reports it: no remote traceback
+
+
+def test_a_job_that_fails_before_writing_leaves_no_out_dir(tiny_onnx_dir, tmp_path):
+    from basinguard.engine import EngineError
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    out = tmp_path / "new" / "out"
+
+    def no_gpu():
+        raise EngineError("CUDAExecutionProvider is not available")
+
+    with pytest.raises(EngineError):
+        run_batch(BatchJob(prompts, out, SamplingConfig(steps=2), progress=False), no_gpu, SpecChecker(tiny_onnx_dir))
+    assert not out.exists()
+    out.mkdir()  # an OUT_DIR the user made is left where it is
+    with pytest.raises(EngineError):
+        run_batch(BatchJob(prompts, out, SamplingConfig(steps=2), progress=False), no_gpu, SpecChecker(tiny_onnx_dir))
+    assert out.is_dir()
 
 
 def test_ray_two_workers_merge_shards_exactly_once(tiny_onnx_dir, kill_prompts, reference, tmp_path):

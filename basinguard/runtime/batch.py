@@ -346,7 +346,9 @@ def pack(tasks: Sequence[ImageTask], batch_size: int) -> list[list[ImageTask]]:
 
 @contextmanager
 def output_lock(out_dir: Path) -> Iterator[None]:
-    """Hold OUT_DIR/.lock (flock) for the job; a second job gets a clear refusal, a dead one frees it."""
+    """Hold OUT_DIR/.lock (flock) for the job; a second job gets a clear refusal, a dead one frees it. A job that
+    made OUT_DIR and fails before writing anything into it (no model, no Ray) leaves no OUT_DIR behind."""
+    made = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -363,6 +365,11 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
+    except BaseException:
+        if made and [p.name for p in out_dir.iterdir()] == [LOCK]:  # ours alone, and nothing in it but the lock
+            (out_dir / LOCK).unlink()
+            out_dir.rmdir()
+        raise
     finally:
         os.close(fd)  # releases the lock; the file stays (deleting it would race with a waiting job)
 
