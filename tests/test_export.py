@@ -211,8 +211,12 @@ def test_hub_id_offline_is_a_clear_error(tmp_path: Path) -> None:
 def test_bad_arguments_and_existing_output(tiny_sd_pipeline_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="atol must be a number >= 0"):
         export_pipeline(tiny_sd_pipeline_dir, tmp_path / "out", atol=-1.0, log=_quiet)
-    with pytest.raises(ExportError, match="opset 13 is too old"):
-        export_pipeline(tiny_sd_pipeline_dir, tmp_path / "out", opset=13, log=_quiet)
+    from torch.onnx import _constants
+
+    for opset in (13, _constants.ONNX_MAX_OPSET + 1):  # before any model loads, naming the range
+        with pytest.raises(ExportError, match=rf"opset must be in \[14, {_constants.ONNX_MAX_OPSET}\] \(got {opset}\)"):
+            export_pipeline(tiny_sd_pipeline_dir, tmp_path / "out", opset=opset, log=_quiet)
+    assert not (tmp_path / "out").exists()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists"):
@@ -362,3 +366,20 @@ def test_fp16_falls_back_to_onnx_conversion(tiny_sd_pipeline_dir: Path, tmp_path
     unet_inputs = {i["name"]: i["dtype"] for i in manifest["models"]["unet"]["inputs"]}
     assert unet_inputs == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16"}
     assert manifest["validation"]["unet"]["max_abs_diff"] < 2e-2
+
+
+def test_a_scheduler_the_runtime_cannot_run_is_said_before_exporting(tiny_sd_pipeline_dir: Path, tmp_path: Path) -> None:
+    from basinguard.export.onnx_export import scheduler_problem
+    from basinguard.runtime.schedulers import make_scheduler
+
+    assert scheduler_problem(tiny_sd_pipeline_dir) is None
+    src = tmp_path / "src"
+    shutil.copytree(tiny_sd_pipeline_dir, src)
+    config_path = src / "scheduler/scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "timestep_spacing": "karras-ish"}))
+    with pytest.raises(ValueError, match="timestep_spacing 'karras-ish' is not supported"):
+        make_scheduler(json.loads(config_path.read_text()), 10)  # the runtime's own verdict, which the export repeats
+    problem = scheduler_problem(src)
+    assert problem is not None and "timestep_spacing 'karras-ish' is not supported" in problem
+    assert "--scheduler ddim|dpm++2m|euler|pndm" in problem

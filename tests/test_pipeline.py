@@ -312,3 +312,15 @@ def test_png_carries_its_trace(tiny_onnx_dir, tmp_path):
         embedded = json.loads(im.text[PNG_TRACE_KEY])
     assert embedded == json.loads((tmp_path / "a.json").read_text())
     assert embedded["prompt"] == prompt and embedded["policy"]["name"] == "dtp" and len(embedded["gap"]) == 3
+
+
+def test_an_unsupported_scheduler_config_points_to_scheduler(tiny_onnx_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_onnx_dir, model)
+    config_path = model / "scheduler/scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "beta_schedule": "sigmoid"}))
+    proc = run_cli("generate", "--model", str(model), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o.png"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "beta_schedule 'sigmoid' is not supported" in proc.stderr and "--scheduler ddim|dpm++2m|euler|pndm" in proc.stderr

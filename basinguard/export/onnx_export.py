@@ -113,6 +113,19 @@ def check_source(folder: Path) -> dict:
     return index
 
 
+def scheduler_problem(folder: Path) -> str | None:
+    """Why basinguard's runtime cannot run the pipeline's own scheduler as configured (e.g. Karras sigmas), or
+    None. The export is still usable with another scheduler, so this is said before the minutes of exporting."""
+    from basinguard.runtime.schedulers import SCHEDULERS, make_scheduler
+
+    try:
+        make_scheduler(_read_json(folder / "scheduler/scheduler_config.json"), 10)
+    except ValueError as exc:
+        return (f"the runtime cannot run this pipeline's scheduler as configured ({exc}); generate with "
+                f"--scheduler {'|'.join(SCHEDULERS)}")
+    return None
+
+
 def _variant(component: Path) -> str | None:
     """"fp16" when a component has only fp16-variant weights (a common hub layout); None otherwise."""
     names = [p.name for p in _weights(component)[0]]
@@ -265,6 +278,13 @@ def _build(folder: Path, tmp: Path, opts: _Options) -> dict:
             "models": entries, "validation": validation if opts.validate else None}
 
 
+def max_opset() -> int:
+    """The highest opset this torch's exporter writes."""
+    from torch.onnx import _constants  # private, but the only place torch states it
+
+    return int(getattr(_constants, "ONNX_MAX_OPSET", 20))
+
+
 def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: int = 17, atol: float | None = None,
                     validate: bool = True, log: Callable[[str], object] = print) -> dict:
     """Export the diffusers pipeline `src` (folder or hub id) to the ONNX folder `out`; returns the manifest.
@@ -284,11 +304,16 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
     """
     if atol is not None and not atol >= 0:
         raise ExportError(f"atol must be a number >= 0, got {atol}")
-    if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old: attention exports need opset >= {MIN_OPSET}")
+    highest = max_opset()
+    if not MIN_OPSET <= opset <= highest:  # checked before any model loads: torch fails late, after a graph dump
+        raise ExportError(f"opset must be in [{MIN_OPSET}, {highest}] (got {opset}): attention exports need "
+                          f">= {MIN_OPSET}, and this torch exports up to {highest}")
     out = Path(out)
     folder = _resolve_source(src, log)
     index = check_source(folder)
+    problem = scheduler_problem(folder)
+    if problem:
+        log(f"warning: {problem}")
     tmp = _prepare_out(out)
     try:
         manifest = {"format": "basinguard-onnx", "format_version": 1, "source": str(src),

@@ -21,7 +21,13 @@ from basinguard.engine import EngineError, LoadedModel, load_model
 from basinguard.runtime.errors import InputError
 from basinguard.runtime.guidance import GuidancePolicy, PolicyConfig, make_policy
 from basinguard.runtime.model_folder import ModelFolder
-from basinguard.runtime.schedulers import Scheduler, make_scheduler, scheduler_name_for_config
+from basinguard.runtime.schedulers import (
+    SCHEDULERS,
+    Scheduler,
+    UnsupportedConfig,
+    make_scheduler,
+    scheduler_name_for_config,
+)
 from basinguard.runtime.tokenizer import PromptTokenizer
 
 PNG_TRACE_KEY = "basinguard"
@@ -201,6 +207,9 @@ class Pipeline:
     def make_scheduler(self, sampling: SamplingConfig) -> Scheduler:
         try:
             return make_scheduler(self.folder.scheduler_config, sampling.steps, sampling.scheduler)
+        except UnsupportedConfig as exc:
+            raise InputError(f"{exc}; another scheduler may run this model: --scheduler "
+                             f"{'|'.join(SCHEDULERS)}") from None
         except ValueError as exc:  # steps out of range, unknown scheduler: the scheduler names the range
             raise InputError(str(exc)) from None
 
