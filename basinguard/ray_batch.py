@@ -50,10 +50,13 @@ from basinguard.runtime.batch import (
     progress_bar,
     slim,
     summarize,
+    warn_other_engines,
     write_batch,
 )
 
 LOCAL = "local"  # `--ray` without an address
+# The labels a provider's images carry (the driver loads no model to ask): tensorrt is native or ONNX Runtime's EP.
+ENGINE_LABELS = {"cpu": {"cpu"}, "cuda": {"cuda"}, "tensorrt": {"tensorrt", "ort-tensorrt"}}
 
 
 def _import_ray():
@@ -71,18 +74,26 @@ class BatchWorker:
                  static_shapes: bool = False):
         from basinguard.runtime.pipeline import Pipeline
 
-        self.out_dir = Path(out_dir)
-        self._lock = hold_worker_lock(self.out_dir, shard)  # first, and until this process ends: wait_for_workers
-        self.pipeline = Pipeline(Path(model), provider=provider, threads=threads, static_shapes=static_shapes)
-        self.identity = identity
-        self.shard = shard
-        self.manifest = ManifestWriter(self.out_dir / MANIFEST.replace(".jsonl", f".part-{shard}.jsonl"))
+        self.out_dir, self.identity, self.shard = Path(out_dir), identity, shard
+        self.manifest: ManifestWriter | None = None
+        # An error here would reach the driver as "the actor died", without its message: it is kept and raised by
+        # the first `run`, which Ray reports with the error itself.
+        self._failure: Exception | None = None
+        try:
+            self._lock = hold_worker_lock(self.out_dir, shard)  # first, and until this process ends: wait_for_workers
+            self.pipeline = Pipeline(Path(model), provider=provider, threads=threads, static_shapes=static_shapes)
+            self.manifest = ManifestWriter(self.out_dir / MANIFEST.replace(".jsonl", f".part-{shard}.jsonl"))
+        except Exception as exc:
+            self._failure = exc
 
     def run(self, batch: list[ImageTask]) -> list[dict]:
+        if self._failure is not None:
+            raise self._failure
         return write_batch(self.pipeline, batch, self.out_dir, self.identity, self.manifest, {"shard": self.shard})
 
     def close(self) -> None:
-        self.manifest.close()
+        if self.manifest is not None:
+            self.manifest.close()
 
 
 def shard_by_line(tasks: Sequence[ImageTask], workers: int) -> list[list[ImageTask]]:
@@ -96,28 +107,32 @@ def shard_by_line(tasks: Sequence[ImageTask], workers: int) -> list[list[ImageTa
     return shards
 
 
-def _default_workers(ray, provider: str, cpus: int) -> int:
-    resources = ray.cluster_resources()
-    if provider != "cpu":
-        return max(1, int(resources.get("GPU", 0)))
-    return max(1, int(resources.get("CPU", 1)) // cpus)
-
-
 def _first_line(exc: BaseException) -> str:
     """Ray's messages are multi-line and coloured: their first line, without the colour codes."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def check_resources(cluster: dict, workers: int, cpus: int, provider: str) -> None:
-    """Ray keeps an actor that no node can hold pending for ever, and the job would wait without a word: refuse
-    workers that need more CPUs (or GPUs) than the whole cluster has."""
-    have_cpu, have_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    need_cpu, need_gpu = workers * cpus, workers if provider != "cpu" else 0
-    if need_cpu > have_cpu or need_gpu > have_gpu:
-        gpus = f" and {need_gpu} GPUs (one each)" if need_gpu else ""
-        raise BasinguardError(f"{workers} Ray worker(s) need {need_cpu} CPUs (--threads {cpus} each){gpus}; the "
-                              f"cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs: lower --ray-workers or --threads")
+def worker_slots(nodes: Sequence[dict], cpus: int, provider: str) -> int:
+    """How many workers (`cpus` CPUs each, and one GPU each off the CPU provider) the cluster's live nodes hold at
+    once (`ray.nodes()`). Ray places an actor on one node, so this counts per node, not over the cluster's total."""
+    slots = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        resources = node.get("Resources", {})
+        fit = int(resources.get("CPU", 0) // cpus)
+        slots += min(fit, int(resources.get("GPU", 0))) if provider != "cpu" else fit
+    return slots
+
+
+def check_resources(workers: int, slots: int, cpus: int, provider: str) -> None:
+    """Ray keeps an actor no node can hold pending for ever, and the job would wait without a word: refuse more
+    workers than the nodes hold."""
+    if workers > slots:
+        each = f"{cpus} CPU(s){' and one GPU' if provider != 'cpu' else ''} each (--threads {cpus})"
+        raise BasinguardError(f"{workers} Ray worker(s) of {each}: the cluster's nodes hold {slots} such workers now; "
+                              "lower --ray-workers or --threads, or add nodes")
 
 
 def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: int | None = None,
@@ -132,6 +147,7 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
         done, lost = prepare_output(job.out_dir)
         identity = model_identity(model)
         check_same_job(parsed.tasks, done, job.out_dir, identity)
+        warn_other_engines(job.out_dir, done, ENGINE_LABELS[provider])
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if not pending:
@@ -144,9 +160,9 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
                 where = "a local Ray instance" if address == LOCAL else f"Ray at {address}"
                 raise BasinguardError(f"cannot start or join {where}: {_first_line(exc)}") from None
         cpus = threads or 1
-        count = workers or _default_workers(ray, provider, cpus)
-        shards = [s for s in shard_by_line(pending, count) if s]
-        check_resources(ray.cluster_resources(), len(shards), cpus, provider)
+        slots = worker_slots(ray.nodes(), cpus, provider)
+        shards = [s for s in shard_by_line(pending, workers or max(1, slots)) if s]
+        check_resources(len(shards), slots, cpus, provider)
         actor_class = ray.remote(BatchWorker).options(num_cpus=cpus, num_gpus=0 if provider == "cpu" else 1)
         actors = [actor_class.remote(str(Path(model).resolve()), provider, cpus, str(job.out_dir.resolve()), k,
                                      identity, static_shapes) for k in range(len(shards))]
@@ -163,9 +179,9 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
                     bar.update(running.pop(ready[0]))
             ray.get([actor.close.remote() for actor in actors])
         except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, Exception):
+            if isinstance(exc.cause, BasinguardError | OSError):
                 raise exc.cause from None  # reported as the same failure of a local job would be
-            raise BasinguardError(f"a Ray worker failed: {_first_line(exc)}") from None
+            raise  # a bug: keep the worker's traceback
         except ray.exceptions.RayActorError as exc:
             raise BasinguardError(f"a Ray worker died: {_first_line(exc)}") from None
         finally:

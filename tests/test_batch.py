@@ -467,15 +467,25 @@ def test_a_killed_jobs_worker_still_writing_is_waited_for(tmp_path, capsys):
 
 def test_ray_resources_and_errors_are_one_line(tiny_onnx_dir, tmp_path, capsys):
     from basinguard.errors import BasinguardError
-    from basinguard.ray_batch import _first_line, check_resources
+    from basinguard.ray_batch import BatchWorker, _first_line, check_resources, worker_slots
 
-    check_resources({"CPU": 2.0}, 2, 1, "cpu")  # fits
-    for args, message in ((({"CPU": 2.0}, 3, 1, "cpu"), "3 Ray worker(s) need 3 CPUs (--threads 1 each); the cluster has 2 CPUs"),
-                          (({"CPU": 2.0}, 1, 4, "cpu"), "need 4 CPUs (--threads 4 each)"),
-                          (({"CPU": 8.0}, 1, 1, "cuda"), "need 1 CPUs (--threads 1 each) and 1 GPUs (one each); the "
-                                                         "cluster has 8 CPUs and 0 GPUs")):
+    # Ray places each actor on one node: slots count per node (3 + 3 CPUs hold two 2-CPU workers, not three).
+    nodes = [{"Alive": True, "Resources": {"CPU": 3.0}}, {"Alive": True, "Resources": {"CPU": 3.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    assert worker_slots(nodes, 2, "cpu") == 2 and worker_slots(nodes, 1, "cpu") == 6
+    assert worker_slots(nodes, 1, "cuda") == 1 and worker_slots(nodes, 4, "cpu") == 0
+    check_resources(2, 2, 2, "cpu")  # fits
+    for args, message in (((3, 2, 2, "cpu"), "3 Ray worker(s) of 2 CPU(s) each (--threads 2): the cluster's nodes "
+                                             "hold 2 such workers now"),
+                          ((1, 0, 1, "cuda"), "1 Ray worker(s) of 1 CPU(s) and one GPU each (--threads 1): the "
+                                              "cluster's nodes hold 0")):
         with pytest.raises(BasinguardError, match=re.escape(message)):
             check_resources(*args)
+    # A worker that cannot start keeps its error for its first call (Ray would report only "the actor died").
+    broken = BatchWorker(str(tmp_path / "no-model"), "cpu", 1, str(tmp_path), 0, {})
+    with pytest.raises(BasinguardError, match="no-model"):
+        broken.run([])
+    broken.close()
     assert _first_line(RuntimeError("\x1b[36mray::BatchWorker.run()\x1b[39m (pid=1)\n  File ...")) == (
         "ray::BatchWorker.run() (pid=1)")
 
@@ -487,7 +497,7 @@ def test_ray_resources_and_errors_are_one_line(tiny_onnx_dir, tmp_path, capsys):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--ray", "--ray-workers", "2", "--threads", "2")) == 2
-        assert "2 Ray worker(s) need 4 CPUs (--threads 2 each)" in capsys.readouterr().err  # not a job waiting for ever
+        assert "2 Ray worker(s) of 2 CPU(s) each (--threads 2): the cluster's nodes hold 1" in capsys.readouterr().err
         assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--ray", "--ray-workers", "1")) == 2
     finally:
         ray.shutdown()
@@ -508,8 +518,8 @@ def test_a_job_that_fails_before_writing_leaves_no_out_dir(tiny_onnx_dir, tmp_pa
 
     with pytest.raises(EngineError):
         run_batch(BatchJob(prompts, out, SamplingConfig(steps=2), progress=False), no_gpu, SpecChecker(tiny_onnx_dir))
-    assert not out.exists()
-    out.mkdir()  # an OUT_DIR the user made is left where it is
+    assert not (tmp_path / "new").exists()  # nor the parent it made for it
+    out.mkdir(parents=True)  # an OUT_DIR the user made is left where it is
     with pytest.raises(EngineError):
         run_batch(BatchJob(prompts, out, SamplingConfig(steps=2), progress=False), no_gpu, SpecChecker(tiny_onnx_dir))
     assert out.is_dir()

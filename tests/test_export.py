@@ -213,8 +213,10 @@ def test_bad_arguments_and_existing_output(tiny_sd_pipeline_dir: Path, tmp_path:
         export_pipeline(tiny_sd_pipeline_dir, tmp_path / "out", atol=-1.0, log=_quiet)
     from torch.onnx import _constants
 
-    for opset in (13, _constants.ONNX_MAX_OPSET + 1):  # before any model loads, naming the range
-        with pytest.raises(ExportError, match=rf"opset must be in \[14, {_constants.ONNX_MAX_OPSET}\] \(got {opset}\)"):
+    highest = _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET  # the TorchScript exporter's, below torch.onnx's own
+    assert highest < _constants.ONNX_MAX_OPSET
+    for opset in (13, highest + 1):  # before any model loads, naming the range
+        with pytest.raises(ExportError, match=rf"opset must be in \[14, {highest}\] \(got {opset}\)"):
             export_pipeline(tiny_sd_pipeline_dir, tmp_path / "out", opset=opset, log=_quiet)
     assert not (tmp_path / "out").exists()
     (tmp_path / "out").mkdir()
@@ -377,9 +379,14 @@ def test_a_scheduler_the_runtime_cannot_run_is_said_before_exporting(tiny_sd_pip
     shutil.copytree(tiny_sd_pipeline_dir, src)
     config_path = src / "scheduler/scheduler_config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "timestep_spacing": "karras-ish"}))
-    with pytest.raises(ValueError, match="timestep_spacing 'karras-ish' is not supported"):
+    # A class-specific option (DPM++ with Karras sigmas): another scheduler runs the model.
+    config_path.write_text(json.dumps({**config, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}))
+    with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
         make_scheduler(json.loads(config_path.read_text()), 10)  # the runtime's own verdict, which the export repeats
     problem = scheduler_problem(src)
-    assert problem is not None and "timestep_spacing 'karras-ish' is not supported" in problem
+    assert problem is not None and "use_karras_sigmas=True is not supported" in problem
     assert "--scheduler ddim|dpm++2m|euler|pndm" in problem
+    # An option every scheduler reads: no --scheduler to suggest.
+    config_path.write_text(json.dumps({**config, "beta_schedule": "sigmoid"}))
+    problem = scheduler_problem(src)
+    assert problem is not None and "beta_schedule 'sigmoid' is not supported" in problem and "with any --scheduler" in problem

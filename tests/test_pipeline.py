@@ -320,7 +320,15 @@ def test_an_unsupported_scheduler_config_points_to_scheduler(tiny_onnx_dir, tmp_
     model = tmp_path / "model"
     shutil.copytree(tiny_onnx_dir, model)
     config_path = model / "scheduler/scheduler_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "beta_schedule": "sigmoid"}))
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}))
     proc = run_cli("generate", "--model", str(model), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o.png"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "beta_schedule 'sigmoid' is not supported" in proc.stderr and "--scheduler ddim|dpm++2m|euler|pndm" in proc.stderr
+    assert "use_karras_sigmas=True is not supported" in proc.stderr and "--scheduler ddim|euler|pndm" in proc.stderr
+    proc = run_cli("generate", "--model", str(model), "--prompt", "x", "--steps", "2", "--scheduler", "ddim",
+                   "--out", str(tmp_path / "o.png"))
+    assert proc.returncode == 0, proc.stderr  # as the hint says
+    config_path.write_text(json.dumps({**config, "beta_schedule": "sigmoid"}))  # read by every scheduler: no hint
+    proc = run_cli("generate", "--model", str(model), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o.png"))
+    assert proc.returncode == 2 and "beta_schedule 'sigmoid' is not supported" in proc.stderr
+    assert "--scheduler" not in proc.stderr

@@ -116,13 +116,15 @@ def check_source(folder: Path) -> dict:
 def scheduler_problem(folder: Path) -> str | None:
     """Why basinguard's runtime cannot run the pipeline's own scheduler as configured (e.g. Karras sigmas), or
     None. The export is still usable with another scheduler, so this is said before the minutes of exporting."""
-    from basinguard.runtime.schedulers import SCHEDULERS, make_scheduler
+    from basinguard.runtime.schedulers import SCHEDULERS, UnsupportedConfig, make_scheduler
 
     try:
         make_scheduler(_read_json(folder / "scheduler/scheduler_config.json"), 10)
-    except ValueError as exc:
-        return (f"the runtime cannot run this pipeline's scheduler as configured ({exc}); generate with "
+    except UnsupportedConfig as exc:
+        return (f"the runtime cannot run this pipeline's scheduler as configured ({exc}); generate with another: "
                 f"--scheduler {'|'.join(SCHEDULERS)}")
+    except ValueError as exc:  # an option every scheduler reads: no --scheduler helps
+        return f"the runtime cannot run this pipeline's scheduler config ({exc}), with any --scheduler"
     return None
 
 
@@ -279,10 +281,11 @@ def _build(folder: Path, tmp: Path, opts: _Options) -> dict:
 
 
 def max_opset() -> int:
-    """The highest opset this torch's exporter writes."""
+    """The highest opset the exporter basinguard uses writes."""
     from torch.onnx import _constants  # private, but the only place torch states it
 
-    return int(getattr(_constants, "ONNX_MAX_OPSET", 20))
+    # The TorchScript exporter (dynamo=False, graphs.trace_to_onnx) has its own, lower ceiling than torch.onnx's.
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", 20)))
 
 
 def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: int = 17, atol: float | None = None,

@@ -43,7 +43,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -348,7 +348,7 @@ def pack(tasks: Sequence[ImageTask], batch_size: int) -> list[list[ImageTask]]:
 def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold OUT_DIR/.lock (flock) for the job; a second job gets a clear refusal, a dead one frees it. A job that
     made OUT_DIR and fails before writing anything into it (no model, no Ray) leaves no OUT_DIR behind."""
-    made = not out_dir.exists()
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -366,9 +366,12 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     except BaseException:
-        if made and [p.name for p in out_dir.iterdir()] == [LOCK]:  # ours alone, and nothing in it but the lock
-            (out_dir / LOCK).unlink()
-            out_dir.rmdir()
+        # Folders this job made, if nothing but the lock is in them; never at the cost of the error being raised.
+        with suppress(OSError):
+            if made and [p.name for p in out_dir.iterdir()] == [LOCK]:
+                (out_dir / LOCK).unlink()
+                for folder in made:
+                    folder.rmdir()  # fails, and stops, at the first one that is not empty
         raise
     finally:
         os.close(fd)  # releases the lock; the file stays (deleting it would race with a waiting job)
@@ -388,11 +391,14 @@ def wait_for_workers(out_dir: Path, timeout: float = WORKER_WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     told = False
     for path in sorted(out_dir.glob(WORKER_LOCK.format(shard="*"))):
-        fd = os.open(path, os.O_RDWR)
+        try:  # read-only and shared: enough to conflict with a live worker's exclusive lock
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, PermissionError):  # gone since the listing, or another user's: nothing to wait on
+            continue
         try:
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
@@ -558,6 +564,15 @@ def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: P
             raise BatchError(f"{out_dir / MANIFEST} already has image {task.id} (line {task.line}) with a different "
                              f"{', '.join(diff)} than this job; it holds another job's output: restart with the same "
                              "arguments and prompt file, or use a new OUT_DIR")
+
+
+def warn_other_engines(out_dir: Path, done: dict[str, dict], engines: set[str]) -> None:
+    """Resuming on another engine is allowed (a job may move to a GPU), but the two engines' pixels differ slightly:
+    say so. `engines`: the labels this run's images will carry (`LoadedModel.provider`)."""
+    others = sorted({e["engine"] for e in done.values() if e.get("engine")} - engines)
+    if others:
+        print(f"basinguard batch: warning: {out_dir} has images made on {', '.join(others)}; this run uses "
+              f"{' or '.join(sorted(engines))}, whose images may differ from those in the last bits", file=sys.stderr)
 
 
 def model_identity(folder: Path) -> dict:
@@ -753,10 +768,7 @@ def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline], checke
         pipe = pipeline if isinstance(pipeline, Pipeline) else pipeline()
         model = model_identity(pipe.folder.path)
         check_same_job(parsed.tasks, done, job.out_dir, model)
-        engines = sorted({e["engine"] for e in done.values() if e.get("engine")} - {pipe.unet.model.provider})
-        if engines:  # allowed (a job may move to a GPU), but the two engines' pixels differ slightly
-            print(f"basinguard batch: warning: {job.out_dir} has images made on {', '.join(engines)}; this run uses "
-                  f"{pipe.unet.model.provider}, whose images may differ from those in the last bits", file=sys.stderr)
+        warn_other_engines(job.out_dir, done, {pipe.unet.model.provider})
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         new: list[dict] = []

@@ -209,7 +209,7 @@ class Pipeline:
             return make_scheduler(self.folder.scheduler_config, sampling.steps, sampling.scheduler)
         except UnsupportedConfig as exc:
             raise InputError(f"{exc}; another scheduler may run this model: --scheduler "
-                             f"{'|'.join(SCHEDULERS)}") from None
+                             f"{'|'.join(k for k in SCHEDULERS if k != sampling.scheduler)}") from None
         except ValueError as exc:  # steps out of range, unknown scheduler: the scheduler names the range
             raise InputError(str(exc)) from None
 

@@ -44,7 +44,12 @@ __all__ = [
 
 
 class UnsupportedConfig(ValueError):
-    """A scheduler config option this runtime does not implement (another scheduler may still run the model)."""
+    """A class-specific scheduler option this runtime does not implement: another scheduler, built from the same
+    config, may still run the model. Options every scheduler reads (beta_schedule, timestep_spacing,
+    prediction_type) raise a plain ValueError: no other scheduler would help."""
+
+
+SHARED_OPTIONS = ("prediction_type",)  # of the `_SUPPORTED` keys, those every scheduler reads
 
 def _betas(config: Mapping[str, Any]) -> np.ndarray:
     """Per-train-step betas in float64 (diffusers builds them in float32; the difference is < 3e-7 relative)."""
@@ -64,7 +69,7 @@ def _betas(config: Mapping[str, Any]) -> np.ndarray:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         return np.array([min(1.0 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
-    raise UnsupportedConfig(
+    raise ValueError(
         f"beta_schedule {schedule!r} is not supported; use 'linear', 'scaled_linear' or 'squaredcos_cap_v2'"
     )
 
@@ -87,7 +92,7 @@ def _spaced_timesteps(spacing: str, n_train: int, n: int, offset: int, round_lin
         return (np.arange(0, n) * (n_train // n)).round()[::-1].astype(np.float64) + offset
     if spacing == "trailing":  # float ratio counted down from n_train, so the first timestep is n_train - 1
         return np.round(np.arange(n_train, 0, -n_train / n)) - 1.0
-    raise UnsupportedConfig(f"timestep_spacing {spacing!r} is not supported; use 'leading', 'trailing' or 'linspace'")
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported; use 'leading', 'trailing' or 'linspace'")
 
 
 def _reject_unsupported(config: Mapping[str, Any], cls_name: str, allowed: Mapping[str, tuple[Any, ...]]) -> None:
@@ -95,7 +100,8 @@ def _reject_unsupported(config: Mapping[str, Any], cls_name: str, allowed: Mappi
     for key, values in allowed.items():
         value = config.get(key, values[0])
         if value not in values:
-            raise UnsupportedConfig(f"{cls_name}: {key}={value!r} is not supported (supported: {list(values)})")
+            error = ValueError if key in SHARED_OPTIONS else UnsupportedConfig
+            raise error(f"{cls_name}: {key}={value!r} is not supported (supported: {list(values)})")
 
 
 def _check_indexable(cls_name: str, timesteps: np.ndarray, n_train: int) -> None:
