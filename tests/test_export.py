@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -390,3 +391,36 @@ def test_a_scheduler_the_runtime_cannot_run_is_said_before_exporting(tiny_sd_pip
     config_path.write_text(json.dumps({**config, "beta_schedule": "sigmoid"}))
     problem = scheduler_problem(src)
     assert problem is not None and "beta_schedule 'sigmoid' is not supported" in problem and "with any --scheduler" in problem
+
+
+def test_working_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    """A killed export leaves its hidden working folder (gigabytes for SD); the next export to the same OUT removes
+    it, but not the folder of an export still running (its lock held)."""
+    import subprocess
+    import sys
+
+    from basinguard.export.onnx_export import _prepare_out
+
+    killed = tmp_path / ".out.partial-killed"
+    (killed / "unet").mkdir(parents=True)
+    (killed / "unet" / "model.onnx").write_bytes(b"half")
+    (tmp_path / ".out.partial-killed.lock").write_text("")  # its lock file, no longer held
+    live = tmp_path / ".out.partial-live"
+    live.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(tmp_path / '.out.partial-live.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        work, lock = _prepare_out(tmp_path / "out")
+        os.close(lock)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert not killed.exists() and not (tmp_path / ".out.partial-killed.lock").exists()
+    assert live.is_dir() and work.is_dir() and work.name.startswith(".out.partial-")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ExportError, match="cannot make the folder .*afile/sub for the output"):
+        _prepare_out(tmp_path / "afile" / "sub" / "out")

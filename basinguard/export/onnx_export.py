@@ -8,6 +8,7 @@ results. Names and layout are optimum's; see `basinguard.export.graphs` for wher
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -154,16 +155,42 @@ def _load_models(folder: Path) -> TorchModels:
     return TorchModels(loaded["text_encoder"], loaded["unet"], loaded["vae"], folder, int(steps))
 
 
-def _prepare_out(out: Path) -> Path:
-    """A fresh working folder next to OUT; it becomes OUT by one rename once everything is written."""
+def _prepare_out(out: Path) -> tuple[Path, int]:
+    """A fresh working folder next to OUT, which becomes OUT by one rename once everything is written, and the
+    descriptor of its lock (`.NAME.partial-XXXX.lock` beside it, flock-held while this export runs). Working
+    folders of exports that were killed (their lock free) are removed first: an SD export's is gigabytes."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output {out} already exists; remove it or choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder of the path should be, or no permission
+        raise ExportError(f"cannot make the folder {out.parent} for the output: {exc.strerror or exc}") from None
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        if stale.is_dir() and not _held(stale.with_name(stale.name + ".lock")):
+            shutil.rmtree(stale, ignore_errors=True)
+            stale.with_name(stale.name + ".lock").unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    lock = os.open(tmp.with_name(tmp.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode
-    return tmp
+    return tmp, lock
+
+
+def _held(lock_path: Path) -> bool:
+    """Whether a running export holds this lock file (False when it is missing: a kill between its two mkdirs)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _write_tokenizer(src: Path, dst: Path, validate: bool, log: Callable[[str], object]) -> dict:
@@ -317,7 +344,7 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
     problem = scheduler_problem(folder)
     if problem:
         log(f"warning: {problem}")
-    tmp = _prepare_out(out)
+    tmp, lock = _prepare_out(out)
     try:
         manifest = {"format": "basinguard-onnx", "format_version": 1, "source": str(src),
                     "pipeline_class": index.get("_class_name"),
@@ -329,5 +356,8 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
+        os.close(lock)
     log(f"wrote {out}")
     return manifest
