@@ -146,7 +146,8 @@ def read_latents(path: str, num_images: int) -> np.ndarray:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE
+    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, model_identity
+    from basinguard.runtime.detection import calibration_mismatch
     from basinguard.runtime.pipeline import Pipeline
 
     if not 1 <= args.num_images <= MAX_IMAGES_PER_LINE:
@@ -156,12 +157,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise BasinguardError(f"--batch-size must be >= 1 (got {args.batch_size})")
     latents = read_latents(args.latents, args.num_images) if args.latents else None
     n = args.num_images if latents is None else len(latents)
+    if n > MAX_IMAGES_PER_LINE:
+        raise BasinguardError(f"--latents holds {n} images; at most {MAX_IMAGES_PER_LINE} a run (for more, "
+                              "`basinguard batch`)")
     out = output_file(args.out, "--out", (".png", ".npy"), n)
     trace = output_file(args.trace, "--trace", (".json",), n) if args.trace else None
-    pipe = Pipeline(model_dir(args.model), provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
+    calib = _calibrated_threshold(args)
+    model = model_dir(args.model)
+    pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
     if args.detect_threshold is not None and sampling.policy.name != "auto":  # batch and detect flag with it
-        raise BasinguardError(f"--detect-threshold applies to policy auto only here, not {sampling.policy.name}")
+        flag = "--detect-calibration" if calib is not None else "--detect-threshold"
+        raise BasinguardError(f"{flag} applies to policy auto only here, not {sampling.policy.name}")
+    resolved = pipe.resolve(sampling)
+    if latents is not None:  # the whole file, once, rather than a batch's slice of it
+        pipe.check_latents(latents, resolved)
+    if calib is not None:
+        differ = calibration_mismatch(calib, resolved, model_identity(model)["id"])
+        if differ:
+            print(f"basinguard generate: warning: {args.detect_calibration} was calibrated with {', '.join(differ)}: "
+                  "d may differ here, so its threshold may not fit", file=sys.stderr)
     seeds = [args.seed + k for k in range(n)]
     # Image k has seed + k (or latents[k]) whatever the batch it runs in; each batch's images are written before
     # the next batch starts, so an interrupted run keeps what it made.
@@ -372,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--detect-calibration", metavar="FILE.json", help="auto: the threshold from `detect --calibrate`")
     g.add_argument("--batch-size", type=int, default=8, help="images per UNet call (2x that with guidance); "
                    "each batch is written before the next starts")
     g.add_argument("--latents", help="initial latents .npy of shape (N, C, h, w); overrides --seed")

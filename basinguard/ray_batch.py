@@ -147,11 +147,11 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
         done, lost = prepare_output(job.out_dir)
         identity = model_identity(model)
         check_same_job(parsed.tasks, done, job.out_dir, identity)
-        warn_other_engines(job.out_dir, done, ENGINE_LABELS[provider])
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if not pending:
             return summarize(parsed, done, [], 0.0)
+        warn_other_engines(job.out_dir, done, ENGINE_LABELS[provider])
         if not ray.is_initialized():
             try:
                 ray.init(address=None if address == LOCAL else address, include_dashboard=False,

@@ -287,18 +287,22 @@ def test_each_bad_line_is_reported_even_when_an_earlier_one_had_the_same_values(
         '{"prompt": "a dog", "policy": "stp", "opposite_scale": 2}',  # only og-* take it
         '{"prompt": "a dog", "policy": "stp", "mitigation": "og-dtp"}',  # only auto takes it
         '{"prompt": "a dog", "policy": "og-stp", "transition_t": 300, "opposite_scale": 2}',  # good
+        '{"prompt": "a dog", "policy": "stp", "detect_threshold": 0.5}',  # stp (s_pre 0) measures no d at step 0
+        '{"prompt": "a dog", "policy": "dtp", "detect_threshold": 0.5}',  # good: dtp measures d at every step
     ]) + "\n")
     out = tmp_path / "out"
     assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip")) == 0
     stdout = capsys.readouterr().out
-    assert "skipped lines: 11" in stdout
+    assert "skipped lines: 12" in stdout
     for n, what in ((2, "num_inference_steps"), (3, "num_inference_steps"), (4, "unknown scheduler"),
                     (5, "unknown scheduler"), (6, "not og-stp"), (7, "not cfg"), (8, "not og-dtp"),
                     (9, "not valid Unicode"), (10, "field transition_t applies to stp and og-stp only, not dtp"),
                     (11, "field opposite_scale applies to og-stp and og-dtp only, not stp"),
-                    (12, "field mitigation applies to policy auto only, not stp")):
+                    (12, "field mitigation applies to policy auto only, not stp"),
+                    (14, "a detection threshold flags images by d at step 0, which stp with pre-scale 0")):
         assert any(line.strip().startswith(f"line {n}:") and what in line for line in stdout.splitlines()), (n, what)
-    assert_complete(out, ["000001-000", "000013-000"])
+    assert_complete(out, ["000001-000", "000013-000", "000015-000"])
+    assert {e["id"]: e for e in manifest(out)}["000015-000"]["flagged"] is not None  # dtp's image was scored
 
 
 def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir, tmp_path, capsys):
@@ -306,6 +310,10 @@ def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir
     prompts.write_text("a red cat\na blue dog\n")
     out = tmp_path / "out"
     for flags, message in ((["--guidance-scale", "-1"], "job settings: guidance scale must be in [0, 100]"),
+                           (["--policy", "stp", "--detect-threshold", "0.5"], "job settings: a detection threshold "
+                            "flags images by d at step 0, which stp with pre-scale 0 does not measure"),
+                           (["--policy", "cfg", "--detect-threshold", "nan"],
+                            "job settings: detection threshold must be a finite number (got nan)"),
                            (["--policy", "stp", "--transition-t", "5000"], "job settings: transition t must be in [0, 1000]")):
         assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip", *flags)) == 2, flags
         err = capsys.readouterr().err

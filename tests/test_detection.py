@@ -157,6 +157,11 @@ def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
     assert all(e["policy"]["detect_threshold"] == c["threshold"] for e in entries)
     assert [e["flagged"] for e in entries] == [e["detection_score"] > c["threshold"] for e in entries]
     assert "warning" not in capsys.readouterr().err  # same model, size, steps and scheduler
+    # generate takes the file too, for --policy auto
+    assert cli_main(["generate", "--prompt", PROMPTS[0], *common, "--policy", "auto", "--detect-calibration", str(calib),
+                     "--out", str(tmp_path / "g.png"), "--trace", str(tmp_path / "g.json")]) == 0
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert g["policy"]["detect_threshold"] == c["threshold"] and "warning" not in capsys.readouterr().err
 
     # A threshold calibrated under other settings or on another model's files is used, with a warning naming why.
     assert (c["height"], c["width"]) == pipe.folder.default_image

@@ -170,6 +170,9 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
     size = SIZE // 2 ** (len(json.loads((tiny_onnx_dir / "vae_decoder/config.json").read_text())["block_out_channels"]) - 1)
     np.save(tmp_path / "nan_lat.npy", np.full((1, 4, size, size), np.nan, np.float32))
     np.save(tmp_path / "two_lat.npy", np.zeros((2, 4, size, size), np.float32))
+    np.save(tmp_path / "five_bad_lat.npy", np.zeros((5, 4, size + 1, size), np.float32))
+    np.save(tmp_path / "many_lat.npy", np.zeros((10_001, 1, 1, 1), np.float32))
+    (tmp_path / "calib.json").write_text('{"threshold": 1.0}')
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "a_file").write_text("")
     (tmp_path / "q-1.png").mkdir()  # where image 1 of 2 of --out q.png would go
@@ -198,6 +201,12 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         (["--policy", "dtp", "--opposite-scale", "3"], "--opposite-scale applies to og-stp and og-dtp only, not dtp"),
         (["--policy", "stp", "--mitigation", "og-dtp"], "--mitigation applies to policy auto only, not stp"),
         (["--policy", "cfg", "--detect-threshold", "3"], "--detect-threshold applies to policy auto only here, not cfg"),
+        (["--policy", "stp", "--detect-calibration", str(tmp_path / "calib.json")],
+         "--detect-calibration applies to policy auto only here, not stp"),
+        (["--policy", "auto", "--detect-threshold", "1", "--mitigation", "stp", "--opposite-scale", "2"],
+         "not stp (policy auto mitigates with stp here; choose its mitigation with --mitigation)"),
+        (["--latents", str(tmp_path / "five_bad_lat.npy"), "--batch-size", "2"], "latents have shape (5, 4,"),
+        (["--latents", str(tmp_path / "many_lat.npy")], "--latents holds 10001 images; at most 10000"),
         (["--policy", "auto", "--detect-threshold", "1", "--mitigation", "og-dtp", "--transition-t", "9"], "not og-dtp"),
         (["--latents", str(tmp_path / "nan_lat.npy")], "--latents must hold finite real numbers"),
         (["--latents", str(tmp_path / "two_lat.npy"), "--num-images", "3"], "--num-images 3 but --latents holds 2"),

@@ -51,7 +51,7 @@ from typing import Any, Protocol
 from basinguard.errors import BasinguardError
 from basinguard.files import fsync_dir, temporary_files, write_atomic
 from basinguard.runtime.detection import calibration_mismatch
-from basinguard.runtime.guidance import setting_problem
+from basinguard.runtime.guidance import make_policy, setting_problem
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import Scheduler
@@ -304,8 +304,10 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
             raise ValueError(problem)
     if sampling not in resolved:  # most lines share settings: validate each distinct one once
         checked = checker.resolve(sampling)
-        checker.make_scheduler(checked)  # steps and scheduler name checked against the model
-        resolved[sampling] = checked  # only once both checks passed: a later line with the same values fails too
+        problem = unmeasured_threshold(checked, checker)  # also checks steps and scheduler name against the model
+        if problem:
+            raise ValueError(problem)
+        resolved[sampling] = checked  # only once every check passed: a later line with the same values fails too
     sampling = resolved[sampling]
     return [ImageTask(image_id(number, k), number, k, prompt, negative,
                       seed + k if seed is not None else derive_seed(base_seed, number, k), sampling)
@@ -657,10 +659,26 @@ def check_settings(sampling: SamplingConfig, checker: Checker) -> SamplingConfig
         sampling = replace(sampling, policy=replace(policy, detect_threshold=0.0))  # a stand-in, for the check
     try:
         resolved = replace(checker.resolve(sampling), policy=policy)
-        checker.make_scheduler(resolved)
+        problem = unmeasured_threshold(resolved, checker)  # also builds the scheduler: steps and name checked
     except BasinguardError as exc:
         raise BatchError(f"job settings: {exc}") from None
+    if problem:
+        raise BatchError(f"job settings: {problem}")
     return resolved
+
+
+def unmeasured_threshold(sampling: SamplingConfig, checker: Checker) -> str | None:
+    """A detection threshold flags an image by d at step 0. A policy that runs only the unconditional branch there
+    (stp with pre-scale 0, before τ) measures no d, and its images would go unflagged without a word."""
+    scheduler = checker.make_scheduler(sampling)
+    policy = sampling.policy
+    if policy.detect_threshold is None or policy.name == "auto":
+        return None
+    if make_policy(policy, 1, checker.folder.num_train_timesteps).needs_cond(0, scheduler.timesteps[0]):
+        return None
+    return (f"a detection threshold flags images by d at step 0, which {policy.name} with pre-scale "
+            f"{policy.pre_scale:g} does not measure (it runs only the unconditional branch before τ); "
+            "use policy auto to gate on it")
 
 
 def load_job(job: BatchJob, checker: Checker) -> PromptFile:
@@ -686,7 +704,7 @@ def load_job(job: BatchJob, checker: Checker) -> PromptFile:
 
 def calibration_warnings(path: Path, calib: dict, tasks: Sequence[ImageTask], model_id: str) -> list[str]:
     """One warning per distinct way the lines' settings differ from a calibration's (`calibration_mismatch`),
-    naming the lines: a line may override steps or scheduler, and its d at step 0 then differs."""
+    naming the lines: a line may override steps or scheduler, and its d at step 0 may then differ."""
     lines_by_difference: dict[tuple[str, ...], list[int]] = {}
     for task in tasks:
         if task.index == 0:
@@ -698,7 +716,7 @@ def calibration_warnings(path: Path, calib: dict, tasks: Sequence[ImageTask], mo
     for difference, lines in lines_by_difference.items():
         where = "every line" if len(lines) == total else (
             f"line{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:10]))}{' and more' * (len(lines) > 10)}")
-        warnings.append(f"{path} was calibrated with {', '.join(difference)}, for {where}: d at step 0 differs "
+        warnings.append(f"{path} was calibrated with {', '.join(difference)}, for {where}: d may differ "
                         "there, so its threshold may not fit")
     return warnings
 
@@ -768,9 +786,10 @@ def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline], checke
         pipe = pipeline if isinstance(pipeline, Pipeline) else pipeline()
         model = model_identity(pipe.folder.path)
         check_same_job(parsed.tasks, done, job.out_dir, model)
-        warn_other_engines(job.out_dir, done, {pipe.unet.model.provider})
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
+        if pending:
+            warn_other_engines(job.out_dir, done, {pipe.unet.model.provider})
         new: list[dict] = []
         start = time.perf_counter()
         with ManifestWriter(job.out_dir / MANIFEST) as manifest, progress_bar(len(pending), job.progress) as bar:

@@ -52,12 +52,12 @@ class PolicyConfig:
             raise PolicyError(f"pre-scale must be in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (got {self.pre_scale})")
         if not 0 < self.opposite_scale <= MAX_SCALE:
             raise PolicyError(f"opposite scale must be in (0, {MAX_SCALE:g}] (got {self.opposite_scale})")
+        if self.detect_threshold is not None and not np.isfinite(self.detect_threshold):  # any policy: it also flags
+            raise PolicyError(f"detection threshold must be a finite number (got {self.detect_threshold})")
         if self.name == "auto":
             if self.detect_threshold is None:
                 raise PolicyError("policy 'auto' needs a detection threshold (--detect-threshold, or "
                                   "--detect-calibration FILE from `basinguard detect --calibrate`)")
-            if not np.isfinite(self.detect_threshold):
-                raise PolicyError(f"detection threshold must be a finite number (got {self.detect_threshold})")
             if self.mitigation not in POLICY_NAMES or self.mitigation == "cfg":
                 raise PolicyError(f"mitigation must be one of stp, dtp, og-stp, og-dtp (got {self.mitigation!r})")
 
@@ -93,7 +93,8 @@ def setting_problem(setting: str, policy: str, mitigation: str, name: str) -> st
     users = USED_BY[setting]
     if effective in users or effective not in POLICY_NAMES:
         return None
-    return f"{name} applies to {' and '.join(users)} only, not {effective}{WHY_NOT.get((setting, effective), '')}"
+    auto = f" (policy auto mitigates with {effective} here; choose its mitigation with --mitigation)" * (policy == "auto")
+    return f"{name} applies to {' and '.join(users)} only, not {effective}{WHY_NOT.get((setting, effective), '')}{auto}"
 
 
 def _constant(n: int, value: float) -> np.ndarray:

@@ -182,6 +182,14 @@ class Pipeline:
         shape = (self.folder.latent_channels, height // f, width // f)
         return np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
 
+    def check_latents(self, latents: np.ndarray, sampling: SamplingConfig) -> None:
+        """Given x_T, one per image: (N, C, h, w) for this model at the (resolved) sampling's size."""
+        f = self.folder.vae_scale_factor
+        want = (len(latents), self.folder.latent_channels, sampling.height // f, sampling.width // f)
+        if latents.shape != want:
+            raise InputError(f"latents have shape {latents.shape}; this model at {sampling.height}x{sampling.width} "
+                             f"with {len(latents)} images needs {want}")
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents → float32 images (N, H, W, 3) in [0, 1], with the VAE's own scaling (and shift)."""
         scaling, shift = self.folder.latent_scaling
@@ -227,11 +235,7 @@ class Pipeline:
                 raise InputError(f"need one seed per image ({n})")
             latents = self.initial_latents(seeds, sampling.height, sampling.width)
         else:
-            f = self.folder.vae_scale_factor
-            want = (n, self.folder.latent_channels, sampling.height // f, sampling.width // f)
-            if latents.shape != want:
-                raise InputError(f"latents have shape {latents.shape}; this model at {sampling.height}x{sampling.width} "
-                                 f"with {n} images needs {want}")
+            self.check_latents(latents, sampling)
         policy = make_policy(sampling.policy, n, self.folder.num_train_timesteps)
 
         e = self.encode_text([*negative_prompts, *prompts])  # [e_∅; e_p], one text-encoder call
