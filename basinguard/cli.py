@@ -275,7 +275,7 @@ def _calibrated_threshold(args: argparse.Namespace, detect_steps: int | None = N
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import BatchJob, SpecChecker, check_settings, run_batch
+    from basinguard.runtime.batch import BatchJob, SpecChecker, check_settings, run_batch, unmeasured_threshold
     from basinguard.runtime.pipeline import Pipeline
 
     if args.ray_workers is not None and args.ray is None:
@@ -284,7 +284,9 @@ def cmd_batch(args: argparse.Namespace) -> None:
     calib = _calibrated_threshold(args)
     checker = SpecChecker(model)
     sampling = sampling_from_args(args, checker.folder.sampling_defaults)
-    check_settings(sampling, checker)  # a bad flag stops here, before OUT_DIR or any model
+    problem = unmeasured_threshold(check_settings(sampling, checker), checker)  # a bad flag stops here, before
+    if problem:  # OUT_DIR or any model
+        raise BasinguardError(f"job settings: {problem}")
     job = BatchJob(Path(args.prompts), Path(args.out_dir), sampling, images_per_prompt=args.images_per_prompt,
                    batch_size=args.batch_size, seed=args.seed, on_error=args.on_error, progress=not args.no_progress,
                    calibration=None if calib is None else (Path(args.detect_calibration), calib))

@@ -304,10 +304,8 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
             raise ValueError(problem)
     if sampling not in resolved:  # most lines share settings: validate each distinct one once
         checked = checker.resolve(sampling)
-        problem = unmeasured_threshold(checked, checker)  # also checks steps and scheduler name against the model
-        if problem:
-            raise ValueError(problem)
-        resolved[sampling] = checked  # only once every check passed: a later line with the same values fails too
+        checker.make_scheduler(checked)  # steps and scheduler name checked against the model
+        resolved[sampling] = checked  # only once both checks passed: a later line with the same values fails too
     sampling = resolved[sampling]
     return [ImageTask(image_id(number, k), number, k, prompt, negative,
                       seed + k if seed is not None else derive_seed(base_seed, number, k), sampling)
@@ -659,21 +657,34 @@ def check_settings(sampling: SamplingConfig, checker: Checker) -> SamplingConfig
         sampling = replace(sampling, policy=replace(policy, detect_threshold=0.0))  # a stand-in, for the check
     try:
         resolved = replace(checker.resolve(sampling), policy=policy)
-        problem = unmeasured_threshold(resolved, checker)  # also builds the scheduler: steps and name checked
+        checker.make_scheduler(resolved)
     except BasinguardError as exc:
         raise BatchError(f"job settings: {exc}") from None
-    if problem:
-        raise BatchError(f"job settings: {problem}")
     return resolved
 
 
+def unflagged_lines_out(parsed: PromptFile, checker: Checker) -> PromptFile:
+    """The lines whose threshold their policy cannot apply (`unmeasured_threshold`) become bad lines."""
+    problems: dict[SamplingConfig, str | None] = {}
+    tasks, errors = [], list(parsed.errors)
+    for task in parsed.tasks:
+        if task.sampling not in problems:
+            problems[task.sampling] = unmeasured_threshold(task.sampling, checker)
+        if problems[task.sampling] is None:
+            tasks.append(task)
+        elif task.index == 0:
+            errors.append(LineError(task.line, problems[task.sampling]))
+    return PromptFile(tasks, sorted(errors, key=lambda e: e.line), parsed.lines)
+
+
 def unmeasured_threshold(sampling: SamplingConfig, checker: Checker) -> str | None:
-    """A detection threshold flags an image by d at step 0. A policy that runs only the unconditional branch there
-    (stp with pre-scale 0, before τ) measures no d, and its images would go unflagged without a word."""
-    scheduler = checker.make_scheduler(sampling)
+    """In a batch job a detection threshold flags each image by its d at step 0. A policy that runs only the
+    unconditional branch there (stp with pre-scale 0, before τ) measures no d, and its images would go unflagged
+    without a word. (`detect` scores along plain CFG whatever the policy: this is not its check.)"""
     policy = sampling.policy
     if policy.detect_threshold is None or policy.name == "auto":
         return None
+    scheduler = checker.make_scheduler(sampling)
     if make_policy(policy, 1, checker.folder.num_train_timesteps).needs_cond(0, scheduler.timesteps[0]):
         return None
     return (f"a detection threshold flags images by d at step 0, which {policy.name} with pre-scale "
@@ -684,7 +695,8 @@ def unmeasured_threshold(sampling: SamplingConfig, checker: Checker) -> str | No
 def load_job(job: BatchJob, checker: Checker) -> PromptFile:
     """Read and check the prompt file; bad lines are reported on stderr and then skipped or stop the job."""
     check_settings(job.sampling, checker)
-    parsed = read_prompts(job.prompts, checker, job.sampling, job.images_per_prompt, job.seed)
+    parsed = unflagged_lines_out(read_prompts(job.prompts, checker, job.sampling, job.images_per_prompt, job.seed),
+                                 checker)
     messages = {e.message for e in parsed.errors}
     if not parsed.tasks and len(messages) == 1 and len(parsed.errors) > 1:  # one cause, not one report per line
         raise BatchError(f"{job.prompts}: every line ({len(parsed.errors)}): {messages.pop()}")
