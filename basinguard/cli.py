@@ -109,9 +109,13 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> Sampling
         value = getattr(args, name, None)
         return d.get(name) if value is None else value
 
-    policy = PolicyConfig(name=pick("policy"), guidance_scale=pick("guidance_scale"), transition_t=pick("transition_t"),
+    name = pick("policy")
+    # A model's default threshold is for its default auto policy; under another policy it would refuse every job.
+    threshold = args.detect_threshold if getattr(args, "detect_threshold", None) is not None else (
+        d.get("detect_threshold") if name == "auto" else None)
+    policy = PolicyConfig(name=name, guidance_scale=pick("guidance_scale"), transition_t=pick("transition_t"),
                           pre_scale=pick("pre_scale"), opposite_scale=pick("opposite_scale"),
-                          detect_threshold=pick("detect_threshold"), mitigation=pick("mitigation") or "og-dtp")
+                          detect_threshold=threshold, mitigation=pick("mitigation") or "og-dtp")
     for setting in ("pre_scale", "transition_t", "opposite_scale", "mitigation"):
         flag = "--" + setting.replace("_", "-")
         problem = getattr(args, setting, None) is not None and setting_problem(setting, policy.name, policy.mitigation, flag)
@@ -146,7 +150,7 @@ def read_latents(path: str, num_images: int) -> np.ndarray:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, model_identity
+    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, SpecChecker, model_identity
     from basinguard.runtime.detection import calibration_mismatch
     from basinguard.runtime.pipeline import Pipeline
 
@@ -164,19 +168,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     trace = output_file(args.trace, "--trace", (".json",), n) if args.trace else None
     calib = _calibrated_threshold(args)
     model = model_dir(args.model)
-    pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
-    sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
+    checker = SpecChecker(model)  # every check that needs only the folder's configs, before any model loads
+    sampling = sampling_from_args(args, checker.folder.sampling_defaults)
     if args.detect_threshold is not None and sampling.policy.name != "auto":  # batch and detect flag with it
         flag = "--detect-calibration" if calib is not None else "--detect-threshold"
         raise BasinguardError(f"{flag} applies to policy auto only here, not {sampling.policy.name}")
-    resolved = pipe.resolve(sampling)
+    resolved = checker.resolve(sampling)
+    checker.make_scheduler(resolved)
     if latents is not None:  # the whole file, once, rather than a batch's slice of it
-        pipe.check_latents(latents, resolved)
+        checker.check_latents(latents, len(latents), resolved)
     if calib is not None:
         differ = calibration_mismatch(calib, resolved, model_identity(model)["id"])
         if differ:
             print(f"basinguard generate: warning: {args.detect_calibration} was calibrated with {', '.join(differ)}: "
                   "d may differ here, so its threshold may not fit", file=sys.stderr)
+    pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     seeds = [args.seed + k for k in range(n)]
     # Image k has seed + k (or latents[k]) whatever the batch it runs in; each batch's images are written before
     # the next batch starts, so an interrupted run keeps what it made.
@@ -275,7 +281,7 @@ def _calibrated_threshold(args: argparse.Namespace, detect_steps: int | None = N
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import BatchJob, SpecChecker, check_settings, run_batch, unmeasured_threshold
+    from basinguard.runtime.batch import BatchJob, SpecChecker, check_settings, run_batch
     from basinguard.runtime.pipeline import Pipeline
 
     if args.ray_workers is not None and args.ray is None:
@@ -284,9 +290,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
     calib = _calibrated_threshold(args)
     checker = SpecChecker(model)
     sampling = sampling_from_args(args, checker.folder.sampling_defaults)
-    problem = unmeasured_threshold(check_settings(sampling, checker), checker)  # a bad flag stops here, before
-    if problem:  # OUT_DIR or any model
-        raise BasinguardError(f"job settings: {problem}")
+    check_settings(sampling, checker)  # a bad flag stops here, before OUT_DIR or any model
     job = BatchJob(Path(args.prompts), Path(args.out_dir), sampling, images_per_prompt=args.images_per_prompt,
                    batch_size=args.batch_size, seed=args.seed, on_error=args.on_error, progress=not args.no_progress,
                    calibration=None if calib is None else (Path(args.detect_calibration), calib))

@@ -310,7 +310,7 @@ def test_job_level_problems_are_one_line_before_out_dir_is_touched(tiny_onnx_dir
     prompts.write_text("a red cat\na blue dog\n")
     out = tmp_path / "out"
     for flags, message in ((["--guidance-scale", "-1"], "job settings: guidance scale must be in [0, 100]"),
-                           (["--policy", "stp", "--detect-threshold", "0.5"], "job settings: a detection threshold "
+                           (["--policy", "stp", "--detect-threshold", "0.5"], "every line (2): a detection threshold "
                             "flags images by d at step 0, which stp with pre-scale 0 does not measure"),
                            (["--policy", "cfg", "--detect-threshold", "nan"],
                             "job settings: detection threshold must be a finite number (got nan)"),
@@ -572,3 +572,25 @@ def test_resume_on_another_engine_warns(tiny_onnx_dir, tmp_path, capsys):
     prompts.write_text("a red cat\na blue dog\n")
     assert cli_main(args) == 0
     assert "has images made on ort-tensorrt; this run uses cpu" in capsys.readouterr().err
+
+
+def test_a_line_may_leave_the_jobs_auto_gate(tiny_onnx_dir, tmp_path, capsys):
+    """Under a job's auto + threshold, a line with its own stp opts out of the gate (its images are not flagged);
+    a line that sets its own threshold under stp (s_pre 0, no d at step 0) is refused."""
+    from basinguard.cli import build_parser, sampling_from_args
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red cat"}) + "\n" + json.dumps({"prompt": "a dog", "policy": "stp"})
+                       + "\n" + json.dumps({"prompt": "a cow", "policy": "stp", "detect_threshold": 0.1}) + "\n")
+    out = tmp_path / "out"
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--policy", "auto", "--detect-threshold", "0.5",
+                               "--on-error", "skip")) == 0
+    assert "line 3: a detection threshold flags images by d at step 0" in capsys.readouterr().out
+    by_line = {e["line"]: e for e in manifest(out)}
+    assert set(by_line) == {1, 2} and by_line[1]["flagged"] is not None and by_line[2]["flagged"] is None
+    assert by_line[2]["policy"]["name"] == "stp"
+    # A model's default threshold belongs to its default auto policy, not to a policy the user picks.
+    defaults = {"policy": "stp", "detect_threshold": 1.0}
+    args = build_parser().parse_args(["batch", "p.txt", "out"])
+    assert sampling_from_args(args, defaults).policy.detect_threshold is None
+    assert sampling_from_args(args, {**defaults, "policy": "auto"}).policy.detect_threshold == 1.0

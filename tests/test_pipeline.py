@@ -341,3 +341,13 @@ def test_an_unsupported_scheduler_config_points_to_scheduler(tiny_onnx_dir, tmp_
     proc = run_cli("generate", "--model", str(model), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o.png"))
     assert proc.returncode == 2 and "beta_schedule 'sigmoid' is not supported" in proc.stderr
     assert "--scheduler" not in proc.stderr
+
+
+def test_generate_checks_the_latents_count_against_the_prompts(ours):
+    from basinguard.runtime.errors import InputError
+
+    sampling = SamplingConfig(steps=2)
+    resolved = ours.resolve(sampling)
+    latents = ours.initial_latents([0, 1, 2], resolved.height, resolved.width)
+    with pytest.raises(InputError, match=r"latents have shape \(3, .* with 2 images needs \(2, "):
+        ours.generate([PROMPTS[0]] * 2, sampling, latents=latents)

@@ -131,11 +131,12 @@ class Checker(Protocol):
 class SpecChecker:
     """A Pipeline's folder, tokenizer and validation without its ONNX sessions (e.g. on a Ray driver).
 
-    `resolve` and `make_scheduler` are the Pipeline's own methods: they only read `self.folder`.
+    `resolve`, `make_scheduler` and `check_latents` are the Pipeline's own methods: they only read `self.folder`.
     """
 
     resolve = Pipeline.resolve
     make_scheduler = Pipeline.make_scheduler
+    check_latents = Pipeline.check_latents
 
     def __init__(self, folder: Path):
         self.folder = ModelFolder.open(folder)
@@ -663,13 +664,17 @@ def check_settings(sampling: SamplingConfig, checker: Checker) -> SamplingConfig
     return resolved
 
 
-def unflagged_lines_out(parsed: PromptFile, checker: Checker) -> PromptFile:
-    """The lines whose threshold their policy cannot apply (`unmeasured_threshold`) become bad lines."""
+def unflagged_lines_out(parsed: PromptFile, checker: Checker, job: SamplingConfig) -> PromptFile:
+    """The lines whose threshold their policy cannot apply (`unmeasured_threshold`) become bad lines, except a line
+    that leaves a job's auto for a policy of its own: it opts out of the gate, and its images are not flagged."""
     problems: dict[SamplingConfig, str | None] = {}
     tasks, errors = [], list(parsed.errors)
+    inherited = job.policy.detect_threshold if job.policy.name == "auto" else None
     for task in parsed.tasks:
         if task.sampling not in problems:
-            problems[task.sampling] = unmeasured_threshold(task.sampling, checker)
+            threshold = task.sampling.policy.detect_threshold
+            problems[task.sampling] = None if inherited is not None and threshold == inherited else (
+                unmeasured_threshold(task.sampling, checker))
         if problems[task.sampling] is None:
             tasks.append(task)
         elif task.index == 0:
@@ -696,7 +701,7 @@ def load_job(job: BatchJob, checker: Checker) -> PromptFile:
     """Read and check the prompt file; bad lines are reported on stderr and then skipped or stop the job."""
     check_settings(job.sampling, checker)
     parsed = unflagged_lines_out(read_prompts(job.prompts, checker, job.sampling, job.images_per_prompt, job.seed),
-                                 checker)
+                                 checker, job.sampling)
     messages = {e.message for e in parsed.errors}
     if not parsed.tasks and len(messages) == 1 and len(parsed.errors) > 1:  # one cause, not one report per line
         raise BatchError(f"{job.prompts}: every line ({len(parsed.errors)}): {messages.pop()}")

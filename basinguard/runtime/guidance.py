@@ -93,7 +93,8 @@ def setting_problem(setting: str, policy: str, mitigation: str, name: str) -> st
     users = USED_BY[setting]
     if effective in users or effective not in POLICY_NAMES:
         return None
-    auto = f" (policy auto mitigates with {effective} here; choose its mitigation with --mitigation)" * (policy == "auto")
+    how = "--mitigation" if name.startswith("--") else "the mitigation field"
+    auto = f" (policy auto mitigates with {effective} here; choose its mitigation with {how})" * (policy == "auto")
     return f"{name} applies to {' and '.join(users)} only, not {effective}{WHY_NOT.get((setting, effective), '')}{auto}"
 
 

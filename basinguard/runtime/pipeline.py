@@ -182,13 +182,13 @@ class Pipeline:
         shape = (self.folder.latent_channels, height // f, width // f)
         return np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
 
-    def check_latents(self, latents: np.ndarray, sampling: SamplingConfig) -> None:
-        """Given x_T, one per image: (N, C, h, w) for this model at the (resolved) sampling's size."""
+    def check_latents(self, latents: np.ndarray, count: int, sampling: SamplingConfig) -> None:
+        """Given x_T, one per image: (count, C, h, w) for this model at the (resolved) sampling's size."""
         f = self.folder.vae_scale_factor
-        want = (len(latents), self.folder.latent_channels, sampling.height // f, sampling.width // f)
+        want = (count, self.folder.latent_channels, sampling.height // f, sampling.width // f)
         if latents.shape != want:
             raise InputError(f"latents have shape {latents.shape}; this model at {sampling.height}x{sampling.width} "
-                             f"with {len(latents)} images needs {want}")
+                             f"with {count} images needs {want}")
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents → float32 images (N, H, W, 3) in [0, 1], with the VAE's own scaling (and shift)."""
@@ -235,7 +235,7 @@ class Pipeline:
                 raise InputError(f"need one seed per image ({n})")
             latents = self.initial_latents(seeds, sampling.height, sampling.width)
         else:
-            self.check_latents(latents, sampling)
+            self.check_latents(latents, n, sampling)
         policy = make_policy(sampling.policy, n, self.folder.num_train_timesteps)
 
         e = self.encode_text([*negative_prompts, *prompts])  # [e_∅; e_p], one text-encoder call
