@@ -405,6 +405,7 @@ def test_working_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path: 
     (killed / "unet").mkdir(parents=True)
     (killed / "unet" / "model.onnx").write_bytes(b"half")
     (tmp_path / ".out.partial-killed.lock").write_text("")  # its lock file, no longer held
+    (tmp_path / ".out.partial-lonely.lock").write_text("")  # killed between its lock and its folder
     live = tmp_path / ".out.partial-live"
     live.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -420,6 +421,7 @@ def test_working_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path: 
         holder.wait()
         holder.stdout.close()
     assert not killed.exists() and not (tmp_path / ".out.partial-killed.lock").exists()
+    assert not (tmp_path / ".out.partial-lonely.lock").exists() and (tmp_path / ".out.partial-live.lock").exists()
     assert live.is_dir() and work.is_dir() and work.name.startswith(".out.partial-")
     (tmp_path / "afile").write_text("")
     with pytest.raises(ExportError, match="cannot make the folder .*afile/sub for the output"):

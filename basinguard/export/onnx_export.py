@@ -166,12 +166,18 @@ def _prepare_out(out: Path) -> tuple[Path, int]:
     except OSError as exc:  # a file where a folder of the path should be, or no permission
         raise ExportError(f"cannot make the folder {out.parent} for the output: {exc.strerror or exc}") from None
     for stale in out.parent.glob(f".{out.name}.partial-*"):
-        if stale.is_dir() and not _held(stale.with_name(stale.name + ".lock")):
-            shutil.rmtree(stale, ignore_errors=True)
-            stale.with_name(stale.name + ".lock").unlink(missing_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    lock = os.open(tmp.with_name(tmp.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        folder = stale.with_name(stale.name.removesuffix(".lock"))
+        lock_path = folder.with_name(folder.name + ".lock")
+        if stale == folder and folder.is_dir() or stale != folder and not folder.exists():
+            if not _held(lock_path):  # its export was killed (or a lock outlived its folder)
+                shutil.rmtree(folder, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+    # The lock first (a unique name, held at once), then its folder: another export's cleanup never sees this
+    # folder without its held lock.
+    lock, lock_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", suffix=".lock", dir=out.parent)
     fcntl.flock(lock, fcntl.LOCK_EX)
+    tmp = Path(lock_name[: -len(".lock")])
+    tmp.mkdir()
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode
