@@ -150,8 +150,7 @@ def read_latents(path: str, num_images: int) -> np.ndarray:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, SpecChecker, model_identity
-    from basinguard.runtime.detection import calibration_mismatch
+    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, SpecChecker, calibration_warnings, model_identity
     from basinguard.runtime.pipeline import Pipeline
 
     if not 1 <= args.num_images <= MAX_IMAGES_PER_LINE:
@@ -178,10 +177,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if latents is not None:  # the whole file, once, rather than a batch's slice of it
         checker.check_latents(latents, len(latents), resolved)
     if calib is not None:
-        differ = calibration_mismatch(calib, resolved, model_identity(model)["id"])
-        if differ:
-            print(f"basinguard generate: warning: {args.detect_calibration} was calibrated with {', '.join(differ)}: "
-                  "d may differ here, so its threshold may not fit", file=sys.stderr)
+        for warning in calibration_warnings(Path(args.detect_calibration), calib, [(1, resolved)],
+                                            model_identity(model)["id"]):
+            print(f"basinguard generate: warning: {warning}", file=sys.stderr)
     pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     seeds = [args.seed + k for k in range(n)]
     # Image k has seed + k (or latents[k]) whatever the batch it runs in; each batch's images are written before
@@ -344,7 +342,9 @@ def cmd_detect(args: argparse.Namespace) -> None:
         if not first:
             raise BasinguardError(f"{path} has no usable prompt")
         if calib is not None:
-            for warning in calibration_warnings(Path(args.detect_calibration), calib, first, model_identity(model)["id"]):
+            settings = [(t.line, t.sampling) for t in first]
+            for warning in calibration_warnings(Path(args.detect_calibration), calib, settings,
+                                                model_identity(model)["id"]):
                 print(f"basinguard detect: warning: {warning}", file=sys.stderr)
         # Lines may set their own steps, scheduler or guidance scale (as in batch); every line is scored on the
         # same seeds, so that scores compare across prompts.

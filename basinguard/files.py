@@ -3,6 +3,7 @@ batch job) and caches (TensorRT plans, sidecars, fused graphs). Stdlib only."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,6 +19,22 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a live process holds an exclusive flock on the lock file `path` (False where the file is gone or
+    cannot be opened: there is nothing to wait for). The probe is read-only and shared, and released at once."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
     finally:
         os.close(fd)
 

@@ -24,6 +24,7 @@ from basinguard.export.graphs import GraphSpec, TorchModels, build_specs, pin_st
 from basinguard.export.graphs import unet_size_multiple as _unet_size_multiple
 from basinguard.export.onnx_files import convert_to_half, save_checked
 from basinguard.export.validate import graph_io, validate_graph
+from basinguard.files import lock_held
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
 
 __all__ = ["DEFAULT_ATOL", "ExportError", "check_source", "export_pipeline"]
@@ -169,7 +170,7 @@ def _prepare_out(out: Path) -> tuple[Path, int]:
         folder = stale.with_name(stale.name.removesuffix(".lock"))
         lock_path = folder.with_name(folder.name + ".lock")
         if stale == folder and folder.is_dir() or stale != folder and not folder.exists():
-            if not _held(lock_path):  # its export was killed (or a lock outlived its folder)
+            if not lock_held(lock_path):  # its export was killed (or a lock outlived its folder)
                 shutil.rmtree(folder, ignore_errors=True)
                 lock_path.unlink(missing_ok=True)
     # The lock first (a unique name, held at once), then its folder: another export's cleanup never sees this
@@ -182,21 +183,6 @@ def _prepare_out(out: Path) -> tuple[Path, int]:
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode
     return tmp, lock
-
-
-def _held(lock_path: Path) -> bool:
-    """Whether a running export holds this lock file (False when it is missing: a kill between its two mkdirs)."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def _write_tokenizer(src: Path, dst: Path, validate: bool, log: Callable[[str], object]) -> dict:

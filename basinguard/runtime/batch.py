@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from basinguard.errors import BasinguardError
-from basinguard.files import fsync_dir, temporary_files, write_atomic
+from basinguard.files import fsync_dir, lock_held, temporary_files, write_atomic
 from basinguard.runtime.detection import calibration_mismatch
 from basinguard.runtime.guidance import make_policy, setting_problem
 from basinguard.runtime.model_folder import ModelFolder
@@ -392,26 +392,15 @@ def wait_for_workers(out_dir: Path, timeout: float = WORKER_WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     told = False
     for path in sorted(out_dir.glob(WORKER_LOCK.format(shard="*"))):
-        try:  # read-only and shared: enough to conflict with a live worker's exclusive lock
-            fd = os.open(path, os.O_RDONLY)
-        except (FileNotFoundError, PermissionError):  # gone since the listing, or another user's: nothing to wait on
-            continue
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise BatchError(f"a worker of an earlier job still holds {path} after {timeout:.0f} s; stop "
-                                         "it (`ray stop`, or end its process) and run again") from None
-                    if not told:
-                        print(f"basinguard batch: waiting for the workers of an earlier job on {out_dir} to stop",
-                              file=sys.stderr)
-                        told = True
-                    time.sleep(0.05)
-        finally:
-            os.close(fd)  # releases it at once: the lock only had to be free
+        while lock_held(path):
+            if time.monotonic() > deadline:
+                raise BatchError(f"a worker of an earlier job still holds {path} after {timeout:.0f} s; stop it "
+                                 "(`ray stop`, or end its process) and run again")
+            if not told:
+                print(f"basinguard batch: waiting for the workers of an earlier job on {out_dir} to stop",
+                      file=sys.stderr)
+                told = True
+            time.sleep(0.05)
 
 
 def _repair_tail(path: Path) -> None:
@@ -714,27 +703,30 @@ def load_job(job: BatchJob, checker: Checker) -> PromptFile:
     if not parsed.tasks:
         raise BatchError(f"{job.prompts} has no usable prompt lines ({parsed.lines} read, {len(parsed.errors)} bad)")
     if job.calibration is not None:
-        for warning in calibration_warnings(*job.calibration, parsed.tasks, model_identity(checker.folder.path)["id"]):
+        first = [(t.line, t.sampling) for t in parsed.tasks if t.index == 0]
+        for warning in calibration_warnings(*job.calibration, first, model_identity(checker.folder.path)["id"]):
             print(f"basinguard batch: warning: {warning}", file=sys.stderr)
     return parsed
 
 
-def calibration_warnings(path: Path, calib: dict, tasks: Sequence[ImageTask], model_id: str) -> list[str]:
-    """One warning per distinct way the lines' settings differ from a calibration's (`calibration_mismatch`),
-    naming the lines: a line may override steps or scheduler, and its d at step 0 may then differ."""
+def calibration_warnings(path: Path, calib: dict, settings: Sequence[tuple[int, SamplingConfig]],
+                         model_id: str) -> list[str]:
+    """One warning per distinct way the settings of prompt lines, (line, resolved sampling), differ from a
+    calibration's (`calibration_mismatch`), naming the lines: a line may override steps or scheduler, and its d at
+    step 0 may then differ. One setting (generate) names none."""
     lines_by_difference: dict[tuple[str, ...], list[int]] = {}
-    for task in tasks:
-        if task.index == 0:
-            difference = tuple(calibration_mismatch(calib, task.sampling, model_id))
-            if difference:
-                lines_by_difference.setdefault(difference, []).append(task.line)
-    total = len({task.line for task in tasks})
+    for line, sampling in settings:
+        difference = tuple(calibration_mismatch(calib, sampling, model_id))
+        if difference:
+            lines_by_difference.setdefault(difference, []).append(line)
     warnings = []
     for difference, lines in lines_by_difference.items():
-        where = "every line" if len(lines) == total else (
-            f"line{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:10]))}{' and more' * (len(lines) > 10)}")
-        warnings.append(f"{path} was calibrated with {', '.join(difference)}, for {where}: d may differ "
-                        "there, so its threshold may not fit")
+        if len(lines) == len(settings):
+            where = ", for every line" if len(settings) > 1 else ""
+        else:
+            where = f", for line{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:10]))}{' and more' * (len(lines) > 10)}"
+        warnings.append(f"{path} was calibrated with {', '.join(difference)}{where}: d may differ here, so its "
+                        "threshold may not fit")
     return warnings
 
 

@@ -42,14 +42,11 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------- shared tables
 
 
-
 class UnsupportedConfig(ValueError):
     """A class-specific scheduler option this runtime does not implement: another scheduler, built from the same
-    config, may still run the model. Options every scheduler reads (beta_schedule, timestep_spacing,
-    prediction_type) raise a plain ValueError: no other scheduler would help."""
+    config, may still run the model. Options every scheduler reads (beta_schedule, timestep_spacing, the base
+    class's `_SUPPORTED` keys) raise a plain ValueError: no other scheduler would help."""
 
-
-SHARED_OPTIONS = ("prediction_type",)  # of the `_SUPPORTED` keys, those every scheduler reads
 
 def _betas(config: Mapping[str, Any]) -> np.ndarray:
     """Per-train-step betas in float64 (diffusers builds them in float32; the difference is < 3e-7 relative)."""
@@ -100,7 +97,7 @@ def _reject_unsupported(config: Mapping[str, Any], cls_name: str, allowed: Mappi
     for key, values in allowed.items():
         value = config.get(key, values[0])
         if value not in values:
-            error = ValueError if key in SHARED_OPTIONS else UnsupportedConfig
+            error = ValueError if key in Scheduler._SUPPORTED else UnsupportedConfig  # read by every scheduler
             raise error(f"{cls_name}: {key}={value!r} is not supported (supported: {list(values)})")
 
 
