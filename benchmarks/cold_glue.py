@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from basinguard.cli import SHIPPED_MODEL
 from basinguard.engine import load_model
-
-SHIPPED = Path(__file__).resolve().parents[1] / "basinguard" / "models" / "shapes"
 
 
 def sequences(buf: np.ndarray) -> dict[str, list[tuple[str, Callable[[np.ndarray], object]]]]:
@@ -49,7 +48,7 @@ def sequences(buf: np.ndarray) -> dict[str, list[tuple[str, Callable[[np.ndarray
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=SHIPPED)
+    ap.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=60)
     args = ap.parse_args()

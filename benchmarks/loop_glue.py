@@ -22,16 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
+from basinguard.cli import SHIPPED_MODEL
 from basinguard.runtime.guidance import PolicyConfig, make_policy
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig, denoise
 
-SHIPPED = Path(__file__).resolve().parents[1] / "basinguard" / "models" / "shapes"
 STEPS = 50
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=SHIPPED)
+    ap.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=25)
     args = ap.parse_args()
