@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
 SCHEDULER_CHOICES = ("ddim", "dpm++2m", "euler", "pndm")
 FALLBACK_DEFAULTS = {"policy": "cfg", "guidance_scale": 7.5, "transition_t": 500, "pre_scale": 0.0,
-                     "opposite_scale": 1.0, "steps": 50, "scheduler": None}
+                     "opposite_scale": None, "steps": 50, "scheduler": None}
 
 
 def model_dir(arg: str | None) -> Path:
@@ -90,8 +90,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="λ, the CFG scale after the transition")
     p.add_argument("--transition-t", type=int, default=None, help="τ for stp/og-stp: λ applies once t <= τ")
     p.add_argument("--pre-scale", type=float, default=None, help="s_pre before the transition for stp/dtp")
-    p.add_argument("--opposite-scale", type=float, default=None, help="λ_og for og-*: s_pre = -λ_og")
-    p.add_argument("--detect-threshold", type=float, default=None, help="auto: d at step 0 above this → mitigate")
+    p.add_argument("--opposite-scale", type=float, default=None, help="λ_og for og-*: s_pre = -λ_og (default: the model's, else λ as in Algorithm 1)")
+    p.add_argument("--detect-threshold", type=float, default=None, help="auto: d at the first step (t = T) above this → mitigate")
     p.add_argument("--mitigation", choices=("stp", "dtp", "og-stp", "og-dtp"), default=None)
     p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None, help="default: the model's own")
     p.add_argument("--steps", type=int, default=None)

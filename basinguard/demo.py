@@ -90,7 +90,7 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
     attributes_path = pipe.folder.path / "memorization" / "attributes.json"
     attributes = json.loads(attributes_path.read_text()) if attributes_path.exists() else None
     base = PolicyConfig(guidance_scale=defaults.get("guidance_scale", 7.5), transition_t=defaults.get("transition_t", 500),
-                        opposite_scale=defaults.get("opposite_scale", 1.0))
+                        opposite_scale=defaults.get("opposite_scale"))
     sampling = SamplingConfig(steps=defaults.get("steps", 50), scheduler=defaults.get("scheduler"))
     out.mkdir(parents=True, exist_ok=True)
     cases = [("duplicated training caption", rows[0]["caption"], 0), ("novel caption", others[0], None)]
@@ -135,7 +135,7 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
         "<!doctype html><meta charset='utf-8'><title>basinguard demo</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 8px}</style>"
         f"<h1>basinguard demo</h1><p>Model: {html.escape(str(pipe.folder.path))}; {seeds} seeds per row; "
-        f"λ={base.guidance_scale}, τ={base.transition_t}, λ_og={base.opposite_scale}, {sampling.steps} steps. "
+        f"λ={base.guidance_scale}, τ={base.transition_t}, λ_og={base.opposite}, {sampling.steps} steps. "
         f"Similarity: top-1 cosine similarity (edge descriptor) to the duplicated training images; "
         f"a copy scores above {COPY_THRESHOLD}.</p>"
         f"<table border=1 cellspacing=0><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{cells}</table>"

@@ -4,9 +4,11 @@ batch job) and caches (TensorRT plans, sidecars, fused graphs). Stdlib only."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): mkstemp's 0600 is widened to it
@@ -21,6 +23,52 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def user_cache_dir() -> Path:
+    """Caches of derived data that outlive a job: $BASINGUARD_CACHE_DIR, else $XDG_CACHE_HOME/basinguard, else
+    ~/.cache/basinguard."""
+    env = os.environ.get("BASINGUARD_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "basinguard"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(paths: Sequence[Path], memo: Path | None = None) -> list[str]:
+    """Each file's sha256. `memo` (a JSON file) remembers them by resolved path, size and mtime, so a multi-GB
+    model file is read once per change, not on every load; an unreadable or unwritable memo only costs hashing."""
+    known: dict = {}
+    if memo is not None and memo.is_file():
+        try:
+            known = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            known = {}
+    if not isinstance(known, dict):
+        known = {}
+    digests, changed = [], False
+    for path in paths:
+        st = Path(path).stat()
+        key = str(Path(path).resolve())
+        entry = known.get(key)
+        if not isinstance(entry, dict) or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+            entry = known[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+            changed = True
+        digests.append(entry["sha256"])
+    if memo is not None and changed:
+        known = {k: v for k, v in known.items() if Path(k).exists()}  # forget files that are gone
+        try:
+            write_atomic(memo, json.dumps(known, indent=1).encode())
+        except OSError:
+            pass
+    return digests
 
 
 def lock_held(path: Path) -> bool:

@@ -93,7 +93,7 @@ class ModelSpec:
     latent_factor: int  # image side / latent side (the VAE's downsampling)
     prompt: str
     guidance_scale: float
-    opposite_scale: float
+    opposite_scale: float | None  # None: λ (Algorithm 1)
     onnx_kind: str = "basinguard"  # or "optimum-cli"
 
 
@@ -211,7 +211,7 @@ def model_specs(keys: list[str], work: Path, log: Callable[[str], None]) -> list
         factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         size = {"tiny64": 64, "tiny256": 256}.get(key, int(unet_cfg.get("sample_size", 64)) * factor)
         specs.append(ModelSpec(key, source, onnx, size, factor, prompt, float(defaults.get("guidance_scale", 7.5)),
-                               float(defaults.get("opposite_scale", 1.0)), kind))
+                               defaults.get("opposite_scale"), kind))
     return specs
 
 

@@ -47,7 +47,7 @@ STAGES = ("text_encoder", "unet", "scheduler+policy", "vae")
 def policy_configs(defaults: dict, transition_t: int) -> dict[str, PolicyConfig]:
     """The four rows; λ (and λ_og) from the model's own sampling defaults, τ and s_pre = 0 fixed by the brief."""
     lam = float(defaults.get("guidance_scale", 7.5))
-    og = float(defaults.get("opposite_scale", 1.0))
+    og = defaults.get("opposite_scale")  # None: λ (Algorithm 1)
     return {
         "cfg": PolicyConfig("cfg", guidance_scale=lam),
         "stp": PolicyConfig("stp", guidance_scale=lam, transition_t=transition_t, pre_scale=0.0),

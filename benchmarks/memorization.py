@@ -79,7 +79,7 @@ def perturb(caption: str, kind: str, rng: np.random.Generator) -> str:
 
 def rows_to_run(defaults: dict, taus: list[int], og_taus: list[int]) -> list[tuple[str, PolicyConfig, str | None]]:
     lam = defaults.get("guidance_scale", 7.5)
-    og = defaults.get("opposite_scale", 1.0)
+    og = defaults.get("opposite_scale")  # None: λ (Algorithm 1)
     rows = [("cfg", PolicyConfig("cfg", guidance_scale=lam), None)]
     rows += [(f"stp τ={t}", PolicyConfig("stp", guidance_scale=lam, transition_t=t), None) for t in taus]
     rows.append(("dtp", PolicyConfig("dtp", guidance_scale=lam), None))
@@ -182,7 +182,7 @@ def main() -> None:
               f"FD {n['frechet']:.1f} | {d['seconds_per_image'] * 1000:.1f} ms/img", flush=True)
 
     # d per step under zero CFG, opposite guidance and CFG (paper Figs. 2, 3, 6, 9).
-    lam, og = defaults.get("guidance_scale", 7.5), defaults.get("opposite_scale", 1.0)
+    lam, og = defaults.get("guidance_scale", 7.5), defaults.get("opposite_scale")
     for name, policy in (("zero CFG", PolicyConfig("cfg", guidance_scale=0.0)),
                          ("opposite guidance", PolicyConfig("og-stp", guidance_scale=lam, transition_t=0, opposite_scale=og)),
                          ("CFG", PolicyConfig("cfg", guidance_scale=lam))):

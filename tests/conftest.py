@@ -97,6 +97,15 @@ def _single_thread_torch() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """basinguard's user cache (model file hashes) in a temporary folder, not the tester's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BASINGUARD_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def ort_session() -> Callable[[Path], object]:
     """Opens an ONNX Runtime CPU session with one thread."""

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -361,10 +362,14 @@ def test_resume_refuses_another_scheduler_or_model(tiny_onnx_dir, tmp_path, caps
     assert cli_main([*args, "--scheduler", "euler"]) == 2
     assert "different scheduler" in capsys.readouterr().err
     other = tmp_path / "other_model"
-    shutil.copytree(tiny_onnx_dir, other)  # a copy (times kept) is the same model; a re-exported UNet is not
+    shutil.copytree(tiny_onnx_dir, other, copy_function=shutil.copyfile)  # a copy (new file times) is the same model
     assert cli_main(batch_args(other, prompts, out, "--steps", "3")) == 0
     unet = other / "unet/model.onnx"
-    os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))
+    os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))  # touched: still the same
+    assert cli_main(batch_args(other, prompts, out, "--steps", "3")) == 0
+    reexported = onnx.load(unet)  # same graph, other bytes (as a re-export writes): another model
+    reexported.doc_string = "exported again"
+    onnx.save(reexported, unet)
     assert cli_main(batch_args(other, prompts, out, "--steps", "3")) == 2
     assert "different model" in capsys.readouterr().err
     more = tmp_path / "more.txt"  # no image id in common: still one OUT_DIR, one model
@@ -397,9 +402,20 @@ def test_model_identity_ignores_caches_written_beside_the_model(tiny_onnx_dir, t
     (model / "unet" / f"model{FUSED_SUFFIX}").write_bytes(b"a CPU load's fused graph")  # not part of the model
     (model / "unet" / ".model.onnx.tmp").write_bytes(b"")
     assert model_identity(model)["id"] == before
-    config = model / "vae_decoder" / "config.json"  # a config is part of the model
+    moved = tmp_path / "moved"
+    model.rename(moved)  # the content is the model, not where it lies or when it was written
+    os.utime(moved / "unet" / "model.onnx", ns=(0, 10**18))
+    assert model_identity(moved)["id"] == before
+    config = moved / "vae_decoder" / "config.json"  # a config is part of the model
     config.write_text(config.read_text() + " ")
-    assert model_identity(model)["id"] != before
+    assert model_identity(moved)["id"] != before
+    weights = moved / "unet" / "model.onnx"  # so is every byte of the ONNX file, whatever its size and time
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    changed = model_identity(moved)["id"]
+    assert changed != before
+    assert model_identity(moved)["id"] == changed  # memoised hashes give the same answer
 
 
 def test_a_deleted_png_is_made_again_and_listed_once(tiny_onnx_dir, tmp_path, capsys):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import basinguard.engine.tensorrt as trt_backend
+from basinguard import files
 from basinguard.cli import main as cli_main
 from basinguard.cli import parse_hw
 from basinguard.engine import load_model
@@ -185,8 +186,8 @@ def test_onnx_digest_covers_external_data_not_configs_and_is_memoised(tmp_path: 
     (model.parent / "trt_cache").mkdir()  # ORT's engine cache in a sub-folder is not part of the model
     (model.parent / "trt_cache" / "x.engine").write_bytes(b"1")
     calls = []
-    real = trt_backend._sha256_file
-    monkeypatch.setattr(trt_backend, "_sha256_file", lambda p: calls.append(p) or real(p))
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: calls.append(p) or real(p))
     assert onnx_digest(model, memo) == first and calls == []  # unchanged files: hashes come from the memo
     data.write_bytes(b"weights-22")
     assert onnx_digest(model, memo) != first and calls == [data]

@@ -41,6 +41,23 @@ def test_dtp_matches_algorithm1_per_sample():
     assert len(set(policy.transition_step[1:].tolist())) > 3  # samples switched at different steps
 
 
+def test_og_policies_default_to_algorithm1_as_printed():
+    """Algorithm 1 with v_OG = 1, literally: s = -λ·v_OG before the switch, and d_t the *squared* norm (line 4).
+    The loop records the plain norm (Wen et al.; the authors' code): squaring keeps the order, so the same steps."""
+    rng = np.random.default_rng(1)
+    steps, n, lam = 25, 12, 7.5
+    d = np.abs(rng.normal(size=(steps, n)).cumsum(0)) + 0.1
+    dtp = make_policy(PolicyConfig("og-dtp", guidance_scale=lam), n)  # no opposite scale given
+    got = run(dtp, np.arange(980, 0, -40)[:steps], d)
+    for k in range(n):
+        np.testing.assert_array_equal(got[:, k], algorithm1_scales(list(d[:, k] ** 2), lam, -lam * 1))
+    assert PolicyConfig("og-dtp", guidance_scale=lam).parameters()["opposite_scale"] == lam  # traces say what ran
+    stp = make_policy(PolicyConfig("og-stp", guidance_scale=5.0, transition_t=500), 1)
+    assert stp.scale(0, 900, np.ones(1)).tolist() == [-5.0]
+    given = PolicyConfig("og-dtp", guidance_scale=lam, opposite_scale=2.0)  # Eq. 5 allows any s > 0
+    assert make_policy(given, 1).scale(0, 900, np.ones(1)).tolist() == [-2.0]
+
+
 def test_dtp_hand_computed():
     d = np.array([[5.0], [4.0], [3.0], [3.5], [1.0], [2.0]])
     policy = make_policy(PolicyConfig("og-dtp", guidance_scale=4.0, opposite_scale=2.0), 1)

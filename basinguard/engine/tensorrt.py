@@ -41,7 +41,7 @@ import numpy as np
 
 from basinguard.engine.base import EngineError, TensorSpec, conform
 from basinguard.engine.fusion import is_fusion_cache
-from basinguard.files import write_atomic
+from basinguard.files import file_digests, sha256_file, write_atomic
 
 ENGINE_DIR_ENV = "BASINGUARD_ENGINE_DIR"  # where plans live; default: ONNX_DIR/tensorrt
 CUDA_GRAPH_ENV = "BASINGUARD_CUDA_GRAPH"  # "1": capture CUDA graphs when a plan is static
@@ -241,14 +241,6 @@ def engine_dir(onnx_dir: Path) -> Path:
     return Path(env) if env else Path(onnx_dir) / "tensorrt"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def onnx_files(onnx_path: Path) -> list[Path]:
     """The ONNX file and its external data: every regular file beside it except JSON configs, hidden and
     temporary files, and the CPU backend's fused-attention cache (`model.fused.onnx`, derived from model.onnx and
@@ -265,29 +257,11 @@ def onnx_files(onnx_path: Path) -> list[Path]:
 
 
 def onnx_digest(onnx_path: Path, memo: Path | None = None) -> str:
-    """sha256 over the ONNX file and its external data. `memo` (a JSON file) remembers each file's hash by
-    (size, mtime), so a 3.4 GB UNet is hashed once per change, not on every load."""
-    known: dict = {}
-    if memo is not None and memo.is_file():
-        try:
-            known = json.loads(memo.read_text())
-        except (OSError, ValueError):
-            known = {}
-    changed = False
+    """sha256 over the ONNX file and its external data (`onnx_files`); `memo`: see `files.file_digests`."""
+    files = onnx_files(onnx_path)
     h = hashlib.sha256()
-    for path in onnx_files(onnx_path):
-        st = path.stat()
-        entry = known.get(str(path.resolve()))
-        if not entry or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
-            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256_file(path)}
-            known[str(path.resolve())] = entry
-            changed = True
-        h.update(f"{path.name}:{entry['sha256']}\n".encode())
-    if memo is not None and changed:
-        try:
-            write_atomic(memo, json.dumps(known, indent=1).encode())
-        except OSError:
-            pass  # a read-only cache only costs re-hashing next time
+    for path, digest in zip(files, file_digests(files, memo)):
+        h.update(f"{path.name}:{digest}\n".encode())
     return h.hexdigest()
 
 
@@ -358,7 +332,7 @@ def verify_plan(sidecar_path: Path, expected: dict | None = None) -> tuple[PlanR
             return None, f"{plan.name}: " + "; ".join(why)
     if plan.name != sidecar_path.with_suffix(".plan").name or not plan.is_file():
         return None, f"{sidecar_path.name}: plan file missing"
-    if plan.stat().st_size != sidecar.get("plan_bytes") or _sha256_file(plan) != sidecar.get("plan_sha256"):
+    if plan.stat().st_size != sidecar.get("plan_bytes") or sha256_file(plan) != sidecar.get("plan_sha256"):
         return None, f"{plan.name}: plan file truncated or altered since the build"
     return PlanRecord(plan, sidecar), None
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from basinguard.errors import BasinguardError
-from basinguard.files import fsync_dir, lock_held, temporary_files, write_atomic
+from basinguard.files import file_digests, fsync_dir, lock_held, temporary_files, user_cache_dir, write_atomic
 from basinguard.runtime.detection import calibration_mismatch
 from basinguard.runtime.guidance import make_policy, setting_problem
 from basinguard.runtime.model_folder import ModelFolder
@@ -541,7 +541,8 @@ def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: P
     other_model = next((e for e in done.values() if (e.get("model") or {}).get("id") != model["id"]), None)
     if other_model is not None:  # even where no image id overlaps: one OUT_DIR, one model
         raise BatchError(f"{out_dir / MANIFEST} already has image {other_model['id']} made by a different model (its "
-                         "files changed, or another --model); use a new OUT_DIR, or the model it was made with")
+                         "files changed, another --model, or an older basinguard, whose model ids hashed file "
+                         "times); use a new OUT_DIR, or the model it was made with")
     for task in tasks:
         entry = done.get(task.id)
         if entry is None:
@@ -566,21 +567,21 @@ def warn_other_engines(out_dir: Path, done: dict[str, dict], engines: set[str]) 
 
 
 def model_identity(folder: Path) -> dict:
-    """A cheap identity of a model folder: its path and a hash of basinguard.json and each model file's size+mtime.
-    Only the model's own files (ONNX, external data, configs): not caches a backend writes beside them, such as the
-    CPU's fused-attention graph, or a CPU run would make every earlier job on the folder "another model"."""
+    """A model folder's identity: its path, and a hash of its content — basinguard.json and each part's ONNX files
+    (with external data) and JSON configs — so a copied, moved or reinstalled folder is the same model and a
+    re-exported one is not. Only the model's own files: not caches a backend writes beside them, such as the
+    CPU's fused-attention graph, or a CPU run would make every earlier job on the folder "another model". File
+    hashes are remembered in the user's cache (`files.file_digests`): a multi-GB UNet is read once per change."""
     from basinguard.engine.tensorrt import onnx_files  # the same rule the TensorRT plan key uses
 
     folder = Path(folder).resolve()
-    h = hashlib.sha256()
-    if (folder / "basinguard.json").is_file():
-        h.update((folder / "basinguard.json").read_bytes())
+    files = [folder / "basinguard.json"] if (folder / "basinguard.json").is_file() else []
     for part in ("text_encoder", "unet", "vae_decoder"):
-        files = [*onnx_files(folder / part / "model.onnx"), *sorted((folder / part).glob("*.json"))]
-        for f in files:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{part}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        files += [f for f in (*onnx_files(folder / part / "model.onnx"), *sorted((folder / part).glob("*.json")))
+                  if f.is_file()]
+    h = hashlib.sha256()
+    for f, digest in zip(files, file_digests(files, user_cache_dir() / "file-digests.json")):
+        h.update(f"{f.relative_to(folder).as_posix()}:{digest}\n".encode())
     return {"path": str(folder), "id": h.hexdigest()[:16]}
 
 

@@ -134,7 +134,7 @@ def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_id: str) -
     """What differs between a calibration and a resolved sampling on a model (`model_identity(...)["id"]`), among
     what d at step 0 depends on: the model's files, the image size and step 0's timestep (steps and scheduler) — not
     λ, except for a calibration over more steps, whose later steps follow CFG at λ. The model is compared by
-    `model_identity`, which includes file times: a copied folder counts as other files. Each difference as
+    `model_identity` (the files' content: a copied folder is the same model). Each difference as
     "NAME CALIBRATED (here VALUE)"; fields an older file lacks are not compared."""
     here = {"steps": sampling.steps, "scheduler": sampling.scheduler, "height": sampling.height,
             "width": sampling.width}

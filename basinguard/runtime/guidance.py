@@ -34,7 +34,7 @@ class PolicyConfig:
     guidance_scale: float = 7.5  # λ
     transition_t: int = 500  # τ for the static policies: λ applies once t <= τ
     pre_scale: float = 0.0  # s_pre for stp/dtp
-    opposite_scale: float = 1.0  # λ_og for og-*: s_pre = -λ_og
+    opposite_scale: float | None = None  # λ_og for og-*: s_pre = -λ_og; None: λ, as in Algorithm 1 (s = -λ·v_OG)
     # `auto`: detection-gated mitigation (Wen et al.): d at step 0 above the threshold → mitigation.
     detect_threshold: float | None = None
     mitigation: str = "og-dtp"
@@ -50,7 +50,7 @@ class PolicyConfig:
             raise PolicyError(f"transition t must be in [0, {num_train_timesteps}] (got {self.transition_t})")
         if not -MAX_SCALE <= self.pre_scale <= MAX_SCALE:
             raise PolicyError(f"pre-scale must be in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (got {self.pre_scale})")
-        if not 0 < self.opposite_scale <= MAX_SCALE:
+        if self.opposite_scale is not None and not 0 < self.opposite_scale <= MAX_SCALE:
             raise PolicyError(f"opposite scale must be in (0, {MAX_SCALE:g}] (got {self.opposite_scale})")
         if self.detect_threshold is not None and not np.isfinite(self.detect_threshold):  # any policy: it also flags
             raise PolicyError(f"detection threshold must be a finite number (got {self.detect_threshold})")
@@ -61,8 +61,13 @@ class PolicyConfig:
             if self.mitigation not in POLICY_NAMES or self.mitigation == "cfg":
                 raise PolicyError(f"mitigation must be one of stp, dtp, og-stp, og-dtp (got {self.mitigation!r})")
 
+    @property
+    def opposite(self) -> float:
+        """λ_og in effect: the one given, else λ (Algorithm 1 opposes with the scale it later guides with)."""
+        return self.guidance_scale if self.opposite_scale is None else self.opposite_scale
+
     def parameters(self) -> dict:
-        """What a trace records: only the parameters this policy uses."""
+        """What a trace records: only the parameters this policy uses, with λ_og as applied."""
         used = {"name", "guidance_scale"}
         if self.name in ("stp", "og-stp"):
             used.add("transition_t")
@@ -72,7 +77,7 @@ class PolicyConfig:
             used.add("opposite_scale")
         if self.name == "auto":
             used = set(asdict(self))
-        return {k: v for k, v in asdict(self).items() if k in used}
+        return {k: v for k, v in (asdict(self) | {"opposite_scale": self.opposite}).items() if k in used}
 
 
 # The policies each transition setting is used by (for auto: its mitigation's); a setting given where it is not
@@ -195,7 +200,7 @@ def make_policy(config: PolicyConfig, n: int, num_train_timesteps: int = 1000) -
     """A fresh per-batch state machine for N samples."""
     config.validate(num_train_timesteps)
     name = config.mitigation if config.name == "auto" else config.name
-    pre = -config.opposite_scale if name.startswith("og-") else config.pre_scale
+    pre = -config.opposite if name.startswith("og-") else config.pre_scale
     policy: GuidancePolicy
     if name == "cfg":
         policy = GuidancePolicy(n, config.guidance_scale)

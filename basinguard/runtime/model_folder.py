@@ -39,7 +39,8 @@ _DEFAULT_TYPES: dict[str, type | tuple[type, ...]] = {
     "guidance_scale": (int, float), "pre_scale": (int, float), "opposite_scale": (int, float),
     "detect_threshold": (int, float),
 }
-_MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold")  # null: the model's own scheduler, the usual default
+# null: the model's own scheduler, the usual default (opposite_scale: λ)
+_MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale")
 
 
 def _positive_int(value: object, what: str, path: Path) -> int:
