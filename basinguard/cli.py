@@ -177,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if latents is not None:  # the whole file, once, rather than a batch's slice of it
         checker.check_latents(latents, len(latents), resolved)
     if calib is not None:
-        for warning in calibration_warnings(Path(args.detect_calibration), calib, [(1, resolved)],
+        for warning in calibration_warnings(Path(args.detect_calibration), calib, [(1, resolved, args.negative_prompt)],
                                             model_identity(model)["id"]):
             print(f"basinguard generate: warning: {warning}", file=sys.stderr)
     pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
@@ -342,7 +342,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
         if not first:
             raise BasinguardError(f"{path} has no usable prompt")
         if calib is not None:
-            settings = [(t.line, t.sampling) for t in first]
+            settings = [(t.line, t.sampling, t.negative_prompt) for t in first]
             for warning in calibration_warnings(Path(args.detect_calibration), calib, settings,
                                                 model_identity(model)["id"]):
                 print(f"basinguard detect: warning: {warning}", file=sys.stderr)
@@ -369,15 +369,16 @@ def cmd_detect(args: argparse.Namespace) -> None:
             prompt = t.prompt.replace("\t", "\\t").replace("\n", "\\n")  # one row per line, whatever the prompt
             print(f"{t.line}\t{score:.6g}{flag}\t{prompt}")
         return
-    _, pos = score_file(args.memorized)
-    _, neg = score_file(args.normal)
+    memorized, pos = score_file(args.memorized)
+    normal, neg = score_file(args.normal)
     try:
         result = calibrate(pos, neg, fpr=args.fpr)
     except ValueError as exc:
         raise BasinguardError(str(exc)) from None
     result |= {"detect_steps": args.detect_steps, "seeds": args.seeds, "seed": args.seed, "steps": resolved.steps,
                "scheduler": resolved.scheduler, "height": resolved.height, "width": resolved.width, "guidance_scale": resolved.policy.guidance_scale,
-               "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": model_identity(model)}
+               "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": model_identity(model),
+               "negative_prompts": any(t.negative_prompt for t in (*memorized, *normal))}
     write_atomic(calibration_out, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     print(f"AUC {result['auc']:.4f}  TPR {result['tpr']:.4f} at FPR {result['fpr']:.4f} (target {args.fpr})  "
           f"threshold {result['threshold']:.6g}  ({len(pos)} memorized, {len(neg)} normal prompts) -> {args.out}")

@@ -189,6 +189,16 @@ def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
     # detect warns the same way (it flags with the file's threshold), for the lines it scores
     assert cli_main(["detect", str(lines), *common, "--detect-calibration", str(calib)]) == 0
     assert "basinguard detect: warning" in capsys.readouterr().err
+    # A negative prompt takes e_∅'s place in d: a line with one, against a calibration made without, is named.
+    assert c["negative_prompts"] is False
+    lines.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" +
+                     json.dumps({"prompt": PROMPTS[1], "negative_prompt": "blurry"}) + "\n")
+    assert cli_main(["detect", str(lines), *common, "--detect-calibration", str(calib)]) == 0
+    err = capsys.readouterr().err
+    assert "no negative prompt (here one), for line 2:" in err and "line 1" not in err, err
+    assert cli_main(["generate", "--prompt", PROMPTS[0], "--negative-prompt", "blurry", *common, "--policy", "auto",
+                     "--detect-calibration", str(calib), "--out", str(tmp_path / "n.png")]) == 0
+    assert "no negative prompt (here one)" in capsys.readouterr().err
 
     # A calibration over 2 steps x 2 seeds serves detect at 2 steps; other step counts and auto are refused.
     calib2 = tmp_path / "calib2.json"

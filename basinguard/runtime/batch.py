@@ -704,20 +704,20 @@ def load_job(job: BatchJob, checker: Checker) -> PromptFile:
     if not parsed.tasks:
         raise BatchError(f"{job.prompts} has no usable prompt lines ({parsed.lines} read, {len(parsed.errors)} bad)")
     if job.calibration is not None:
-        first = [(t.line, t.sampling) for t in parsed.tasks if t.index == 0]
+        first = [(t.line, t.sampling, t.negative_prompt) for t in parsed.tasks if t.index == 0]
         for warning in calibration_warnings(*job.calibration, first, model_identity(checker.folder.path)["id"]):
             print(f"basinguard batch: warning: {warning}", file=sys.stderr)
     return parsed
 
 
-def calibration_warnings(path: Path, calib: dict, settings: Sequence[tuple[int, SamplingConfig]],
+def calibration_warnings(path: Path, calib: dict, settings: Sequence[tuple[int, SamplingConfig, str]],
                          model_id: str) -> list[str]:
-    """One warning per distinct way the settings of prompt lines, (line, resolved sampling), differ from a
-    calibration's (`calibration_mismatch`), naming the lines: a line may override steps or scheduler, and its d at
-    step 0 may then differ. One setting (generate) names none."""
+    """One warning per distinct way the settings of prompt lines, (line, resolved sampling, negative prompt), differ
+    from a calibration's (`calibration_mismatch`), naming the lines: a line may override steps or scheduler, or add
+    a negative prompt, and its d at the first step may then differ. One setting (generate) names none."""
     lines_by_difference: dict[tuple[str, ...], list[int]] = {}
-    for line, sampling in settings:
-        difference = tuple(calibration_mismatch(calib, sampling, model_id))
+    for line, sampling, negative_prompt in settings:
+        difference = tuple(calibration_mismatch(calib, sampling, model_id, negative_prompt))
         if difference:
             lines_by_difference.setdefault(difference, []).append(line)
     warnings = []

@@ -130,18 +130,22 @@ def load_calibration(path: Path, detect_steps: int | None = None) -> dict:
     return calib
 
 
-def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_id: str) -> list[str]:
+def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_id: str, negative_prompt: str = "") -> list[str]:
     """What differs between a calibration and a resolved sampling on a model (`model_identity(...)["id"]`), among
     what d at step 0 depends on: the model's files, the image size and step 0's timestep (steps and scheduler) — not
     λ, except for a calibration over more steps, whose later steps follow CFG at λ. The model is compared by
-    `model_identity` (the files' content: a copied folder is the same model). Each difference as
-    "NAME CALIBRATED (here VALUE)"; fields an older file lacks are not compared."""
+    `model_identity` (the files' content: a copied folder is the same model). A negative prompt takes e_∅'s place
+    in d, so whether one is given is compared too. Each difference as "NAME CALIBRATED (here VALUE)"; fields an
+    older file lacks are not compared."""
     here = {"steps": sampling.steps, "scheduler": sampling.scheduler, "height": sampling.height,
             "width": sampling.width}
     if calib.get("detect_steps", 1) > 1:  # past step 0 the trajectory is CFG's at λ
         here["guidance_scale"] = sampling.policy.guidance_scale
     differ = [f"{name} {calib[name]} (here {value})" for name, value in here.items()
               if name in calib and calib[name] != value]
+    if isinstance(calib.get("negative_prompts"), bool) and calib["negative_prompts"] != bool(negative_prompt):
+        differ.append("negative prompts (here none)" if calib["negative_prompts"] else
+                      "no negative prompt (here one)")
     recorded = calib.get("model")
     if isinstance(recorded, dict) and recorded.get("id") not in (None, model_id):
         differ.append(f"model {recorded.get('path')} (other files, or copies of them)")
