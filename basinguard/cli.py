@@ -84,7 +84,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads per model (default: ORT's)")
     p.add_argument("--static-shapes", action="store_true",
-                   help="cpu: shape-specialised UNet sessions, built after a shape's 3rd call (~0.5 s and one more "
+                   help="cpu: shape-specialised UNet sessions, built at a shape's first call (~0.5 s and one more "
                    "copy of the weights each); 10-20 %% faster UNet calls on small models, for long jobs")
     p.add_argument("--policy", choices=(*POLICY_NAMES, "auto"), default=None)
     p.add_argument("--guidance-scale", type=float, default=None, help="λ, the CFG scale after the transition")

@@ -325,7 +325,7 @@ class OursContender:
     def generate(self, prompt: str, latents: np.ndarray, steps: int, guidance_scale: float, size: int) -> np.ndarray:
         from basinguard.runtime.pipeline import SamplingConfig
 
-        # Shape-specialised UNet sessions appear during the warm-up round (after a shape's third call); time them too.
+        # Shape-specialised UNet sessions appear during the warm-up round (at a shape's first call); time them too.
         for session in self.pipe.unet.model.sessions:
             if id(session) not in self.timer.wrapped:
                 self.timer.wrap_session(session, "unet")

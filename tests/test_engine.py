@@ -1,17 +1,20 @@
 """The ONNX Runtime backend's shape-specialised sessions (`static_shapes`): same outputs as the dynamic
-session, built once per set of input shapes after SPECIALISE_AFTER calls, and bounded in number. Its run-time
+session, built once per set of input shapes at its first call (so outputs depend on the shapes only), bounded in
+number, and built once when two threads meet a new shape. Its run-time
 errors, and the model folder's configs it is loaded from: one-line errors naming the file, never tracebacks."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from basinguard.engine import ort as ort_backend
 from basinguard.engine.base import EngineError
-from basinguard.engine.ort import MAX_SPECIALISED, SPECIALISE_AFTER, OrtModel
+from basinguard.engine.ort import MAX_SPECIALISED, OrtModel
 from basinguard.runtime.errors import ModelFolderError
 from basinguard.runtime.model_folder import ModelFolder
 
@@ -30,10 +33,12 @@ def test_static_shapes_match_dynamic_session(tiny_onnx_dir: Path) -> None:
     rng = np.random.default_rng(0)
     for batch in (2, 4):
         feed = unet_inputs(dynamic, batch, rng)
-        for _ in range(SPECIALISE_AFTER + 2):
+        first = static.run(feed)["out_sample"]
+        for _ in range(3):
             want = dynamic.run(feed)["out_sample"]
             got = static.run(feed)["out_sample"]
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(got, first)  # the first call ran on the same session as the later ones
     # one session per batch size on top of the dynamic one, and its axes fixed to that batch's shapes
     assert len(static.sessions) == 3
     assert len(dynamic.sessions) == 1
@@ -41,14 +46,40 @@ def test_static_shapes_match_dynamic_session(tiny_onnx_dir: Path) -> None:
     assert (2, 4, 8, 8) in fixed and all(isinstance(d, int) for shape in fixed for d in shape)
 
 
-def test_static_shapes_are_bounded(tiny_onnx_dir: Path) -> None:
+def test_static_shapes_are_bounded_least_recently_used_first_and_give_the_same_bits(tiny_onnx_dir: Path) -> None:
     model = OrtModel(tiny_onnx_dir / "unet" / "model.onnx", threads=1, static_shapes=True)
     rng = np.random.default_rng(1)
-    for batch in range(1, MAX_SPECIALISED + 3):
-        feed = unet_inputs(model, batch, rng)
-        for _ in range(SPECIALISE_AFTER):
-            model.run(feed)
-    assert len(model.sessions) == 1 + MAX_SPECIALISED  # later shapes run on the dynamic session
+    feeds = {batch: unet_inputs(model, batch, rng) for batch in range(1, MAX_SPECIALISED + 3)}
+    first = {}
+    for batch, feed in feeds.items():
+        first[batch] = model.run(feed)["out_sample"]
+        model.run(feeds[1])  # batch 1 stays in use: never the one dropped
+    assert len(model.sessions) == 1 + MAX_SPECIALISED
+    kept = {tuple(i.shape)[0] for s in model.sessions[1:] for i in s.get_inputs() if i.name == "sample"}
+    assert kept == {1, *range(MAX_SPECIALISED, MAX_SPECIALISED + 3)}  # batches 2 and 3, least recently used, dropped
+    # batch 2 again: its session is rebuilt, and an output depends on its shapes only, not on what ran before
+    np.testing.assert_array_equal(model.run(feeds[2])["out_sample"], first[2])
+
+
+def test_two_threads_at_a_new_shape_build_one_session(tiny_onnx_dir: Path, monkeypatch) -> None:
+    model = OrtModel(tiny_onnx_dir / "unet" / "model.onnx", threads=1, static_shapes=True)
+    feed = unet_inputs(model, 2, np.random.default_rng(3))
+    built, real = [], ort_backend.OrtModel._specialised
+    monkeypatch.setattr(ort_backend.OrtModel, "_specialised", lambda self, f: built.append(1) or real(self, f))
+    start = threading.Barrier(2)
+    outputs = []
+
+    def call() -> None:
+        start.wait()
+        outputs.append(model.run(feed)["out_sample"])
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and len(model.sessions) == 2
+    np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])
@@ -58,7 +89,7 @@ def test_run_time_errors_name_the_model_file_and_the_inputs(tiny_onnx_dir: Path,
     model = OrtModel(path, threads=1, static_shapes=static_shapes)
     feed = unet_inputs(model, 1, np.random.default_rng(2))
     feed["encoder_hidden_states"] = np.zeros((1, 77, 48), np.float32)
-    for _ in range(SPECIALISE_AFTER + 1):  # the shape-specialised session too
+    for _ in range(2):  # the shape-specialised session (built at the first call) too
         with pytest.raises(EngineError) as caught:
             model.run(feed)
         message = str(caught.value)

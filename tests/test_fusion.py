@@ -48,7 +48,7 @@ def test_every_unet_attention_is_fused_and_outputs_agree(tiny_onnx_dir: Path) ->
         feed = unet_feed(plain, batch, size, rng)
         want = plain.run(feed)["out_sample"]
         np.testing.assert_allclose(fast.run(feed)["out_sample"], want, rtol=1e-5, atol=1e-5)
-        for _ in range(4):  # past SPECIALISE_AFTER: the shape-specialised session is built from the fused graph
+        for _ in range(2):  # the shape-specialised session (first call) is built from the fused graph
             np.testing.assert_allclose(static.run(feed)["out_sample"], want, rtol=1e-5, atol=1e-5)
     assert len(static.sessions) == 3
 
@@ -281,7 +281,7 @@ def test_a_fused_graph_ort_cannot_load_falls_back_to_the_model_as_it_is(tmp_path
     loaded = OrtModel(path, threads=1, static_shapes=True)
     assert loaded.fused_attention == 0
     feed = qkv(5)
-    for _ in range(4):  # past SPECIALISE_AFTER: the specialised session is built from the file too
+    for _ in range(2):  # the specialised session (first call) is built from the file too
         np.testing.assert_allclose(loaded.run(feed)["out"], numpy_attention(*feed.values(), 2, 0.3),
                                    rtol=1e-5, atol=1e-6)
     (tmp_path / "corrupt.onnx").write_bytes(b"not an onnx file")  # a file that is broken still says so

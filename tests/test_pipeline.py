@@ -351,3 +351,36 @@ def test_generate_checks_the_latents_count_against_the_prompts(ours):
     latents = ours.initial_latents([0, 1, 2], resolved.height, resolved.width)
     with pytest.raises(InputError, match=r"latents have shape \(3, .* with 2 images needs \(2, "):
         ours.generate([PROMPTS[0]] * 2, sampling, latents=latents)
+
+
+def test_python_api_misuse_is_one_clear_error(ours):
+    """The CLI checks its flags; a service calling `generate` directly gets the same kind of error, never a
+    TypeError from deep inside or an image made from something it did not mean."""
+    from basinguard.runtime.errors import InputError
+    from basinguard.runtime.guidance import PolicyError
+
+    sampling = SamplingConfig(steps=2)
+    resolved = ours.resolve(sampling)
+    latents = ours.initial_latents([0], resolved.height, resolved.width)
+    cases = [
+        (lambda: ours.generate("a red cat", sampling, seeds=[0] * 9), "prompts must be a list of strings"),  # not 9 images
+        (lambda: ours.generate(["a", None], sampling, seeds=[0, 1]), "prompts must be a list of strings"),
+        (lambda: ours.generate(["a"], sampling, seeds=[0], negative_prompts="x"), "negative_prompts must be a list"),
+        (lambda: ours.generate(["a"], sampling, seeds=0), "need a list of one seed per image"),
+        (lambda: ours.generate(["a"], sampling, seeds=[1], latents=latents), "seeds or latents, not both"),
+        (lambda: ours.generate(["a"], sampling, latents=latents.tolist()), "latents must be a real numpy array"),
+        (lambda: ours.generate(["a"], sampling, latents=latents.astype(np.complex64)), "complex64 array"),
+        (lambda: ours.generate(["a"], sampling, latents=latents * 1e30), "finite and within"),
+        (lambda: ours.generate(["a"], {"steps": 2}, seeds=[0]), "sampling must be a SamplingConfig"),
+        (lambda: ours.generate(["a"], SamplingConfig(steps=2, height=32.0), seeds=[0]), "height must be an integer"),
+        (lambda: ours.generate(["a"], SamplingConfig(steps=2, policy=PolicyConfig(guidance_scale="7")), seeds=[0]),
+         "guidance_scale must be a number"),
+    ]
+    for call, message in cases:
+        with pytest.raises((InputError, PolicyError), match=message):
+            call()
+
+
+def test_an_image_owns_its_pixels(ours):
+    gens = ours.generate(["a red cat", "a blue dog"], SamplingConfig(steps=2), seeds=[0, 1])
+    assert all(g.pixels.base is None and g.pixels.flags.c_contiguous for g in gens)  # not a view of the batch

@@ -365,3 +365,19 @@ def test_runtime_module_does_not_import_transformers() -> None:
             "print(sorted(m for m in ('transformers', 'torch', 'diffusers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_truncation_warnings_do_not_accumulate(sd1: tuple[Path, CLIPTokenizer]) -> None:
+    """warnings.warn keeps every distinct message in its caller's registry for good: a service that cuts many
+    distinct prompts would grow without bound. Each text is still shown once."""
+    from basinguard.runtime import tokenizer as tokenizer_module
+
+    tok = PromptTokenizer.from_folder(sd1[0])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        texts = [f"prompt {k} " + "cat " * 80 for k in range(1500)]
+        for text in [*texts, texts[-1]]:  # the last text twice, from the same line: shown once
+            tok.encode([text])
+    assert len(record) == 1500 and all(r.category is PromptTruncatedWarning for r in record)
+    assert len(tokenizer_module._TRUNCATIONS_SHOWN) <= 1025
+    assert len(globals().get("__warningregistry__", {})) < 10  # the caller's registry holds none of them

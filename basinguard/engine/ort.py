@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -126,17 +128,18 @@ def _preload_gpu_libraries() -> None:
             pass
 
 
-SPECIALISE_AFTER = 3  # calls at one set of input shapes before a shape-specialised session is built for it
-MAX_SPECIALISED = 4  # shape-specialised sessions per model (e.g. N and 2N for STP, at one or two sizes)
+MAX_SPECIALISED = 4  # shape-specialised sessions kept per model (e.g. N and 2N for STP, at one or two sizes)
 
 
 class OrtModel:
     """One ONNX model in an ONNX Runtime session.
 
-    `static_shapes` (CPU): once a set of input shapes has run SPECIALISE_AFTER times, a second session is built
-    with every dynamic axis fixed to those shapes (ONNX Runtime's free-dimension overrides), so shape arithmetic
-    is folded and buffers are planned once; it then runs those calls. Measured on this project's small UNets:
-    10-20 % faster calls (benchmarks/compare.py), for ~0.5 s and one more copy of the weights per shape set.
+    `static_shapes` (CPU): the first call at a set of input shapes builds a session with every dynamic axis fixed
+    to those shapes (ONNX Runtime's free-dimension overrides), so shape arithmetic is folded and buffers are
+    planned once; every call at those shapes runs on it, so outputs depend on the shapes only, never on what ran
+    before (the dynamic session's differ in the last bits). At most MAX_SPECIALISED are kept, the least recently
+    used one is dropped for a new shape set (and rebuilt if it comes back). Measured on this project's small
+    UNets: 10-20 % faster calls (benchmarks/compare.py), for ~0.5 s and one more copy of the weights per shape set.
 
     `fuse_attention` (CPU): the exporter's decomposed attention runs as ONNX Runtime's fused MultiHeadAttention
     (`basinguard.engine.fusion`); `fused_attention` counts the rewritten attentions (0: the file as it is).
@@ -197,30 +200,44 @@ class OrtModel:
         self._fitted = {name for name, spec in self.inputs.items() if spec.takes_one}
         self.static_shapes = static_shapes and self.provider == "cpu"
         self._source = source if self.static_shapes else None  # a fused model's bytes: kept only to build more sessions
-        self.sessions = [self.session]  # every session this model has opened (benchmarks time them all)
-        self._by_shapes: dict[tuple, ort.InferenceSession] = {}
-        self._calls: dict[tuple, int] = {}
+        self._by_shapes: OrderedDict[tuple, ort.InferenceSession] = OrderedDict()  # least recently used first
+        self._building = threading.Lock()  # two threads at a new shape set build one session, not two
+
+    @property
+    def sessions(self) -> list[ort.InferenceSession]:
+        """The dynamic session and the shape-specialised ones kept now (benchmarks time them all)."""
+        return [self.session, *self._by_shapes.values()]
 
     def _session_for(self, feed: dict[str, np.ndarray]) -> ort.InferenceSession:
         key = tuple(value.shape for value in feed.values())
         session = self._by_shapes.get(key)
         if session is not None:
+            try:
+                self._by_shapes.move_to_end(key)
+            except KeyError:  # another thread dropped it meanwhile: this call still runs on it
+                pass
             return session
-        calls = self._calls[key] = self._calls.get(key, 0) + 1
-        if calls < SPECIALISE_AFTER or len(self._by_shapes) >= MAX_SPECIALISED:
-            return self.session
-        dims: dict[str, int] = {}
+        with self._building:
+            session = self._by_shapes.get(key)
+            if session is None:
+                session = self._by_shapes[key] = self._specialised(feed)
+                while len(self._by_shapes) > MAX_SPECIALISED:
+                    self._by_shapes.popitem(last=False)
+        return session
+
+    def _specialised(self, feed: dict[str, np.ndarray]) -> ort.InferenceSession:
+        """A session with each dynamic axis fixed to its size in `feed`. An axis name with two sizes in one call
+        cannot be fixed: left dynamic (ORT then runs the call as the plain session would)."""
+        dims: dict[str, int | None] = {}
         for name, value in feed.items():
             for axis, size in zip(self.session_inputs[name].shape, value.shape):
-                if isinstance(axis, str) and dims.setdefault(axis, size) != size:
-                    return self.session  # one axis name with two sizes: nothing to fix it to
+                if isinstance(axis, str):
+                    dims[axis] = size if dims.get(axis, size) == size else None
         options = session_options(self.threads)
         for axis, size in dims.items():
-            options.add_free_dimension_override_by_name(axis, size)
-        session = ort.InferenceSession(self._source, options, providers=["CPUExecutionProvider"])
-        self._by_shapes[key] = session
-        self.sessions.append(session)
-        return session
+            if size is not None:
+                options.add_free_dimension_override_by_name(axis, size)
+        return ort.InferenceSession(self._source, options, providers=["CPUExecutionProvider"])
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {}

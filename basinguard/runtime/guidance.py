@@ -10,6 +10,7 @@ Every policy answers for a batch of N samples at once; every sample switches on 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from numbers import Real
 
 import numpy as np
 
@@ -42,6 +43,11 @@ class PolicyConfig:
     def validate(self, num_train_timesteps: int = 1000) -> None:
         if self.name not in (*POLICY_NAMES, "auto"):
             raise PolicyError(f"unknown policy {self.name!r}; choose one of {', '.join((*POLICY_NAMES, 'auto'))}")
+        for field in ("guidance_scale", "transition_t", "pre_scale", "opposite_scale", "detect_threshold"):
+            value = getattr(self, field)
+            if not (isinstance(value, Real) and not isinstance(value, bool)) and not (
+                    value is None and field in ("opposite_scale", "detect_threshold")):
+                raise PolicyError(f"{field} must be a number (got {value!r})")
         # NaN fails every comparison below, so each check is written to fail for it.
         if not 0 <= self.guidance_scale <= MAX_SCALE:
             raise PolicyError(f"guidance scale must be in [0, {MAX_SCALE:g}] (got {self.guidance_scale}); "

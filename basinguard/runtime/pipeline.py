@@ -31,6 +31,14 @@ from basinguard.runtime.schedulers import (
 from basinguard.runtime.tokenizer import PromptTokenizer
 
 PNG_TRACE_KEY = "basinguard"
+MAX_LATENT = 1e4  # |x_T| bound: standard normal noise stays within ±10; far beyond it the UNet overflows
+
+
+def _text_list(texts: object, name: str) -> list[str]:
+    """`texts` as a list of str: a bare string would otherwise be one prompt per character."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise InputError(f"{name} must be a list of strings, one per image (got {type(texts).__name__})")
+    return list(texts)
 
 
 class StageTimer:
@@ -183,12 +191,18 @@ class Pipeline:
         return np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
 
     def check_latents(self, latents: np.ndarray, count: int, sampling: SamplingConfig) -> None:
-        """Given x_T, one per image: (count, C, h, w) for this model at the (resolved) sampling's size."""
+        """Given x_T, one per image: a finite real array (count, C, h, w) for this model at the (resolved) sampling's
+        size."""
+        if not isinstance(latents, np.ndarray) or latents.dtype.kind not in "fiu":
+            what = f"{latents.dtype} array" if isinstance(latents, np.ndarray) else type(latents).__name__
+            raise InputError(f"latents must be a real numpy array (float32 preferred), not a {what}")
         f = self.folder.vae_scale_factor
         want = (count, self.folder.latent_channels, sampling.height // f, sampling.width // f)
         if latents.shape != want:
             raise InputError(f"latents have shape {latents.shape}; this model at {sampling.height}x{sampling.width} "
                              f"with {count} images needs {want}")
+        if not np.isfinite(latents).all() or np.abs(latents).max(initial=0) > MAX_LATENT:
+            raise InputError(f"latents must be finite and within ±{MAX_LATENT:g} (x_T is standard normal noise)")
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents → float32 images (N, H, W, 3) in [0, 1], with the VAE's own scaling (and shift)."""
@@ -204,6 +218,9 @@ class Pipeline:
         native_height, native_width = self.folder.default_image
         height = native_height if sampling.height is None else sampling.height
         width = native_width if sampling.width is None else sampling.width
+        for name, value in (("height", height), ("width", width), ("steps", sampling.steps)):
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise InputError(f"{name} must be an integer (got {value!r})")
         self.folder.check_size(height, width)
         sampling.policy.validate(self.folder.num_train_timesteps)
         try:  # the model's own scheduler by name, so traces and resumed jobs compare like with like
@@ -224,16 +241,21 @@ class Pipeline:
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seeds: Sequence[int] | None = None,
                  negative_prompts: Sequence[str] | None = None, latents: np.ndarray | None = None) -> list[Generation]:
         """One batch of N images, prompt i with seed i (or latents[i]); each image gets its own trace."""
+        prompts = _text_list(prompts, "prompts")
         n = len(prompts)
-        negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * n
+        negative_prompts = _text_list(negative_prompts, "negative_prompts") if negative_prompts is not None else [""] * n
         if n == 0 or len(negative_prompts) != n:
             raise InputError(f"need one or more prompts and as many negative prompts (got {n} and {len(negative_prompts)})")
+        if not isinstance(sampling, SamplingConfig) or not isinstance(sampling.policy, PolicyConfig):
+            raise InputError(f"sampling must be a SamplingConfig with a PolicyConfig policy (got {type(sampling).__name__})")
         sampling = self.resolve(sampling)
         scheduler = self.make_scheduler(sampling)
         if latents is None:
-            if seeds is None or len(seeds) != n:
-                raise InputError(f"need one seed per image ({n})")
+            if seeds is None or isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__") or len(seeds) != n:
+                raise InputError(f"need a list of one seed per image ({n})")
             latents = self.initial_latents(seeds, sampling.height, sampling.width)
+        elif seeds is not None:  # a trace would name a seed the image was not made from
+            raise InputError("give seeds or latents, not both")
         else:
             self.check_latents(latents, n, sampling)
         policy = make_policy(sampling.policy, n, self.folder.num_train_timesteps)
@@ -245,7 +267,8 @@ class Pipeline:
         # A NaN/inf (e.g. fp16 overflow) would otherwise become a black or garbage PNG without a word.
         check_finite(x, "the denoising loop (UNet outputs, or the latents given)")
         pixels = self.decode(x)
-        return [Generation(pixels[k], self._trace(k, prompts, negative_prompts, seeds, sampling, scheduler,
+        # Each image its own array: one kept image must not keep its whole batch alive.
+        return [Generation(pixels[k].copy(), self._trace(k, prompts, negative_prompts, seeds, sampling, scheduler,
                                                    policy, gap, scale)) for k in range(n)]
 
     def _trace(self, k: int, prompts, negative_prompts, seeds, sampling: SamplingConfig, scheduler: Scheduler,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700,
 # letter but is not one), so there it separates words and vanishes; `_clean_prompt` turns it into a space.
 # The one known divergence left: "'ſ" (long s after an apostrophe) is one piece there, two here.
 _SEPARATOR = "\u0345"
+
+
+_TRUNCATIONS_SHOWN: dict = {}  # warnings' registry for PromptTruncatedWarning (see `PromptTokenizer.encode`)
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -350,8 +354,15 @@ class PromptTokenizer:
             ids = self.tokenize(prompt)
             if len(ids) > room:
                 head = prompt if len(prompt) <= 40 else prompt[:40] + "…"  # the text, not its row in [e_∅; e_p]
-                warnings.warn(f"prompt {head!r} has {len(ids)} tokens but the text encoder takes {room}; dropped: "
-                              f"{self.decode(ids[room:])!r}", PromptTruncatedWarning, stacklevel=2)
+                message = (f"prompt {head!r} has {len(ids)} tokens but the text encoder takes {room}; dropped: "
+                           f"{self.decode(ids[room:])!r}")
+                # As warnings.warn(stacklevel=2) would, each text once, but with a registry of our own that is
+                # bounded: warnings.warn keeps every distinct text for good, and a service cuts many prompts.
+                if len(_TRUNCATIONS_SHOWN) > 1024:
+                    _TRUNCATIONS_SHOWN.clear()
+                caller = sys._getframe(1)
+                warnings.warn_explicit(message, PromptTruncatedWarning, caller.f_code.co_filename, caller.f_lineno,
+                                       module=caller.f_globals.get("__name__"), registry=_TRUNCATIONS_SHOWN)
                 ids = ids[:room]
             out[row, : len(ids) + 2] = [self.bos_id, *ids, self.eos_id]
         return out
