@@ -150,7 +150,13 @@ def read_latents(path: str, num_images: int) -> np.ndarray:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, SpecChecker, calibration_warnings, model_identity
+    from basinguard.runtime.batch import (
+        MAX_IMAGES_PER_LINE,
+        SpecChecker,
+        accepted_model_ids,
+        calibration_warnings,
+        model_identity,
+    )
     from basinguard.runtime.pipeline import Pipeline
 
     if not 1 <= args.num_images <= MAX_IMAGES_PER_LINE:
@@ -178,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         checker.check_latents(latents, len(latents), resolved)
     if calib is not None:
         for warning in calibration_warnings(Path(args.detect_calibration), calib, [(1, resolved, args.negative_prompt)],
-                                            model_identity(model)["id"]):
+                                            accepted_model_ids(model_identity(model))):
             print(f"basinguard generate: warning: {warning}", file=sys.stderr)
     pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     seeds = [args.seed + k for k in range(n)]
@@ -303,8 +309,20 @@ def cmd_batch(args: argparse.Namespace) -> None:
     print(summary.format())
 
 
+def _negative_prompt_record(negative_prompts: list[str]) -> bool | str:
+    """A calibration's record of its negative prompts: True (every line had one), False (none) or "some"."""
+    given = sum(bool(n) for n in negative_prompts)
+    return given == len(negative_prompts) if given in (0, len(negative_prompts)) else "some"
+
+
 def cmd_detect(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import calibration_warnings, check_settings, model_identity, read_prompts
+    from basinguard.runtime.batch import (
+        accepted_model_ids,
+        calibration_warnings,
+        check_settings,
+        model_identity,
+        read_prompts,
+    )
     from basinguard.runtime.detection import calibrate, detection_scores
     from basinguard.runtime.pipeline import Pipeline
 
@@ -344,7 +362,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
         if calib is not None:
             settings = [(t.line, t.sampling, t.negative_prompt) for t in first]
             for warning in calibration_warnings(Path(args.detect_calibration), calib, settings,
-                                                model_identity(model)["id"]):
+                                                accepted_model_ids(model_identity(model))):
                 print(f"basinguard detect: warning: {warning}", file=sys.stderr)
         # Lines may set their own steps, scheduler or guidance scale (as in batch); every line is scored on the
         # same seeds, so that scores compare across prompts.
@@ -378,7 +396,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     result |= {"detect_steps": args.detect_steps, "seeds": args.seeds, "seed": args.seed, "steps": resolved.steps,
                "scheduler": resolved.scheduler, "height": resolved.height, "width": resolved.width, "guidance_scale": resolved.policy.guidance_scale,
                "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": model_identity(model),
-               "negative_prompts": any(t.negative_prompt for t in (*memorized, *normal))}
+               "negative_prompts": _negative_prompt_record([t.negative_prompt for t in (*memorized, *normal)])}
     write_atomic(calibration_out, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     print(f"AUC {result['auc']:.4f}  TPR {result['tpr']:.4f} at FPR {result['fpr']:.4f} (target {args.fpr})  "
           f"threshold {result['threshold']:.6g}  ({len(pos)} memorized, {len(neg)} normal prompts) -> {args.out}")

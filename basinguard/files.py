@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,13 +26,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def user_cache_dir() -> Path:
+def user_cache_dir() -> Path | None:
     """Caches of derived data that outlive a job: $BASINGUARD_CACHE_DIR, else $XDG_CACHE_HOME/basinguard, else
-    ~/.cache/basinguard."""
-    env = os.environ.get("BASINGUARD_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "basinguard"
+    ~/.cache/basinguard; None where there is no home to put it in (a container user without one)."""
+    if os.environ.get("BASINGUARD_CACHE_DIR"):
+        return Path(os.environ["BASINGUARD_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "basinguard"
+    try:
+        return Path.home() / ".cache" / "basinguard"
+    except RuntimeError:  # no $HOME and no passwd entry
+        return None
+
+
+def digest_memo() -> Path | None:
+    """The one memo of model-file hashes (`file_digests`), shared by model identities and TensorRT plan keys."""
+    cache = user_cache_dir()
+    return None if cache is None else cache / "file-digests.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -42,32 +53,50 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stamp(st: os.stat_result) -> list[int]:
+    """What says a file is unchanged since it was hashed: size, mtime and ctime (which, unlike mtime, no tool can
+    set back: cp -p, rsync -a and tar keep old mtimes), inode and device."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _read_memo(memo: Path) -> dict:
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):  # missing, unreadable or corrupt: it only costs hashing
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+_memo_warned: set[Path] = set()
+
+
 def file_digests(paths: Sequence[Path], memo: Path | None = None) -> list[str]:
-    """Each file's sha256. `memo` (a JSON file) remembers them by resolved path, size and mtime, so a multi-GB
-    model file is read once per change, not on every load; an unreadable or unwritable memo only costs hashing."""
-    known: dict = {}
-    if memo is not None and memo.is_file():
-        try:
-            known = json.loads(memo.read_text())
-        except (OSError, ValueError):
-            known = {}
-    if not isinstance(known, dict):
-        known = {}
-    digests, changed = [], False
+    """Each file's sha256. `memo` (a JSON file) remembers them by resolved path and `_stamp`, so a multi-GB model
+    file is read once per change, not on every load. Entries are merged under a lock, so processes hashing other
+    files at the same time keep each other's; a memo that cannot be read or written only costs hashing (said once)."""
+    known = _read_memo(memo) if memo is not None else {}
+    digests, new = [], {}
     for path in paths:
-        st = Path(path).stat()
+        stamp = _stamp(Path(path).stat())
         key = str(Path(path).resolve())
         entry = known.get(key)
-        if not isinstance(entry, dict) or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
-            entry = known[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
-            changed = True
-        digests.append(entry["sha256"])
-    if memo is not None and changed:
-        known = {k: v for k, v in known.items() if Path(k).exists()}  # forget files that are gone
+        sha = entry.get("sha256") if isinstance(entry, dict) and entry.get("stamp") == stamp else None
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            sha = sha256_file(path)
+            new[key] = {"stamp": stamp, "sha256": sha}
+        digests.append(sha)
+    if memo is not None and new:
         try:
-            write_atomic(memo, json.dumps(known, indent=1).encode())
-        except OSError:
-            pass
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            with open(memo.with_name(memo.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                merged = {k: v for k, v in _read_memo(memo).items() if Path(k).exists()} | new  # drop files gone
+                write_atomic(memo, json.dumps(merged, indent=1).encode())
+        except OSError as exc:
+            if memo not in _memo_warned:
+                _memo_warned.add(memo)
+                warnings.warn(f"cannot write the file-hash cache {memo} ({exc.strerror or exc}); model files are "
+                              "hashed again on every job (set BASINGUARD_CACHE_DIR to a writable folder)", stacklevel=2)
     return digests
 
 

@@ -415,7 +415,84 @@ def test_model_identity_ignores_caches_written_beside_the_model(tiny_onnx_dir, t
     weights.write_bytes(bytes(data))
     changed = model_identity(moved)["id"]
     assert changed != before
-    assert model_identity(moved)["id"] == changed  # memoised hashes give the same answer
+    for part in ("tokenizer", "scheduler"):  # the tokenizer and the scheduler make the images too
+        config = next(f for f in sorted((moved / part).iterdir()) if f.suffix in (".json", ".txt"))
+        config.write_text(config.read_text() + " ")
+        assert model_identity(moved)["id"] != changed
+        changed = model_identity(moved)["id"]
+
+
+def test_model_identity_memo_is_used_and_never_trusted_blindly(tiny_onnx_dir, tmp_path, monkeypatch):
+    from basinguard import files
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_onnx_dir, model)
+    hashed: list[Path] = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    monkeypatch.setenv("BASINGUARD_CACHE_DIR", str(tmp_path / "cache"))
+    want = model_identity(model)["id"]
+    assert len(hashed) > 3
+    hashed.clear()
+    assert model_identity(model)["id"] == want and hashed == []  # unchanged files: hashes from the memo
+    memo = tmp_path / "cache" / "file-digests.json"
+    entries = json.loads(memo.read_text())
+    unet = str((model / "unet" / "model.onnx").resolve())
+    for damaged in ({**entries[unet], "sha256": None}, {"stamp": entries[unet]["stamp"]}, "junk"):
+        memo.write_text(json.dumps({**entries, unet: damaged}))
+        assert model_identity(model)["id"] == want  # a damaged entry is hashed again, not believed
+    memo.write_text("{not json")
+    assert model_identity(model)["id"] == want
+    # Content changed, size and mtime put back (as cp -p or tar would): the ctime still tells.
+    weights = model / "unet" / "model.onnx"
+    stat, data = weights.stat(), bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size and model_identity(model)["id"] != want
+
+
+def test_model_identity_without_a_usable_cache(tiny_onnx_dir, tmp_path, monkeypatch):
+    from basinguard import files
+
+    want = model_identity(tiny_onnx_dir)["id"]
+    for name in ("BASINGUARD_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert files.user_cache_dir() is None and model_identity(tiny_onnx_dir)["id"] == want  # a container user
+    monkeypatch.setenv("BASINGUARD_CACHE_DIR", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("")  # a cache that cannot be made: hashing still works, said once
+    with pytest.warns(UserWarning, match="cannot write the file-hash cache"):
+        assert model_identity(tiny_onnx_dir)["id"] == want
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model_identity(tiny_onnx_dir)["id"] == want
+
+
+def test_jobs_recorded_with_the_former_file_time_ids_still_resume(tiny_onnx_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_onnx_dir, model)
+    prompts, out, _ = finished_job(model, tmp_path, "a red cat\n")
+    args = batch_args(model, prompts, out, "--steps", "3")
+
+    def former_id() -> str:  # what basinguard recorded before content ids, restated here
+        h = hashlib.sha256((model / "basinguard.json").read_bytes() if (model / "basinguard.json").is_file() else b"")
+        for part in ("text_encoder", "unet", "vae_decoder"):
+            names = sorted(f.name for f in (model / part).iterdir() if f.is_file() and not f.name.startswith(".")
+                           and f.suffix != ".json" and f.name != f"model{FUSED_SUFFIX}" and f.name != "model.onnx")
+            for name in ["model.onnx", *names, *sorted(f.name for f in (model / part).glob("*.json"))]:
+                st = (model / part / name).stat()
+                h.update(f"{part}/{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+    manifest = out / "manifest.jsonl"
+    entry = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**entry, "model": {**entry["model"], "id": former_id()}}) + "\n")
+    assert cli_main(args) == 0 and "1 already done" in capsys.readouterr().out
+    manifest.write_text(json.dumps({**entry, "model": {**entry["model"], "id": "0" * 16}}) + "\n")
+    assert cli_main(args) == 2 and "different model" in capsys.readouterr().err
 
 
 def test_a_deleted_png_is_made_again_and_listed_once(tiny_onnx_dir, tmp_path, capsys):

@@ -199,6 +199,15 @@ def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
     assert cli_main(["generate", "--prompt", PROMPTS[0], "--negative-prompt", "blurry", *common, "--policy", "auto",
                      "--detect-calibration", str(calib), "--out", str(tmp_path / "n.png")]) == 0
     assert "no negative prompt (here one)" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"  # calibrated on lines with and without: neither kind is warned about
+    mixed.write_text(json.dumps({"prompt": PROMPTS[3], "negative_prompt": "blurry"}) + "\n" + json.dumps({"prompt": PROMPTS[4]}) + "\n")
+    calib_mixed = tmp_path / "calib-mixed.json"
+    assert cli_main(["detect", "--calibrate", "--memorized", str(mem), "--normal", str(mixed), "--out",
+                     str(calib_mixed), *common]) == 0
+    assert json.loads(calib_mixed.read_text())["negative_prompts"] == "some"
+    capsys.readouterr()
+    assert cli_main(["detect", str(lines), *common, "--detect-calibration", str(calib_mixed)]) == 0
+    assert "negative" not in capsys.readouterr().err
 
     # A calibration over 2 steps x 2 seeds serves detect at 2 steps; other step counts and auto are refused.
     calib2 = tmp_path / "calib2.json"

@@ -46,19 +46,20 @@ def test_static_shapes_match_dynamic_session(tiny_onnx_dir: Path) -> None:
     assert (2, 4, 8, 8) in fixed and all(isinstance(d, int) for shape in fixed for d in shape)
 
 
-def test_static_shapes_are_bounded_least_recently_used_first_and_give_the_same_bits(tiny_onnx_dir: Path) -> None:
-    model = OrtModel(tiny_onnx_dir / "unet" / "model.onnx", threads=1, static_shapes=True)
+def test_static_shapes_are_bounded_and_each_shape_set_keeps_its_session(tiny_onnx_dir: Path) -> None:
+    path = tiny_onnx_dir / "unet" / "model.onnx"
+    model = OrtModel(path, threads=1, static_shapes=True)
     rng = np.random.default_rng(1)
     feeds = {batch: unet_inputs(model, batch, rng) for batch in range(1, MAX_SPECIALISED + 3)}
-    first = {}
-    for batch, feed in feeds.items():
-        first[batch] = model.run(feed)["out_sample"]
-        model.run(feeds[1])  # batch 1 stays in use: never the one dropped
+    first = {batch: model.run(feed)["out_sample"] for batch, feed in feeds.items()}
     assert len(model.sessions) == 1 + MAX_SPECIALISED
-    kept = {tuple(i.shape)[0] for s in model.sessions[1:] for i in s.get_inputs() if i.name == "sample"}
-    assert kept == {1, *range(MAX_SPECIALISED, MAX_SPECIALISED + 3)}  # batches 2 and 3, least recently used, dropped
-    # batch 2 again: its session is rebuilt, and an output depends on its shapes only, not on what ran before
-    np.testing.assert_array_equal(model.run(feeds[2])["out_sample"], first[2])
+    kept = {i.shape[0] for s in model.sessions[1:] for i in s.get_inputs() if i.name == "sample"}
+    assert kept == set(range(1, MAX_SPECIALISED + 1))  # the first shape sets seen; later ones run dynamic, always
+    for batch, feed in reversed(feeds.items()):  # whatever ran since, each shape set runs where it first ran
+        np.testing.assert_array_equal(model.run(feed)["out_sample"], first[batch])
+    assert len(model.sessions) == 1 + MAX_SPECIALISED
+    dynamic = OrtModel(path, threads=1)
+    np.testing.assert_array_equal(dynamic.run(feeds[MAX_SPECIALISED + 2])["out_sample"], first[MAX_SPECIALISED + 2])
 
 
 def test_two_threads_at_a_new_shape_build_one_session(tiny_onnx_dir: Path, monkeypatch) -> None:
@@ -95,6 +96,7 @@ def test_run_time_errors_name_the_model_file_and_the_inputs(tiny_onnx_dir: Path,
         message = str(caught.value)
         assert str(path) in message and "encoder_hidden_states (1, 77, 48) float32" in message
         assert "invalid dimensions" in message.lower() and "\n" not in message
+    assert len(model.sessions) == 1  # shapes that cannot run keep no specialised session
 
 
 # -------------------------------------------------------------------------------------------- model folder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +127,7 @@ def _preload_gpu_libraries() -> None:
             pass
 
 
-MAX_SPECIALISED = 4  # shape-specialised sessions kept per model (e.g. N and 2N for STP, at one or two sizes)
+MAX_SPECIALISED = 4  # shape-specialised sessions per model (e.g. N and 2N for STP, at one or two sizes)
 
 
 class OrtModel:
@@ -136,10 +135,11 @@ class OrtModel:
 
     `static_shapes` (CPU): the first call at a set of input shapes builds a session with every dynamic axis fixed
     to those shapes (ONNX Runtime's free-dimension overrides), so shape arithmetic is folded and buffers are
-    planned once; every call at those shapes runs on it, so outputs depend on the shapes only, never on what ran
-    before (the dynamic session's differ in the last bits). At most MAX_SPECIALISED are kept, the least recently
-    used one is dropped for a new shape set (and rebuilt if it comes back). Measured on this project's small
-    UNets: 10-20 % faster calls (benchmarks/compare.py), for ~0.5 s and one more copy of the weights per shape set.
+    planned once; every later call at those shapes runs on it, so an output never depends on whether its shapes
+    were seen before (the dynamic session's outputs differ in the last bits). The first MAX_SPECIALISED shape
+    sets get one; later ones run on the dynamic session, always (evicting would rebuild sessions, seconds each at
+    SD size, whenever more shape sets are in use). Measured on this project's small UNets: 10-20 % faster calls
+    (benchmarks/compare.py), for ~0.5 s and one more copy of the weights per shape set.
 
     `fuse_attention` (CPU): the exporter's decomposed attention runs as ONNX Runtime's fused MultiHeadAttention
     (`basinguard.engine.fusion`); `fused_attention` counts the rewritten attentions (0: the file as it is).
@@ -200,39 +200,35 @@ class OrtModel:
         self._fitted = {name for name, spec in self.inputs.items() if spec.takes_one}
         self.static_shapes = static_shapes and self.provider == "cpu"
         self._source = source if self.static_shapes else None  # a fused model's bytes: kept only to build more sessions
-        self._by_shapes: OrderedDict[tuple, ort.InferenceSession] = OrderedDict()  # least recently used first
+        self._by_shapes: dict[tuple, ort.InferenceSession] = {}  # the dynamic session where none is built
         self._building = threading.Lock()  # two threads at a new shape set build one session, not two
 
     @property
     def sessions(self) -> list[ort.InferenceSession]:
-        """The dynamic session and the shape-specialised ones kept now (benchmarks time them all)."""
-        return [self.session, *self._by_shapes.values()]
+        """The dynamic session and the shape-specialised ones (benchmarks time them all)."""
+        return [self.session, *(s for s in self._by_shapes.values() if s is not self.session)]
 
     def _session_for(self, feed: dict[str, np.ndarray]) -> ort.InferenceSession:
         key = tuple(value.shape for value in feed.values())
         session = self._by_shapes.get(key)
-        if session is not None:
-            try:
-                self._by_shapes.move_to_end(key)
-            except KeyError:  # another thread dropped it meanwhile: this call still runs on it
-                pass
-            return session
-        with self._building:
-            session = self._by_shapes.get(key)
-            if session is None:
-                session = self._by_shapes[key] = self._specialised(feed)
-                while len(self._by_shapes) > MAX_SPECIALISED:
-                    self._by_shapes.popitem(last=False)
+        if session is None:
+            with self._building:
+                session = self._by_shapes.get(key)
+                if session is None:
+                    session = self._by_shapes[key] = self._specialised(feed)
         return session
 
     def _specialised(self, feed: dict[str, np.ndarray]) -> ort.InferenceSession:
-        """A session with each dynamic axis fixed to its size in `feed`. An axis name with two sizes in one call
-        cannot be fixed: left dynamic (ORT then runs the call as the plain session would)."""
+        """A session with each dynamic axis fixed to its size in `feed`; the dynamic session where no axis can be
+        fixed (none, or one name with two sizes) or MAX_SPECIALISED are built already."""
         dims: dict[str, int | None] = {}
         for name, value in feed.items():
             for axis, size in zip(self.session_inputs[name].shape, value.shape):
                 if isinstance(axis, str):
                     dims[axis] = size if dims.get(axis, size) == size else None
+        built = sum(s is not self.session for s in self._by_shapes.values())
+        if built >= MAX_SPECIALISED or all(size is None for size in dims.values()):
+            return self.session
         options = session_options(self.threads)
         for axis, size in dims.items():
             if size is not None:
@@ -264,6 +260,8 @@ class OrtModel:
         except EngineError:
             raise
         except Exception as exc:  # ORT's own types (InvalidArgument, Fail...): shapes that do not fit, a bad kernel
+            if self.static_shapes:  # shapes that fail to run do not keep a session (nor its slot)
+                self._by_shapes.pop(tuple(value.shape for value in feed.values()), None)
             shapes = ", ".join(f"{name} {tuple(value.shape)} {value.dtype}" for name, value in feed.items())
             raise EngineError(f"{self.name}: ONNX Runtime could not run {self.path} on inputs ({shapes}): "
                               f"{_first_line(exc)}") from None

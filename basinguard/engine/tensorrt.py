@@ -41,7 +41,7 @@ import numpy as np
 
 from basinguard.engine.base import EngineError, TensorSpec, conform
 from basinguard.engine.fusion import is_fusion_cache
-from basinguard.files import file_digests, sha256_file, write_atomic
+from basinguard.files import digest_memo, file_digests, sha256_file, write_atomic
 
 ENGINE_DIR_ENV = "BASINGUARD_ENGINE_DIR"  # where plans live; default: ONNX_DIR/tensorrt
 CUDA_GRAPH_ENV = "BASINGUARD_CUDA_GRAPH"  # "1": capture CUDA graphs when a plan is static
@@ -257,7 +257,8 @@ def onnx_files(onnx_path: Path) -> list[Path]:
 
 
 def onnx_digest(onnx_path: Path, memo: Path | None = None) -> str:
-    """sha256 over the ONNX file and its external data (`onnx_files`); `memo`: see `files.file_digests`."""
+    """sha256 over the ONNX file and its external data (`onnx_files`); `memo`: see `files.file_digests` (callers
+    pass `files.digest_memo()`, shared with model identities)."""
     files = onnx_files(onnx_path)
     h = hashlib.sha256()
     for path, digest in zip(files, file_digests(files, memo)):
@@ -593,7 +594,7 @@ def build_plan(onnx_path: Path, role: str, profiles: Sequence[RoleProfile], spec
         raise EngineError(f"model file not found: {onnx_path}")
     env = env or engine_env()
     precision = precision_for(role, spec)
-    fields = key_fields(role, onnx_digest(onnx_path, cache_dir / "digests.json"), env, profiles, precision, spec)
+    fields = key_fields(role, onnx_digest(onnx_path, digest_memo()), env, profiles, precision, spec)
     key = plan_key(fields)
     plan, sidecar = plan_paths(cache_dir, role, key)
     ranges = "; ".join(p.describe() for p in profiles)
@@ -905,7 +906,7 @@ def load_tensorrt(path: Path, threads: int | None = None):  # -> LoadedModel
     problem, plan_problem, record = native_problem(), None, None
     # No sidecar for this role, no plans and no profiles: skip hashing the ONNX file (seconds for a full-size UNet).
     sidecars = cache.is_dir() and any(cache.glob(f"{role}-*.json"))
-    sha = onnx_digest(path, cache / "digests.json") if sidecars else None
+    sha = onnx_digest(path, digest_memo()) if sidecars else None
     if problem is None:
         try:
             env = engine_env()

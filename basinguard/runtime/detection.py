@@ -130,8 +130,9 @@ def load_calibration(path: Path, detect_steps: int | None = None) -> dict:
     return calib
 
 
-def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_id: str, negative_prompt: str = "") -> list[str]:
-    """What differs between a calibration and a resolved sampling on a model (`model_identity(...)["id"]`), among
+def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_ids: set[str],
+                         negative_prompt: str = "") -> list[str]:
+    """What differs between a calibration and a resolved sampling on a model (`accepted_model_ids`), among
     what d at step 0 depends on: the model's files, the image size and step 0's timestep (steps and scheduler) — not
     λ, except for a calibration over more steps, whose later steps follow CFG at λ. The model is compared by
     `model_identity` (the files' content: a copied folder is the same model). A negative prompt takes e_∅'s place
@@ -143,10 +144,10 @@ def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_id: str, n
         here["guidance_scale"] = sampling.policy.guidance_scale
     differ = [f"{name} {calib[name]} (here {value})" for name, value in here.items()
               if name in calib and calib[name] != value]
-    if isinstance(calib.get("negative_prompts"), bool) and calib["negative_prompts"] != bool(negative_prompt):
+    if isinstance(calib.get("negative_prompts"), bool) and calib["negative_prompts"] != bool(negative_prompt):  # not "some"
         differ.append("negative prompts (here none)" if calib["negative_prompts"] else
                       "no negative prompt (here one)")
     recorded = calib.get("model")
-    if isinstance(recorded, dict) and recorded.get("id") not in (None, model_id):
-        differ.append(f"model {recorded.get('path')} (other files, or copies of them)")
+    if isinstance(recorded, dict) and recorded.get("id") is not None and recorded.get("id") not in model_ids:
+        differ.append(f"model {recorded.get('path')} (other model files)")
     return differ
