@@ -90,7 +90,8 @@ def file_digests(paths: Sequence[Path], memo: Path | None = None) -> list[str]:
             memo.parent.mkdir(parents=True, exist_ok=True)
             with open(memo.with_name(memo.name + ".lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                merged = {k: v for k, v in _read_memo(memo).items() if Path(k).exists()} | new  # drop files gone
+                # drop files gone (os.path.exists: False, not an error, for paths that cannot be checked)
+                merged = {k: v for k, v in _read_memo(memo).items() if os.path.exists(k)} | new
                 write_atomic(memo, json.dumps(merged, indent=1).encode())
         except OSError as exc:
             if memo not in _memo_warned:

@@ -443,6 +443,9 @@ def test_model_identity_memo_is_used_and_never_trusted_blindly(tiny_onnx_dir, tm
         assert model_identity(model)["id"] == want  # a damaged entry is hashed again, not believed
     memo.write_text("{not json")
     assert model_identity(model)["id"] == want
+    memo.write_text(json.dumps({"/no\u0000such/file": {"stamp": [1], "sha256": "0" * 64}, "/" + "x" * 300: {}}))
+    assert model_identity(model)["id"] == want  # keys that cannot even be checked are dropped, not fatal
+    assert unet in json.loads(memo.read_text())
     # Content changed, size and mtime put back (as cp -p or tar would): the ctime still tells.
     weights = model / "unet" / "model.onnx"
     stat, data = weights.stat(), bytearray(weights.read_bytes())
@@ -491,8 +494,9 @@ def test_jobs_recorded_with_the_former_file_time_ids_still_resume(tiny_onnx_dir,
     entry = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**entry, "model": {**entry["model"], "id": former_id()}}) + "\n")
     assert cli_main(args) == 0 and "1 already done" in capsys.readouterr().out
-    manifest.write_text(json.dumps({**entry, "model": {**entry["model"], "id": "0" * 16}}) + "\n")
-    assert cli_main(args) == 2 and "different model" in capsys.readouterr().err
+    for other in ("0" * 16, ["a", "list"], None):  # hand-edited ids: another model, one line, no traceback
+        manifest.write_text(json.dumps({**entry, "model": {**entry["model"], "id": other}}) + "\n")
+        assert cli_main(args) == 2 and "different model" in capsys.readouterr().err
 
 
 def test_a_deleted_png_is_made_again_and_listed_once(tiny_onnx_dir, tmp_path, capsys):

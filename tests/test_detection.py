@@ -177,6 +177,9 @@ def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "steps 5 (here 4)" in err and f"width {width + 8} (here {width})" in err and "model /elsewhere" in err
     assert "height" not in err and "scheduler" not in err and "every line" in err
+    calib.write_text(json.dumps(dict(c, model={"path": "/edited", "id": ["not", "an", "id"]})))
+    assert cli_main(["detect", str(mem), *common, "--detect-calibration", str(calib)]) == 0
+    assert "model /edited (other model files)" in capsys.readouterr().err
 
     # A line's own steps differ from the calibration's even where the job's flags match it: that line is named.
     calib.write_text(json.dumps(c))

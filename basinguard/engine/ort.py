@@ -135,10 +135,11 @@ class OrtModel:
 
     `static_shapes` (CPU): the first call at a set of input shapes builds a session with every dynamic axis fixed
     to those shapes (ONNX Runtime's free-dimension overrides), so shape arithmetic is folded and buffers are
-    planned once; every later call at those shapes runs on it, so an output never depends on whether its shapes
-    were seen before (the dynamic session's outputs differ in the last bits). The first MAX_SPECIALISED shape
-    sets get one; later ones run on the dynamic session, always (evicting would rebuild sessions, seconds each at
-    SD size, whenever more shape sets are in use). Measured on this project's small UNets: 10-20 % faster calls
+    planned once; every later call at those shapes runs on it, so within a process an output never depends on
+    whether its shapes were seen before (the dynamic session's outputs differ in the last bits). The first
+    MAX_SPECIALISED shape sets get one; later ones run on the dynamic session, always (evicting would rebuild
+    sessions, seconds each at SD size, whenever more shape sets are in use), so across processes an output is the
+    same where the same shape sets came first (a CLI job's few shapes always do). Measured on this project's small UNets: 10-20 % faster calls
     (benchmarks/compare.py), for ~0.5 s and one more copy of the weights per shape set.
 
     `fuse_attention` (CPU): the exporter's decomposed attention runs as ONNX Runtime's fused MultiHeadAttention
@@ -206,7 +207,7 @@ class OrtModel:
     @property
     def sessions(self) -> list[ort.InferenceSession]:
         """The dynamic session and the shape-specialised ones (benchmarks time them all)."""
-        return [self.session, *(s for s in self._by_shapes.values() if s is not self.session)]
+        return [self.session, *(s for s in list(self._by_shapes.values()) if s is not self.session)]
 
     def _session_for(self, feed: dict[str, np.ndarray]) -> ort.InferenceSession:
         key = tuple(value.shape for value in feed.values())
@@ -215,6 +216,8 @@ class OrtModel:
             with self._building:
                 session = self._by_shapes.get(key)
                 if session is None:
+                    if len(self._by_shapes) > 256:  # shape sets run dynamic: forget them rather than grow
+                        self._by_shapes = {k: v for k, v in self._by_shapes.items() if v is not self.session}
                     session = self._by_shapes[key] = self._specialised(feed)
         return session
 
@@ -260,8 +263,9 @@ class OrtModel:
         except EngineError:
             raise
         except Exception as exc:  # ORT's own types (InvalidArgument, Fail...): shapes that do not fit, a bad kernel
-            if self.static_shapes:  # shapes that fail to run do not keep a session (nor its slot)
-                self._by_shapes.pop(tuple(value.shape for value in feed.values()), None)
+            if self.static_shapes:  # shapes that fail to run keep no session (nor its slot), and build none again
+                with self._building:
+                    self._by_shapes[tuple(value.shape for value in feed.values())] = self.session
             shapes = ", ".join(f"{name} {tuple(value.shape)} {value.dtype}" for name, value in feed.items())
             raise EngineError(f"{self.name}: ONNX Runtime could not run {self.path} on inputs ({shapes}): "
                               f"{_first_line(exc)}") from None

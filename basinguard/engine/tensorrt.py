@@ -258,7 +258,7 @@ def onnx_files(onnx_path: Path) -> list[Path]:
 
 def onnx_digest(onnx_path: Path, memo: Path | None = None) -> str:
     """sha256 over the ONNX file and its external data (`onnx_files`); `memo`: see `files.file_digests` (callers
-    pass `files.digest_memo()`, shared with model identities)."""
+    pass `files.digest_memo()`, shared with model identities, else a memo beside the plans)."""
     files = onnx_files(onnx_path)
     h = hashlib.sha256()
     for path, digest in zip(files, file_digests(files, memo)):
@@ -594,7 +594,7 @@ def build_plan(onnx_path: Path, role: str, profiles: Sequence[RoleProfile], spec
         raise EngineError(f"model file not found: {onnx_path}")
     env = env or engine_env()
     precision = precision_for(role, spec)
-    fields = key_fields(role, onnx_digest(onnx_path, digest_memo()), env, profiles, precision, spec)
+    fields = key_fields(role, onnx_digest(onnx_path, digest_memo() or cache_dir / "digests.json"), env, profiles, precision, spec)
     key = plan_key(fields)
     plan, sidecar = plan_paths(cache_dir, role, key)
     ranges = "; ".join(p.describe() for p in profiles)
@@ -906,7 +906,7 @@ def load_tensorrt(path: Path, threads: int | None = None):  # -> LoadedModel
     problem, plan_problem, record = native_problem(), None, None
     # No sidecar for this role, no plans and no profiles: skip hashing the ONNX file (seconds for a full-size UNet).
     sidecars = cache.is_dir() and any(cache.glob(f"{role}-*.json"))
-    sha = onnx_digest(path, digest_memo()) if sidecars else None
+    sha = onnx_digest(path, digest_memo() or cache / "digests.json") if sidecars else None
     if problem is None:
         try:
             env = engine_env()

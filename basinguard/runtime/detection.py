@@ -148,6 +148,7 @@ def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_ids: set[s
         differ.append("negative prompts (here none)" if calib["negative_prompts"] else
                       "no negative prompt (here one)")
     recorded = calib.get("model")
-    if isinstance(recorded, dict) and recorded.get("id") is not None and recorded.get("id") not in model_ids:
+    recorded_id = recorded.get("id") if isinstance(recorded, dict) else None
+    if recorded_id is not None and not (isinstance(recorded_id, str) and recorded_id in model_ids):
         differ.append(f"model {recorded.get('path')} (other model files)")
     return differ
