@@ -150,13 +150,9 @@ def read_latents(path: str, num_images: int) -> np.ndarray:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import (
-        MAX_IMAGES_PER_LINE,
-        SpecChecker,
-        accepted_model_ids,
-        calibration_warnings,
-        model_identity,
-    )
+    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, SpecChecker
+    from basinguard.runtime.detection import calibration_warnings
+    from basinguard.runtime.model_folder import accepted_model_ids, model_identity
     from basinguard.runtime.pipeline import Pipeline
 
     if not 1 <= args.num_images <= MAX_IMAGES_PER_LINE:
@@ -316,14 +312,9 @@ def _negative_prompt_record(negative_prompts: list[str]) -> bool | str:
 
 
 def cmd_detect(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import (
-        accepted_model_ids,
-        calibration_warnings,
-        check_settings,
-        model_identity,
-        read_prompts,
-    )
-    from basinguard.runtime.detection import calibrate, detection_scores
+    from basinguard.runtime.batch import check_settings, read_prompts
+    from basinguard.runtime.detection import calibrate, calibration_warnings, detection_scores
+    from basinguard.runtime.model_folder import accepted_model_ids, model_identity
     from basinguard.runtime.pipeline import Pipeline
 
     if args.calibrate:

@@ -43,7 +43,6 @@ from basinguard.runtime.batch import (
     hold_worker_lock,
     load_job,
     merge_parts,
-    model_identity,
     output_lock,
     pack,
     prepare_output,
@@ -53,6 +52,7 @@ from basinguard.runtime.batch import (
     warn_other_engines,
     write_batch,
 )
+from basinguard.runtime.model_folder import model_identity
 
 LOCAL = "local"  # `--ray` without an address
 # The labels a provider's images carry (the driver loads no model to ask): tensorrt is native or ONNX Runtime's EP.

@@ -26,12 +26,12 @@ from basinguard.runtime.batch import (
     SpecChecker,
     derive_seed,
     generate_batch,
-    model_identity,
     pack,
     read_prompts,
     run_batch,
 )
 from basinguard.runtime.guidance import PolicyConfig
+from basinguard.runtime.model_folder import model_identity
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
 
 STEPS = 20

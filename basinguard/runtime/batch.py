@@ -49,10 +49,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from basinguard.errors import BasinguardError
-from basinguard.files import digest_memo, file_digests, fsync_dir, lock_held, temporary_files, write_atomic
-from basinguard.runtime.detection import calibration_mismatch
+from basinguard.files import fsync_dir, lock_held, temporary_files, write_atomic
+from basinguard.runtime.detection import calibration_warnings
 from basinguard.runtime.guidance import make_policy, setting_problem
-from basinguard.runtime.model_folder import ModelFolder
+from basinguard.runtime.model_folder import ModelFolder, accepted_model_ids, model_identity
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import Scheduler
 from basinguard.runtime.tokenizer import PromptTokenizer
@@ -571,50 +571,6 @@ def warn_other_engines(out_dir: Path, done: dict[str, dict], engines: set[str]) 
               f"{' or '.join(sorted(engines))}, whose images may differ from those in the last bits", file=sys.stderr)
 
 
-def _model_files(folder: Path) -> list[Path]:
-    """The files that make a model folder's images: basinguard.json, each part's ONNX files (with external data)
-    and JSON configs, the scheduler config and the tokenizer. Not caches a backend writes beside them, such as the
-    CPU's fused-attention graph, or a CPU run would make every earlier job on the folder "another model"."""
-    from basinguard.engine.tensorrt import onnx_files  # the same rule the TensorRT plan key uses
-
-    files = [folder / "basinguard.json"]
-    for part in ("text_encoder", "unet", "vae_decoder"):
-        files += [*onnx_files(folder / part / "model.onnx"), *sorted((folder / part).glob("*.json"))]
-    for part in ("scheduler", "tokenizer"):
-        files += sorted(p for p in (folder / part).glob("*") if not p.name.startswith("."))
-    return [f for f in files if f.is_file()]
-
-
-def model_identity(folder: Path) -> dict:
-    """A model folder's identity: its path, and a hash of its files' content (`_model_files`), so a copied, moved
-    or reinstalled folder is the same model and a re-exported one is not. File hashes are remembered in the user's
-    cache (`files.digest_memo`): a multi-GB UNet is read once per change."""
-    folder = Path(folder).resolve()
-    files = _model_files(folder)
-    h = hashlib.sha256()
-    for f, digest in zip(files, file_digests(files, digest_memo())):
-        h.update(f"{f.relative_to(folder).as_posix()}:{digest}\n".encode())
-    return {"path": str(folder), "id": h.hexdigest()[:16]}
-
-
-def accepted_model_ids(identity: dict) -> set[str]:
-    """The ids that name this model in manifests and calibrations: its own, and the one basinguard recorded before
-    ids were content hashes (basinguard.json's bytes and each part's file sizes and mtimes), so jobs and
-    calibrations made then still match while those files are untouched."""
-    from basinguard.engine.tensorrt import onnx_files
-
-    folder = Path(identity["path"])
-    h = hashlib.sha256()
-    if (folder / "basinguard.json").is_file():
-        h.update((folder / "basinguard.json").read_bytes())
-    for part in ("text_encoder", "unet", "vae_decoder"):
-        for f in (*onnx_files(folder / part / "model.onnx"), *sorted((folder / part).glob("*.json"))):
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{part}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return {identity["id"], h.hexdigest()[:16]}
-
-
 # ---------------------------------------------------------------------------------------------------- the job
 
 
@@ -738,27 +694,6 @@ def load_job(job: BatchJob, checker: Checker) -> PromptFile:
         for warning in calibration_warnings(*job.calibration, first, accepted_model_ids(model_identity(checker.folder.path))):
             print(f"basinguard batch: warning: {warning}", file=sys.stderr)
     return parsed
-
-
-def calibration_warnings(path: Path, calib: dict, settings: Sequence[tuple[int, SamplingConfig, str]],
-                         model_ids: set[str]) -> list[str]:
-    """One warning per distinct way the settings of prompt lines, (line, resolved sampling, negative prompt), differ
-    from a calibration's (`calibration_mismatch`), naming the lines: a line may override steps or scheduler, or add
-    a negative prompt, and its d at the first step may then differ. One setting (generate) names none."""
-    lines_by_difference: dict[tuple[str, ...], list[int]] = {}
-    for line, sampling, negative_prompt in settings:
-        difference = tuple(calibration_mismatch(calib, sampling, model_ids, negative_prompt))
-        if difference:
-            lines_by_difference.setdefault(difference, []).append(line)
-    warnings = []
-    for difference, lines in lines_by_difference.items():
-        if len(lines) == len(settings):
-            where = ", for every line" if len(settings) > 1 else ""
-        else:
-            where = f", for line{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:10]))}{' and more' * (len(lines) > 10)}"
-        warnings.append(f"{path} was calibrated with {', '.join(difference)}{where}: d may differ here, so its "
-                        "threshold may not fit")
-    return warnings
 
 
 def generate_batch(pipeline: Pipeline, batch: Sequence[ImageTask]) -> tuple[list[Generation], dict[str, float]]:

@@ -152,3 +152,24 @@ def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_ids: set[s
     if recorded_id is not None and not (isinstance(recorded_id, str) and recorded_id in model_ids):
         differ.append(f"model {recorded.get('path')} (other model files)")
     return differ
+
+
+def calibration_warnings(path: Path, calib: dict, settings: Sequence[tuple[int, SamplingConfig, str]],
+                         model_ids: set[str]) -> list[str]:
+    """One warning per distinct way the settings of prompt lines, (line, resolved sampling, negative prompt), differ
+    from a calibration's (`calibration_mismatch`), naming the lines: a line may override steps or scheduler, or add
+    a negative prompt, and its d at the first step may then differ. One setting (generate) names none."""
+    lines_by_difference: dict[tuple[str, ...], list[int]] = {}
+    for line, sampling, negative_prompt in settings:
+        difference = tuple(calibration_mismatch(calib, sampling, model_ids, negative_prompt))
+        if difference:
+            lines_by_difference.setdefault(difference, []).append(line)
+    warnings = []
+    for difference, lines in lines_by_difference.items():
+        if len(lines) == len(settings):
+            where = ", for every line" if len(settings) > 1 else ""
+        else:
+            where = f", for line{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:10]))}{' and more' * (len(lines) > 10)}"
+        warnings.append(f"{path} was calibrated with {', '.join(difference)}{where}: d may differ here, so its "
+                        "threshold may not fit")
+    return warnings

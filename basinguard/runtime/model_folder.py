@@ -1,12 +1,14 @@
-"""An exported model folder (ours or optimum's): its parts, configs and sampling defaults."""
+"""An exported model folder (ours or optimum's): its parts, configs, sampling defaults and identity (by content)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from basinguard.files import digest_memo, file_digests
 from basinguard.runtime.errors import InputError, ModelFolderError
 
 REQUIRED = ("text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx", "tokenizer",
@@ -158,3 +160,47 @@ class ModelFolder:
             if value % m or not m <= value <= MAX_SIDE:
                 raise InputError(f"{side} {value} not allowed: must be a multiple of {m} in [{m}, {MAX_SIDE}] "
                                        f"for this model (its native size is {self.default_size})")
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """The files that make a model folder's images: basinguard.json, each part's ONNX files (with external data)
+    and JSON configs, the scheduler config and the tokenizer. Not caches a backend writes beside them, such as the
+    CPU's fused-attention graph, or a CPU run would make every earlier job on the folder "another model"."""
+    from basinguard.engine.tensorrt import onnx_files  # the same rule the TensorRT plan key uses
+
+    files = [folder / "basinguard.json"]
+    for part in ("text_encoder", "unet", "vae_decoder"):
+        files += [*onnx_files(folder / part / "model.onnx"), *sorted((folder / part).glob("*.json"))]
+    for part in ("scheduler", "tokenizer"):
+        files += sorted(p for p in (folder / part).glob("*") if not p.name.startswith("."))
+    return [f for f in files if f.is_file()]
+
+
+def model_identity(folder: Path) -> dict:
+    """A model folder's identity: its path, and a hash of its files' content (`_model_files`), so a copied, moved
+    or reinstalled folder is the same model and a re-exported one is not. File hashes are remembered in the user's
+    cache (`files.digest_memo`): a multi-GB UNet is read once per change."""
+    folder = Path(folder).resolve()
+    files = _model_files(folder)
+    h = hashlib.sha256()
+    for f, digest in zip(files, file_digests(files, digest_memo())):
+        h.update(f"{f.relative_to(folder).as_posix()}:{digest}\n".encode())
+    return {"path": str(folder), "id": h.hexdigest()[:16]}
+
+
+def accepted_model_ids(identity: dict) -> set[str]:
+    """The ids that name this model in manifests and calibrations: its own, and the one basinguard recorded before
+    ids were content hashes (basinguard.json's bytes and each part's file sizes and mtimes), so jobs and
+    calibrations made then still match while those files are untouched."""
+    from basinguard.engine.tensorrt import onnx_files
+
+    folder = Path(identity["path"])
+    h = hashlib.sha256()
+    if (folder / "basinguard.json").is_file():
+        h.update((folder / "basinguard.json").read_bytes())
+    for part in ("text_encoder", "unet", "vae_decoder"):
+        for f in (*onnx_files(folder / part / "model.onnx"), *sorted((folder / part).glob("*.json"))):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{part}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return {identity["id"], h.hexdigest()[:16]}
