@@ -68,7 +68,9 @@ def main() -> int:
                   f"{1000 * row['job_overhead_s_per_image']:>20.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": str(pipe.folder.path), "provider": args.provider,
-                                               "steps": args.steps, "policy": args.policy, "results": rows}, indent=1))
+                                               "threads": args.threads, "static_shapes": args.static_shapes,
+                                               "steps": args.steps, "policy": args.policy, "images": args.images,
+                                               "date": time.strftime("%Y-%m-%d"), "results": rows}, indent=1))
     return 0
 
 
