@@ -336,6 +336,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     calibration_out = output_file(args.out, "--out", (".json",)) if args.calibrate else None
     calib = _calibrated_threshold(args, args.detect_steps, args.seeds)
     model = model_dir(args.model)
+    identity = model_identity(model)  # once: every file scored and the calibration written name it
     pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
     resolved = check_settings(sampling, pipe)
@@ -353,7 +354,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
         if calib is not None:
             settings = [(t.line, t.sampling, t.negative_prompt) for t in first]
             for warning in calibration_warnings(Path(args.detect_calibration), calib, settings,
-                                                accepted_model_ids(model_identity(model))):
+                                                accepted_model_ids(identity)):
                 print(f"basinguard detect: warning: {warning}", file=sys.stderr)
         # Lines may set their own steps, scheduler or guidance scale (as in batch); every line is scored on the
         # same seeds, so that scores compare across prompts.
@@ -386,7 +387,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
         raise BasinguardError(str(exc)) from None
     result |= {"detect_steps": args.detect_steps, "seeds": args.seeds, "seed": args.seed, "steps": resolved.steps,
                "scheduler": resolved.scheduler, "height": resolved.height, "width": resolved.width, "guidance_scale": resolved.policy.guidance_scale,
-               "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": model_identity(model),
+               "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": identity,
                "negative_prompts": _negative_prompt_record([t.negative_prompt for t in (*memorized, *normal)])}
     write_atomic(calibration_out, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     print(f"AUC {result['auc']:.4f}  TPR {result['tpr']:.4f} at FPR {result['fpr']:.4f} (target {args.fpr})  "

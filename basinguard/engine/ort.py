@@ -139,8 +139,8 @@ class OrtModel:
     whether its shapes were seen before (the dynamic session's outputs differ in the last bits). The first
     MAX_SPECIALISED shape sets get one; later ones run on the dynamic session, always (evicting would rebuild
     sessions, seconds each at SD size, whenever more shape sets are in use), so across processes an output is the
-    same where the same shape sets came first (a CLI job's few shapes always do). Measured on this project's small UNets: 10-20 % faster calls
-    (benchmarks/compare.py), for ~0.5 s and one more copy of the weights per shape set.
+    same where the same shape sets came first (a CLI job's few shapes always do). Measured on this project's small
+    UNets: 10-20 % faster calls (benchmarks/compare.py), for ~0.5 s and one more copy of the weights per shape set.
 
     `fuse_attention` (CPU): the exporter's decomposed attention runs as ONNX Runtime's fused MultiHeadAttention
     (`basinguard.engine.fusion`); `fused_attention` counts the rewritten attentions (0: the file as it is).

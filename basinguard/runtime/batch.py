@@ -52,7 +52,7 @@ from basinguard.errors import BasinguardError
 from basinguard.files import fsync_dir, lock_held, temporary_files, write_atomic
 from basinguard.runtime.detection import calibration_warnings
 from basinguard.runtime.guidance import make_policy, setting_problem
-from basinguard.runtime.model_folder import ModelFolder, accepted_model_ids, model_identity
+from basinguard.runtime.model_folder import ModelFolder, accepted_model_ids, model_identity, names_this_model
 from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import Scheduler
 from basinguard.runtime.tokenizer import PromptTokenizer
@@ -539,12 +539,7 @@ def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: P
     """Refuse to mix jobs: an image id already in the manifest must describe the same image, made by the same
     model (`model_identity`)."""
     ids = accepted_model_ids(model)
-    def made_here(entry: dict) -> bool:
-        recorded = entry.get("model")
-        recorded_id = recorded.get("id") if isinstance(recorded, dict) else None
-        return isinstance(recorded_id, str) and recorded_id in ids  # a hand-edited entry: another model
-
-    other_model = next((e for e in done.values() if not made_here(e)), None)
+    other_model = next((e for e in done.values() if not names_this_model(e.get("model"), ids)), None)
     if other_model is not None:  # even where no image id overlaps: one OUT_DIR, one model
         raise BatchError(f"{out_dir / MANIFEST} already has image {other_model['id']} made by a different model (its "
                          "files changed, or another --model); use a new OUT_DIR, or the model it was made with")

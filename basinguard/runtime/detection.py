@@ -22,6 +22,7 @@ import numpy as np
 
 from basinguard.errors import BasinguardError
 from basinguard.runtime.guidance import PolicyConfig, make_policy
+from basinguard.runtime.model_folder import names_this_model
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig, denoise
 from basinguard.runtime.schedulers import Scheduler
 
@@ -148,8 +149,7 @@ def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_ids: set[s
         differ.append("negative prompts (here none)" if calib["negative_prompts"] else
                       "no negative prompt (here one)")
     recorded = calib.get("model")
-    recorded_id = recorded.get("id") if isinstance(recorded, dict) else None
-    if recorded_id is not None and not (isinstance(recorded_id, str) and recorded_id in model_ids):
+    if isinstance(recorded, dict) and recorded.get("id") is not None and not names_this_model(recorded, model_ids):
         differ.append(f"model {recorded.get('path')} (other model files)")
     return differ
 

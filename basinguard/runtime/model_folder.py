@@ -204,3 +204,10 @@ def accepted_model_ids(identity: dict) -> set[str]:
                 st = f.stat()
                 h.update(f"{part}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return {identity["id"], h.hexdigest()[:16]}
+
+
+def names_this_model(recorded: object, ids: set[str]) -> bool:
+    """Whether a model identity recorded in a manifest entry or a calibration (`{"path": ..., "id": ...}`) names the
+    model of `ids` (`accepted_model_ids`); anything else, hand-edited ids included, names another model."""
+    recorded_id = recorded.get("id") if isinstance(recorded, dict) else None
+    return isinstance(recorded_id, str) and recorded_id in ids
