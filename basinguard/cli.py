@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
 from basinguard.errors import BasinguardError
-from basinguard.files import temporary_name_fits, write_atomic
-from basinguard.runtime.guidance import POLICY_NAMES, setting_problem
+from basinguard.files import temporary_files, temporary_name_fits, write_atomic
+from basinguard.runtime.guidance import POLICY_NAMES, PolicyConfig, setting_problem
+from basinguard.runtime.schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
     from basinguard.runtime.pipeline import Generation
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
-SCHEDULER_CHOICES = ("ddim", "dpm++2m", "euler", "pndm")
+SCHEDULER_CHOICES = tuple(SCHEDULERS)
+USEFUL_AUC = 0.7  # below it a calibration's threshold is little better than chance (0.5): warn
+DETECT_IGNORES = ("--policy", "--pre-scale", "--transition-t", "--opposite-scale", "--mitigation",
+                  "--latest-transition-t")
 FALLBACK_DEFAULTS = {"policy": "cfg", "guidance_scale": 7.5, "transition_t": 500, "pre_scale": 0.0,
                      "opposite_scale": None, "steps": 50, "scheduler": None}
 
@@ -93,10 +98,23 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opposite-scale", type=float, default=None, help="λ_og for og-*: s_pre = -λ_og (default: the model's, else λ as in Algorithm 1)")
     p.add_argument("--detect-threshold", type=float, default=None, help="auto: d at the first step (t = T) above this → mitigate")
     p.add_argument("--mitigation", choices=("stp", "dtp", "og-stp", "og-dtp"), default=None)
-    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None, help="default: the model's own")
+    p.add_argument("--latest-transition-t", type=int, default=None, metavar="T",
+                   help="dtp/og-dtp: an image whose d has had no local minimum by t <= T switches there "
+                   "(default: off, Algorithm 1: such an image never switches)")
+    p.add_argument("--long-prompts", choices=("truncate", "error"), default="truncate",
+                   help="a prompt longer than the text encoder takes: cut it and warn, naming the dropped words, "
+                   "as diffusers does (default), or refuse it")
+    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None,
+                   help="default: the model's own; -karras: Karras sigmas; euler-a: Euler ancestral (per-image noise)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--original-size", type=parse_pair, default=None, metavar="HxW",
+                   help="SDXL micro-conditioning: the size the image claims to come from (default: its own size)")
+    p.add_argument("--crops-coords-top-left", type=parse_pair, default=None, metavar="TOP,LEFT",
+                   help="SDXL micro-conditioning: the crop's top-left corner in pixels (default: 0,0)")
+    p.add_argument("--target-size", type=parse_pair, default=None, metavar="HxW",
+                   help="SDXL micro-conditioning: the size aimed at (default: the image's own size)")
 
 
 def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> SamplingConfig
@@ -115,14 +133,17 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> Sampling
         d.get("detect_threshold") if name == "auto" else None)
     policy = PolicyConfig(name=name, guidance_scale=pick("guidance_scale"), transition_t=pick("transition_t"),
                           pre_scale=pick("pre_scale"), opposite_scale=pick("opposite_scale"),
-                          detect_threshold=threshold, mitigation=pick("mitigation") or "og-dtp")
-    for setting in ("pre_scale", "transition_t", "opposite_scale", "mitigation"):
+                          detect_threshold=threshold, mitigation=pick("mitigation") or "og-dtp",
+                          latest_transition_t=pick("latest_transition_t"))
+    for setting in ("pre_scale", "transition_t", "opposite_scale", "mitigation", "latest_transition_t"):
         flag = "--" + setting.replace("_", "-")
         problem = getattr(args, setting, None) is not None and setting_problem(setting, policy.name, policy.mitigation, flag)
         if problem:
             raise BasinguardError(problem)
     return SamplingConfig(steps=pick("steps"), scheduler=pick("scheduler"), height=args.height, width=args.width,
-                          policy=policy)
+                          policy=policy, original_size=getattr(args, "original_size", None),
+                          crops_coords_top_left=getattr(args, "crops_coords_top_left", None),
+                          target_size=getattr(args, "target_size", None))
 
 
 def read_latents(path: str, num_images: int) -> np.ndarray:
@@ -150,7 +171,7 @@ def read_latents(path: str, num_images: int) -> np.ndarray:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, SpecChecker
+    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, SpecChecker, prompt_text
     from basinguard.runtime.detection import calibration_warnings
     from basinguard.runtime.model_folder import accepted_model_ids, model_identity
     from basinguard.runtime.pipeline import Pipeline
@@ -160,6 +181,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
                               "for more, `basinguard batch`)")
     if args.batch_size < 1:
         raise BasinguardError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.latents and args.seed is not None:  # as Pipeline.generate: a trace would name a seed not used
+        raise BasinguardError("give --seed or --latents, not both (the latents are x_T itself; a seed makes x_T)")
+    prompt, negative_prompt = prompt_text(args.prompt), prompt_text(args.negative_prompt)
+    if not prompt:  # as a prompt file's empty line is refused
+        raise BasinguardError("--prompt is empty; give the text to generate (a blank prompt is refused in prompt "
+                              "files too)")
     latents = read_latents(args.latents, args.num_images) if args.latents else None
     n = args.num_images if latents is None else len(latents)
     if n > MAX_IMAGES_PER_LINE:
@@ -167,9 +194,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
                               "`basinguard batch`)")
     out = output_file(args.out, "--out", (".png", ".npy"), n)
     trace = output_file(args.trace, "--trace", (".json",), n) if args.trace else None
+    outputs = [indexed(out, k, n) for k in range(n)] + ([indexed(trace, k, n) for k in range(n)] if trace else [])
+    refuse_overwriting(("--out", "--trace"), outputs, {"--latents": args.latents,
+                                                       "--detect-calibration": args.detect_calibration})
     calib = _calibrated_threshold(args)
     model = model_dir(args.model)
     checker = SpecChecker(model)  # every check that needs only the folder's configs, before any model loads
+    if args.long_prompts == "error":
+        for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
+            cut = checker.tokenizer.truncation(text)
+            if cut is not None:
+                raise BasinguardError(f"{flag} has {cut.tokens} tokens; the text encoder takes at most {cut.kept} "
+                                      "(--long-prompts error; the default truncates as diffusers does)")
     sampling = sampling_from_args(args, checker.folder.sampling_defaults)
     if args.detect_threshold is not None and sampling.policy.name != "auto":  # batch and detect flag with it
         flag = "--detect-calibration" if calib is not None else "--detect-threshold"
@@ -179,23 +215,60 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if latents is not None:  # the whole file, once, rather than a batch's slice of it
         checker.check_latents(latents, len(latents), resolved)
     if calib is not None:
-        for warning in calibration_warnings(Path(args.detect_calibration), calib, [(1, resolved, args.negative_prompt)],
+        for warning in calibration_warnings(Path(args.detect_calibration), calib, [(1, resolved, negative_prompt)],
                                             accepted_model_ids(model_identity(model))):
             print(f"basinguard generate: warning: {warning}", file=sys.stderr)
+    remove_leftovers(outputs)
     pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
-    seeds = [args.seed + k for k in range(n)]
+    seeds = [(args.seed or 0) + k for k in range(n)]
     # Image k has seed + k (or latents[k]) whatever the batch it runs in; each batch's images are written before
     # the next batch starts, so an interrupted run keeps what it made.
+    never_switched = 0
     for start in range(0, n, args.batch_size):
         m = min(args.batch_size, n - start)
-        gens = pipe.generate([args.prompt] * m, sampling,
+        gens = pipe.generate([prompt] * m, sampling,
                              seeds=None if latents is not None else seeds[start:start + m],
-                             negative_prompts=[args.negative_prompt] * m,
+                             negative_prompts=[negative_prompt] * m,
                              latents=None if latents is None else latents[start:start + m])
         for k, g in enumerate(gens, start=start):
             write_generation(out, trace, k, n, g)
+        never_switched += sum(g.trace["transition_step"] is None for g in gens)
     times = pipe.timer.summary()
     print("  ".join(f"{k} {v:.3f}s" for k, v in times.items()))
+    if never_switched:
+        print(f"never switched to guidance: {never_switched} of {n}")
+        print(f"basinguard generate: warning: {never_switched_warning(never_switched, n, resolved.policy)}",
+              file=sys.stderr)
+
+
+def never_switched_warning(count: int, total: int, policy: PolicyConfig) -> str:
+    """Why `count` of `total` images never reached λ, and what to do about it."""
+    name = policy.mitigation if policy.name == "auto" else policy.name
+    if name in ("dtp", "og-dtp"):
+        before = "steered away from the prompt" if name == "og-dtp" else f"ran at pre-scale {policy.pre_scale:g}"
+        return (f"{count} of {total} images never switched to guidance: d had no local minimum, so {name} "
+                f"{before} at every step; --latest-transition-t T switches such images once t <= T")
+    return f"{count} of {total} images never switched to guidance: t never reached τ = {policy.transition_t}"
+
+
+def refuse_overwriting(flags: tuple[str, ...], outputs: list[Path], inputs: dict[str, str | None]) -> None:
+    """An output path that is one of the command's input files would replace the input with what is made from it."""
+    for in_flag, name in inputs.items():
+        if not name or not Path(name).exists():
+            continue
+        for target in outputs:
+            if target.exists() and os.path.samefile(target, name):
+                raise BasinguardError(f"{' or '.join(flags)} {target} is the {in_flag} file; writing it would "
+                                      "replace the input: choose another path")
+
+
+def remove_leftovers(outputs: list[Path]) -> None:
+    """`write_atomic`'s temporary files of these outputs left by a killed run (as batch removes its own)."""
+    for folder in {target.parent for target in outputs}:
+        names = {target.name for target in outputs if target.parent == folder}
+        for tmp in temporary_files(folder, "?") if folder.is_dir() else []:
+            if tmp.name[1:].rsplit(".", 2)[0] in names:  # `.NAME.XXXXXXXX.tmp`
+                tmp.unlink(missing_ok=True)
 
 
 def write_generation(out: Path, trace: Path | None, k: int, n: int, g: Generation) -> None:
@@ -219,13 +292,28 @@ def cmd_export(args: argparse.Namespace) -> None:
         if problem:
             raise BasinguardError(f"--tensorrt: {problem}")
     try:
-        export_pipeline(args.src, Path(args.out), fp16=args.fp16, opset=args.opset, atol=args.atol)
+        export_pipeline(args.src, Path(args.out), fp16=args.fp16, opset=args.opset, atol=args.atol,
+                        check_memory=not args.no_memory_check)
     except ExportError as exc:
         raise BasinguardError(str(exc)) from None
     if getattr(args, "tensorrt", False):
         from basinguard.engine.tensorrt import build_engines
+        from basinguard.runtime.model_folder import ModelFolder
 
-        build_engines(Path(args.out))  # build-engines' defaults: batch 1, the native size
+        # build-engines' defaults: batch 1, the native size
+        build_engines(Path(args.out), ModelFolder.open(Path(args.out)).engine_geometry())
+
+
+def parse_pair(text: str) -> tuple[int, int]:
+    """'AxB' or 'A,B' → (A, B), integers; the model checks the range (SDXL micro-conditioning)."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two integers as AxB or A,B, e.g. 1024x1024 (got {text!r})")
+    return (values[0], values[1])
 
 
 def parse_hw(text: str) -> tuple[int, int]:
@@ -242,11 +330,13 @@ def parse_hw(text: str) -> tuple[int, int]:
 
 def cmd_build_engines(args: argparse.Namespace) -> None:
     from basinguard.engine.tensorrt import BuildSpec, build_engines
+    from basinguard.runtime.model_folder import ModelFolder
 
     spec = BuildSpec(batch=args.batch, min_batch=args.min_batch, image=args.image_size, min_image=args.min_image_size,
                      max_image=args.max_image_size, static=args.static, fp16=not args.fp32, vae_fp16=args.vae_fp16,
                      workspace_mib=args.workspace_mib, opt_level=args.opt_level)
-    records = build_engines(Path(args.onnx_dir), spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+    geometry = ModelFolder.open(Path(args.onnx_dir)).engine_geometry()
+    records = build_engines(Path(args.onnx_dir), geometry, spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                             roles=args.models, force=args.force)
     for role, record in records.items():
         print(f"{role}\t{record.plan}")
@@ -271,7 +361,7 @@ def _calibrated_threshold(args: argparse.Namespace, detect_steps: int | None = N
         return None
     if args.detect_threshold is not None:
         raise BasinguardError("give --detect-threshold or --detect-calibration, not both")
-    calib = load_calibration(Path(args.detect_calibration), detect_steps)
+    calib = load_calibration(Path(args.detect_calibration), detect_steps, model=model_dir(args.model))
     args.detect_threshold = float(calib["threshold"])
     if calib.get("seeds", 1) != seeds:
         print(f"basinguard: warning: {args.detect_calibration} averaged {calib.get('seeds', 1)} seeds per prompt, these "
@@ -281,11 +371,14 @@ def _calibrated_threshold(args: argparse.Namespace, detect_steps: int | None = N
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import BatchJob, SpecChecker, check_settings, run_batch
+    from basinguard.runtime.batch import MANIFEST, PART_GLOB, BatchJob, SpecChecker, check_settings, run_batch
     from basinguard.runtime.pipeline import Pipeline
 
     if args.ray_workers is not None and args.ray is None:
         raise BasinguardError("--ray-workers applies to --ray only")
+    out_dir = Path(args.out_dir)
+    manifests = [out_dir / MANIFEST, *(out_dir.glob(PART_GLOB) if out_dir.is_dir() else [])]
+    refuse_overwriting(("OUT_DIR's manifest",), manifests, {"PROMPTS": args.prompts})
     model = model_dir(args.model)
     calib = _calibrated_threshold(args)
     checker = SpecChecker(model)
@@ -293,7 +386,8 @@ def cmd_batch(args: argparse.Namespace) -> None:
     check_settings(sampling, checker)  # a bad flag stops here, before OUT_DIR or any model
     job = BatchJob(Path(args.prompts), Path(args.out_dir), sampling, images_per_prompt=args.images_per_prompt,
                    batch_size=args.batch_size, seed=args.seed, on_error=args.on_error, progress=not args.no_progress,
-                   calibration=None if calib is None else (Path(args.detect_calibration), calib))
+                   calibration=None if calib is None else (Path(args.detect_calibration), calib),
+                   long_prompts=args.long_prompts)
     if args.ray is not None:
         from basinguard.ray_batch import run_batch_ray
 
@@ -312,11 +406,17 @@ def _negative_prompt_record(negative_prompts: list[str]) -> bool | str:
 
 
 def cmd_detect(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import check_settings, read_prompts
+    from basinguard.runtime.batch import check_settings, quiet_truncation, read_prompts
     from basinguard.runtime.detection import calibrate, calibration_warnings, detection_scores
     from basinguard.runtime.model_folder import accepted_model_ids, model_identity
-    from basinguard.runtime.pipeline import Pipeline
+    from basinguard.runtime.pipeline import MICRO_CONDITIONING, Pipeline
 
+    # d is scored along plain CFG whatever the policy (`detection_scores`): a policy setting would change nothing.
+    ignored = [flag for flag in DETECT_IGNORES if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if ignored:
+        raise BasinguardError(f"{', '.join(ignored)}: detect scores d along plain CFG whatever the policy; of the "
+                              "sampling settings only --guidance-scale (past step 0), --steps, --scheduler and the "
+                              "size apply")
     if args.calibrate:
         if not (args.memorized and args.normal and args.out) or args.prompts:
             raise BasinguardError("--calibrate takes --memorized FILE --normal FILE --out FILE.json and no PROMPTS")
@@ -334,6 +434,9 @@ def cmd_detect(args: argparse.Namespace) -> None:
         if unused:
             raise BasinguardError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to --calibrate only")
     calibration_out = output_file(args.out, "--out", (".json",)) if args.calibrate else None
+    if calibration_out is not None:
+        refuse_overwriting(("--out",), [calibration_out], {"--memorized": args.memorized, "--normal": args.normal,
+                                                           "--detect-calibration": args.detect_calibration})
     calib = _calibrated_threshold(args, args.detect_steps, args.seeds)
     model = model_dir(args.model)
     identity = model_identity(model)  # once: every file scored and the calibration written name it
@@ -343,9 +446,11 @@ def cmd_detect(args: argparse.Namespace) -> None:
     seeds = [args.seed + k for k in range(args.seeds)]
 
     def score_file(path: str):  # -> (the first image task of each usable line, its score)
-        parsed = read_prompts(Path(path), pipe, sampling)
+        parsed = read_prompts(Path(path), pipe, sampling, long_prompts=args.long_prompts)
         for err in parsed.errors:
             print(f"basinguard detect: {path}: {err}", file=sys.stderr)
+        for note in parsed.truncated:
+            print(f"basinguard detect: warning: {path}: {note}", file=sys.stderr)
         if parsed.errors and args.on_error == "stop":
             raise BasinguardError(f"{path} {parsed.errors[0]} (--on-error skip scores the good lines)")
         first = [t for t in parsed.tasks if t.index == 0]  # one score per line; num_images does not apply
@@ -363,9 +468,10 @@ def cmd_detect(args: argparse.Namespace) -> None:
         for k, t in enumerate(first):
             by_settings.setdefault(t.sampling, []).append(k)
         for group_sampling, ks in by_settings.items():
-            scores[ks] = detection_scores(pipe, [first[k].prompt for k in ks], group_sampling, seeds,
-                                          steps=args.detect_steps, batch_size=args.batch_size,
-                                          negative_prompts=[first[k].negative_prompt for k in ks])
+            with quiet_truncation():  # each cut prompt was named above, with its line
+                scores[ks] = detection_scores(pipe, [first[k].prompt for k in ks], group_sampling, seeds,
+                                              steps=args.detect_steps, batch_size=args.batch_size,
+                                              negative_prompts=[first[k].negative_prompt for k in ks])
         return first, scores.tolist()
 
     if not args.calibrate:
@@ -388,26 +494,42 @@ def cmd_detect(args: argparse.Namespace) -> None:
     result |= {"detect_steps": args.detect_steps, "seeds": args.seeds, "seed": args.seed, "steps": resolved.steps,
                "scheduler": resolved.scheduler, "height": resolved.height, "width": resolved.width, "guidance_scale": resolved.policy.guidance_scale,
                "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": identity,
-               "negative_prompts": _negative_prompt_record([t.negative_prompt for t in (*memorized, *normal)])}
+               "negative_prompts": _negative_prompt_record([t.negative_prompt for t in (*memorized, *normal)]),
+               # which e_∅ d was measured against ("zeros": SDXL's force_zeros_for_empty_prompt), and SDXL's time_ids
+               "model_family": pipe.folder.family,
+               "uncond": sorted(set(pipe.uncond_kinds([t.negative_prompt for t in (*memorized, *normal)]))),
+               **{name: list(value) for name in MICRO_CONDITIONING if (value := getattr(resolved, name)) is not None}}
     write_atomic(calibration_out, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+    if result["auc"] < USEFUL_AUC:  # written all the same (a user may want to look), but not without a word
+        print(f"basinguard detect: warning: AUC {result['auc']:.2f}: these scores hardly separate {args.memorized} "
+              f"from {args.normal} (0.5 is chance, 1 a perfect split); a threshold from them would flag by luck. "
+              "Check that the memorized prompts are memorized by this model", file=sys.stderr)
     print(f"AUC {result['auc']:.4f}  TPR {result['tpr']:.4f} at FPR {result['fpr']:.4f} (target {args.fpr})  "
           f"threshold {result['threshold']:.6g}  ({len(pos)} memorized, {len(neg)} normal prompts) -> {args.out}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake (a flag's value of the wrong type, a missing argument) is one line naming it and where the
+    help is, not the whole usage: the usage of `generate` alone is some 20 lines, and the error is its last."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="basinguard", description=__doc__)
+    ap = OneLineParser(prog="basinguard", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images for one prompt")
     add_sampling_flags(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    g.add_argument("--seed", type=int, default=None, help="image k uses seed + k (default 0)")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--detect-calibration", metavar="FILE.json", help="auto: the threshold from `detect --calibrate`")
     g.add_argument("--batch-size", type=int, default=8, help="images per UNet call (2x that with guidance); "
                    "each batch is written before the next starts")
-    g.add_argument("--latents", help="initial latents .npy of shape (N, C, h, w); overrides --seed")
+    g.add_argument("--latents", help="initial latents .npy of shape (N, C, h, w), instead of --seed")
     g.add_argument("--out", default="out.png", help="PNG path (.npy: float pixels); an index is added when N > 1")
     g.add_argument("--trace", help="JSON trace path; an index is added when N > 1")
     g.set_defaults(func=cmd_generate)
@@ -419,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--atol", type=float, default=None, help="validation tolerance (max abs vs torch)")
     e.add_argument("--tensorrt", action="store_true", help="then build TensorRT plans (build-engines' defaults)")
+    e.add_argument("--no-memory-check", action="store_true",
+                   help="export even where the estimated peak memory exceeds what is available")
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("build-engines", help="TensorRT plans for an exported ONNX folder (for --provider tensorrt)")
@@ -454,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(b)
     b.add_argument("prompts", metavar="PROMPTS", help=".txt (a prompt a line), .jsonl or .csv (fields: prompt, "
                    "negative_prompt, seed, num_images, policy, guidance_scale, transition_t, pre_scale, "
-                   "opposite_scale, mitigation, detect_threshold, steps, scheduler)")
+                   "opposite_scale, mitigation, detect_threshold, latest_transition_t, steps, scheduler)")
     b.add_argument("out_dir", metavar="OUT_DIR")
     b.add_argument("--images-per-prompt", type=int, default=1, help="for lines without num_images")
     b.add_argument("--batch-size", type=int, default=4, help="images per UNet call (2x that with guidance)")
@@ -498,6 +622,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _one_line_warning
     try:
         args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is seen below and not at exit
+    except BrokenPipeError:
+        # `basinguard detect … | head -1`: the reader has all it wants. Quiet, as a tool killed by SIGPIPE is; stdout
+        # goes to /dev/null so that the interpreter's last flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except BasinguardError as exc:
         print(f"basinguard {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ class EdgeDescriptor:
     shape's outline lies. Edges ignore the large flat areas that unrelated images share (a plain background of
     the same colour), so a new arrangement of the same shapes scores low while a copy scores high; the blur
     forgives the VAE's soft edges and a pixel or two of displacement. `benchmarks/memorization.py` measures
-    the separation on held-out images (README, "Memorization").
+    the separation on held-out images (docs/memorization.md, "Metrics").
     """
 
     def __init__(self, sigma: float = 1.0, pool: int = 2):

@@ -17,6 +17,11 @@ os.umask(_UMASK)
 _TEMP_EXTRA = len(".") + len(".xxxxxxxx.tmp")  # what `write_atomic` adds to a name: `.NAME.<8 random>.tmp`
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """The permissions a new file (0o666) or folder (0o777) gets under this process's umask."""
+    return mode & ~_UMASK
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in `path` durable (the directory entry, not just the data)."""
     fd = os.open(path, os.O_RDONLY)
@@ -140,7 +145,7 @@ def write_atomic(path: Path, content: bytes | memoryview | Callable[[Path], None
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            os.fchmod(f.fileno(), umask_mode())
             if callable(content):
                 f.close()
                 content(tmp)
@@ -153,6 +158,11 @@ def write_atomic(path: Path, content: bytes | memoryview | Callable[[Path], None
             finally:
                 os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a write that failed (a full disk, a quota) names no file: name the one written
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -47,6 +47,7 @@ from basinguard.runtime.batch import (
     pack,
     prepare_output,
     progress_bar,
+    quiet_truncation,
     slim,
     summarize,
     warn_other_engines,
@@ -89,7 +90,8 @@ class BatchWorker:
     def run(self, batch: list[ImageTask]) -> list[dict]:
         if self._failure is not None:
             raise self._failure
-        return write_batch(self.pipeline, batch, self.out_dir, self.identity, self.manifest, {"shard": self.shard})
+        with quiet_truncation():  # the driver named each cut prompt, with its line (`load_job`)
+            return write_batch(self.pipeline, batch, self.out_dir, self.identity, self.manifest, {"shard": self.shard})
 
     def close(self) -> None:
         if self.manifest is not None:

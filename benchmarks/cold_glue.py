@@ -1,4 +1,4 @@
-"""What one numpy call costs right after a UNet call (issue 5, "other ≤ 2 % of wall time").
+"""What one numpy call costs right after a UNet call (the goal: "other" ≤ 2 % of wall time).
 
 The denoising loop's glue (CFG subtract, d, combine, scheduler step) works on a few hundred floats at batch 1 on
 the shipped model, yet measures 200-400 µs a step. This script shows why: after an ONNX Runtime UNet call has

@@ -1,4 +1,4 @@
-"""basinguard against diffusers (torch) and optimum (ONNX Runtime) on the same model and settings (issue 5).
+"""basinguard against diffusers (torch) and optimum (ONNX Runtime) on the same model and settings.
 
     python benchmarks/compare.py [--models shipped tiny64 tiny256] [--batches 1 4] [--steps 50] [--repeats 5]
                                  [--threads 2] [--plot] [--quick] [--out benchmarks/results/compare]
@@ -42,7 +42,7 @@ Built and exported once under --work and reused.
 optimum-onnx 0.1.0 shares this environment with basinguard's export extra (diffusers 0.36, transformers 4.57);
 with versions that could not coexist, (b) would need its own virtual environment.
 
-Goals (issue 5, this machine): ours ≥ 1.5x faster than (a) and ≥ 1.1x faster than (b); dtp/cfg ≤ 1.01;
+Goals (on a CPU): ours ≥ 1.5x faster than (a) and ≥ 1.1x faster than (b); dtp/cfg ≤ 1.01;
 "other" ≤ 2 % of ours' wall time. Writes OUT.json (raw rounds and medians), OUT.md (the printed tables) and
 with --plot OUT.png (stacked per-stage bars).
 """

@@ -1,4 +1,4 @@
-"""How far can any generation's sim95 fall under a descriptor, on the shipped model's data? (issue 3)
+"""How far can any generation's sim95 fall under a descriptor, on the shipped model's data?
 
     python benchmarks/descriptor_floor.py [--threads 1]
 

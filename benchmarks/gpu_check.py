@@ -304,7 +304,7 @@ def drive(model: LoadedModel, policy_name: str, n: int, steps: int, latent: tupl
           seed: int = 0) -> dict:
     """One generation's denoising loop through basinguard's runtime; per-step costs in ms."""
     from basinguard.runtime.guidance import PolicyConfig, make_policy
-    from basinguard.runtime.pipeline import StageTimer, UNetStage, denoise
+    from basinguard.runtime.pipeline import Conditioning, StageTimer, UNetStage, denoise
     from basinguard.runtime.schedulers import make_scheduler
 
     rng = np.random.default_rng(seed)
@@ -316,7 +316,7 @@ def drive(model: LoadedModel, policy_name: str, n: int, steps: int, latent: tupl
     x = rng.standard_normal((n, c, *latent), dtype=np.float32) * np.float32(scheduler.init_noise_sigma)
     e_pair = rng.standard_normal((2 * n, *context), dtype=np.float32)
     with timer("loop"):
-        x0, gap, scale = denoise(unet, scheduler, policy, x, e_pair[:n], e_pair)  # type: ignore[arg-type]
+        x0, gap, scale = denoise(unet, scheduler, policy, x, Conditioning.of({"encoder_hidden_states": e_pair}))  # type: ignore[arg-type]
     loop, unet_s = timer.seconds["loop"], timer.seconds["unet"]
     return {"loop_s": loop, "unet_ms_per_step": 1e3 * unet_s / steps,
             "scheduler_policy_ms_per_step": 1e3 * (loop - unet_s) / steps,

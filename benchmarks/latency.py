@@ -1,4 +1,4 @@
-"""Per-stage latency of the guidance policies on one model (issue 2 §7).
+"""Per-stage latency of the guidance policies on one model.
 
     python benchmarks/latency.py [--model DIR] [--steps 50] [--batch 1] [--repeats 10] [--threads 2]
                                  [--out benchmarks/results/latency]
@@ -15,7 +15,7 @@ model calls are identical), which a noisy machine cannot blur. Writes OUT.json (
 OUT.md (the printed table). On a 2-core machine that other processes share, `--threads 1` gives steadier
 numbers: a 2-thread pool stalls whenever another process takes one of the cores.
 
-Goals (issue 2 §7): dtp/cfg ≤ 1.01 (measuring d is free: both halves of the CFG batch are there
+Goals: dtp/cfg ≤ 1.01 (measuring d is free: both halves of the CFG batch are there
 anyway); stp clearly faster than cfg.
 """
 

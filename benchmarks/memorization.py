@@ -254,7 +254,7 @@ def markdown(results: list[dict], detection: list[dict], meta: dict) -> str:
                      f"{mts} | {d['seconds_per_image'] * 1000:.1f} |")
     cfg = next(r for r in results if r["row"] == "cfg")
     floor = check["non_copies"]["p95"]
-    lines += ["", "Goal (issue 3): a mitigation cuts the duplicated captions' sim95 by ≥ 40 % with alignment ≥ 90 % of cfg's, "
+    lines += ["", "Goal: a mitigation cuts the duplicated captions' sim95 by ≥ 40 % with alignment ≥ 90 % of cfg's, "
               "and novel captions are not hurt (their alignment ≥ 90 % of cfg's). Floor: held-out real images, which copy "
               f"nothing, have sim95 {floor:.3f} under this descriptor, so no generator that stops copying can go below "
               f"about that: the largest cut this data allows from cfg's {cfg['duplicated']['sim95']:.3f} is "

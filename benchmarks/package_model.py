@@ -6,7 +6,7 @@ Layout of the shipped folder (what `--model` defaults to):
   text_encoder/ unet/ vae_decoder/ tokenizer/ scheduler/ model_index.json basinguard.json   the ONNX model
   diffusers/                  the diffusers pipeline it was exported from (safetensors)
   memorization/               duplicated.jsonl, images/, other_captions.txt, attributes.onnx, attributes.json
-`sampling_defaults` in basinguard.json carry the settings chosen by measurement (README).
+`sampling_defaults` in basinguard.json carry the settings chosen by measurement (docs/memorization.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import memorizing_data as data  # noqa: E402
 from basinguard.cli import SHIPPED_MODEL  # noqa: E402
 from basinguard.export.onnx_export import export_pipeline  # noqa: E402
 
-# chosen by `benchmarks/memorization.py` (README): stp at τ = 400 copies least while keeping the most alignment
+# chosen by `benchmarks/memorization.py` (docs/memorization.md): stp at τ = 400 copies least while keeping the most alignment
 SHIPPED_DEFAULTS = {"policy": "stp", "mitigation": "stp", "guidance_scale": 7.5, "opposite_scale": 2.0,
                     "transition_t": 400, "scheduler": "ddim", "steps": 50}
 
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("trained", type=Path, help="diffusers folder written by train_memorizing_model.py")
     ap.add_argument("--out", type=Path, default=SHIPPED_MODEL)
     ap.add_argument("--defaults", default=json.dumps(SHIPPED_DEFAULTS),
-                    help="JSON sampling defaults to record (default: the shipped model's, chosen by measurement, README)")
+                    help="JSON sampling defaults to record (default: the shipped model's, chosen by measurement, docs/memorization.md)")
     ap.add_argument("--skip-classifier", action="store_true")
     args = ap.parse_args()
     if args.out.exists():

@@ -1,4 +1,4 @@
-"""One UNet file, several ways of running it in ONNX Runtime, calls alternated in one process (issue 5).
+"""One UNet file, several ways of running it in ONNX Runtime, calls alternated in one process.
 
     python benchmarks/unet_sessions.py [--batch 8] [--calls 60] [--threads 1] [--model DIR]
 

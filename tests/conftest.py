@@ -136,3 +136,101 @@ def tiny_onnx_dir(tiny_sd_pipeline_dir: Path, tmp_path_factory: pytest.TempPathF
     out = tmp_path_factory.mktemp("tiny_onnx") / "model"
     export_pipeline(tiny_sd_pipeline_dir, out)
     yield out
+
+
+def build_tiny_switching_sd_pipeline(tiny: Path, dest: Path) -> Path:
+    """The tiny pipeline at `tiny` with another UNet, one whose d = ‖ε_p − ε_∅‖ has local minima, at different steps
+    for different samples. On the random tiny UNet d falls monotonically (its x grows over the steps and GroupNorm
+    shrinks the prompt's share), so DTP never switches there. Here the resnets take the time embedding as scale and
+    shift (`resnet_time_scale_shift`), amplified 6×, which modulates the prompt's effect per channel with t. Seed 2
+    and 6× were found by a search over seeds and factors; tests/test_pipeline.py asserts the switches they give."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None)
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "resnet_time_scale_shift": "scale_shift"})
+    _perturb(unet)
+    with torch.no_grad():
+        unet.time_embedding.linear_2.weight.mul_(6.0)
+    pipe.unet = unet
+    pipe.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_switching_sd_pipeline_dir(tiny_sd_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_sd_pipeline_dir` with a UNet whose d has minima (`build_tiny_switching_sd_pipeline`)."""
+    return build_tiny_switching_sd_pipeline(tiny_sd_pipeline_dir, tmp_path_factory.mktemp("tiny_switching_sd") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_switching_onnx_dir(tiny_switching_sd_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_switching_sd_pipeline_dir` exported to ONNX by basinguard's exporter."""
+    from basinguard.export.onnx_export import export_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_switching_onnx") / "model"
+    export_pipeline(tiny_switching_sd_pipeline_dir, out)
+    return out
+
+
+def build_tiny_sdxl_pipeline(dest: Path, force_zeros_for_empty_prompt: bool = True) -> Path:
+    """Write a tiny random StableDiffusionXLPipeline (safetensors) to `dest`, shaped as SDXL base is: two text
+    encoders of different widths (32 and 48) whose penultimate states the UNet takes side by side (cross-attention
+    80), the second with a projection (pooled text_embeds, 32) and a tokenizer padding with "!", time_ids
+    micro-conditioning (6 x 8 + 32 = 80 added embedding inputs), Euler with "leading" spacing and steps_offset 1,
+    and a VAE with force_upcast. Latents are half the image size; sides are multiples of 4."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=80, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, force_upcast=True,
+        scaling_factor=0.13025)
+    vocab_path, merges_path = write_tiny_clip_vocab(dest.parent / f"{dest.name}-vocab")
+    tokenizer = CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=77, pad_token="!")
+    common = {"vocab_size": 1000, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id}
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+        pad_token_id=tokenizer.pad_token_id, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=48, intermediate_size=53, num_hidden_layers=3, num_attention_heads=4, projection_dim=32,
+        hidden_act="gelu", pad_token_id=tokenizer_2.pad_token_id, **common))
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        _perturb(module)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1, interpolation_type="linear",
+                                       num_train_timesteps=1000)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random diffusers StableDiffusionXLPipeline folder (`build_tiny_sdxl_pipeline`)."""
+    pytest.importorskip("diffusers")
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_onnx_dir(tiny_sdxl_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_sdxl_pipeline_dir` exported to ONNX (fp32, validated) by basinguard's exporter."""
+    from basinguard.export.onnx_export import export_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_sdxl_onnx") / "model"
+    export_pipeline(tiny_sdxl_pipeline_dir, out, log=lambda _: None)
+    return out

@@ -190,17 +190,21 @@ def test_batched_images_equal_each_image_alone(pipe, tmp_path):
     assert tasks[0].seed == 11 and tasks[1].seed == 12 and tasks[2].seed == derive_seed(3, 2, 0)
 
 
-def test_auto_flags_exactly_the_prompt_above_the_threshold(pipe, tmp_path):
-    cfg = SamplingConfig(steps=8, policy=PolicyConfig("cfg", guidance_scale=6.0))
-    d0 = {w: pipe.generate([w], cfg, seeds=[1])[0].trace["gap"][0] for w in WORDS}
+def test_auto_flags_exactly_the_prompt_above_the_threshold(tiny_switching_onnx_dir, tmp_path):
+    """On the tiny model whose d has minima (conftest), with seed 1: the flagged prompt's og-dtp switches at its own
+    step inside the batch, its neighbour keeps plain CFG, and each PNG is the image its policy makes alone."""
+    pipe = Pipeline(tiny_switching_onnx_dir, threads=1)
+    cfg = SamplingConfig(steps=STEPS, policy=PolicyConfig("cfg", guidance_scale=6.0))
+    alone = {w: pipe.generate([w], cfg, seeds=[1])[0] for w in WORDS}
+    d0 = {w: g.trace["gap"][0] for w, g in alone.items()}
     low, high = min(d0, key=d0.get), max(d0, key=d0.get)
     assert d0[high] > d0[low] * 1.01
     threshold = (d0[low] + d0[high]) / 2
     prompts = tmp_path / "p.csv"
     prompts.write_text(f"prompt,seed\n{low},1\n\"{high}\",1\n")
     out = tmp_path / "out"
-    rc = cli_main(["batch", "--model", str(pipe.folder.path), str(prompts), str(out), "--threads", "1", "--steps", "8",
-                   "--policy", "auto", "--guidance-scale", "6", "--opposite-scale", "2", "--detect-threshold",
+    rc = cli_main(["batch", "--model", str(pipe.folder.path), str(prompts), str(out), "--threads", "1", "--steps",
+                   str(STEPS), "--policy", "auto", "--guidance-scale", "6", "--opposite-scale", "2", "--detect-threshold",
                    str(threshold), "--batch-size", "2", "--no-progress"])
     assert rc == 0
     entries = {e["prompt"]: e for e in manifest(out)}
@@ -208,13 +212,19 @@ def test_auto_flags_exactly_the_prompt_above_the_threshold(pipe, tmp_path):
     assert mitigated["flagged"] is True and plain["flagged"] is False
     assert mitigated["detection_score"] == pytest.approx(d0[high], rel=1e-4)
     assert plain["detection_score"] == pytest.approx(d0[low], rel=1e-4)
-    assert plain["scale"] == [6.0] * 8 and plain["transition_step"] == 0
-    assert mitigated["scale"][0] == -2.0  # og-dtp's pre-switch scale, -opposite_scale
-    ts = mitigated["transition_step"]
-    assert ts is None or ts >= 2  # DTP cannot switch in the first two steps
-    switch = 8 if ts is None else ts
-    assert mitigated["scale"] == [-2.0] * switch + [6.0] * (8 - switch)
+    assert plain["scale"] == [6.0] * STEPS and plain["transition_step"] == 0
+    # og-dtp switches at the first local minimum of its own d (Algorithm 1's rule, by hand); this case has one
+    gap = mitigated["gap"]
+    ts = next((i for i in range(2, STEPS) if gap[i - 2] > gap[i - 1] < gap[i]), None)
+    assert ts is not None and mitigated["transition_step"] == ts
+    assert mitigated["scale"] == [-2.0] * ts + [6.0] * (STEPS - ts)  # -opposite_scale, then λ
     assert mitigated["policy"]["name"] == "auto" and mitigated["policy"]["mitigation"] == "og-dtp"
+    og_dtp = pipe.generate([high], SamplingConfig(steps=STEPS, policy=PolicyConfig("og-dtp", guidance_scale=6.0,
+                                                                                   opposite_scale=2.0)), seeds=[1])[0]
+    assert og_dtp.trace["transition_step"] == ts
+    for entry, image in ((plain, alone[low]), (mitigated, og_dtp)):
+        assert np.abs(pixels(out / entry["file"]) - np.asarray(image.to_pil(), np.int16)).max() <= 1
+    assert np.abs(pixels(out / mitigated["file"]) - np.asarray(alone[high].to_pil(), np.int16)).mean() > 2  # not CFG's
 
 
 BAD_LINES = [
@@ -541,36 +551,61 @@ def test_second_job_on_the_same_out_dir_is_refused(tiny_onnx_dir, tmp_path, caps
     assert "different seed" in capsys.readouterr().err
 
 
-def test_a_killed_jobs_worker_still_writing_is_waited_for(tmp_path, capsys):
+def test_a_killed_jobs_worker_still_writing_is_waited_for(tmp_path, capsys, monkeypatch):
     """A Ray worker outlives its killed driver by seconds; the next job must not read OUT_DIR before it stops, or
     the worker's last image would be missing from what the new job counts as done."""
     from basinguard.runtime.batch import prepare_output
 
+    from basinguard.runtime import batch
+
     out = tmp_path / "out"
     out.mkdir()
+    go = tmp_path / "go"  # the worker writes once the job is seen waiting: no race with a loaded machine's clock
     worker = subprocess.Popen([sys.executable, "-c", (
         "import json, os, sys, time\n"
         "from pathlib import Path\n"
         "from basinguard.runtime.batch import hold_worker_lock\n"
-        f"out = Path({str(out)!r})\n"
-        "hold_worker_lock(out, 0); print('locked', flush=True); time.sleep(1.0)\n"
+        f"out, go = Path({str(out)!r}), Path({str(go)!r})\n"
+        "hold_worker_lock(out, 0); print('locked', flush=True)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not go.exists() and time.monotonic() < deadline: time.sleep(0.01)\n"
         "(out / '000001-000.png').write_bytes(b'png')\n"
         "with open(out / 'manifest.part-0.jsonl', 'a') as f:\n"
         "    f.write(json.dumps({'id': '000001-000', 'file': '000001-000.png', 'line': 1, 'index': 0}) + '\\n')\n")],
         stdout=subprocess.PIPE, text=True)
+    lock_held = batch.lock_held
+    seen_held: list[bool] = []
+
+    def lock_held_then_release(path: Path) -> bool:
+        held = lock_held(path)
+        seen_held.append(held)
+        if held:
+            go.touch()  # the job found the worker's lock held: now let the worker finish its image
+        return held
+
+    monkeypatch.setattr(batch, "lock_held", lock_held_then_release)
     try:
         assert worker.stdout.readline().strip() == "locked"
         done, lost = prepare_output(out)  # waits for the worker's lock, then merges its shard
     finally:
+        go.touch()
         worker.wait()
         worker.stdout.close()
+    assert seen_held[:1] == [True] and not seen_held[-1]  # it did wait, and stopped waiting once the lock was free
     assert list(done) == ["000001-000"] and not lost
     assert "waiting for the workers of an earlier job" in capsys.readouterr().err
     done, _ = prepare_output(out)  # nobody holds it now: no wait, no message
     assert list(done) == ["000001-000"] and "waiting" not in capsys.readouterr().err
 
 
-def test_ray_resources_and_errors_are_one_line(tiny_onnx_dir, tmp_path, capsys):
+def start_isolated_ray(ray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh local Ray instance of 2 CPUs for this test: address "local" never joins a cluster already running on
+    the host (which `ray.init()` would, as it would RAY_ADDRESS's), whose resources and state are not the test's."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def test_ray_resources_and_errors_are_one_line(tiny_onnx_dir, tmp_path, capsys, monkeypatch):
     from basinguard.errors import BasinguardError
     from basinguard.ray_batch import BatchWorker, _first_line, check_resources, worker_slots
 
@@ -599,7 +634,7 @@ def test_ray_resources_and_errors_are_one_line(tiny_onnx_dir, tmp_path, capsys):
     prompts.write_text("a red cat\na blue dog\n")
     out = tmp_path / "out"
     (out / "000002-000.png").mkdir(parents=True)  # the worker cannot write this image
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_isolated_ray(ray, monkeypatch)
     try:
         assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--ray", "--ray-workers", "2", "--threads", "2")) == 2
         assert "2 Ray worker(s) of 2 CPU(s) each (--threads 2): the cluster's nodes hold 1" in capsys.readouterr().err
@@ -630,7 +665,7 @@ def test_a_job_that_fails_before_writing_leaves_no_out_dir(tiny_onnx_dir, tmp_pa
     assert out.is_dir()
 
 
-def test_ray_two_workers_merge_shards_exactly_once(tiny_onnx_dir, kill_prompts, reference, tmp_path):
+def test_ray_two_workers_merge_shards_exactly_once(tiny_onnx_dir, kill_prompts, reference, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     out = tmp_path / "out"
     out.mkdir()
@@ -642,7 +677,7 @@ def test_ray_two_workers_merge_shards_exactly_once(tiny_onnx_dir, kill_prompts, 
         shutil.copy(reference / f"{i}.png", out / f"{i}.png")
     (out / "manifest.jsonl").write_text("".join(lines[i] for i in kept[:2]))
     (out / "manifest.part-1.jsonl").write_text("".join(lines[i] for i in kept[1:5]) + lines[sorted(lines)[6]][:40])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_isolated_ray(ray, monkeypatch)
     try:
         argv = batch_args(tiny_onnx_dir, kill_prompts, out, "--images-per-prompt", str(KILL_IMAGES),
                           "--batch-size", "2", "--seed", "7", "--ray", "--ray-workers", "2")

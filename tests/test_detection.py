@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from basinguard.cli import main as cli_main
+from basinguard.errors import BasinguardError
 from basinguard.runtime.detection import (
     calibrate,
     detection_scores,
@@ -245,8 +247,9 @@ def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
 def test_calibration_file_errors(tmp_path):
     bad = tmp_path / "c.json"
     bad.write_text('{"auc": 0.9}')
-    with pytest.raises(Exception, match="no finite 'threshold'"):
+    with pytest.raises(BasinguardError, match=re.escape(f"calibration file {bad} has no finite 'threshold'")):
         load_calibration(bad)
     bad.write_text('{"threshold": 3.0, "detect_steps": 5}')
-    with pytest.raises(Exception, match="detect-steps 1"):
+    with pytest.raises(BasinguardError, match=re.escape(f"calibration file {bad} was made with --detect-steps 5, but "
+                                                        "--policy auto gates on d at step 0; calibrate with --detect-steps 1")):
         load_calibration(bad)

@@ -21,7 +21,7 @@ from basinguard import files
 from basinguard.cli import main as cli_main
 from basinguard.cli import parse_hw
 from basinguard.engine import load_model
-from basinguard.engine.base import EngineError
+from basinguard.engine.base import EngineError, TensorSpec
 from basinguard.engine.ort import check_active, provider_list, trt_profile_options
 from basinguard.engine.tensorrt import (
     BuildSpec,
@@ -29,7 +29,7 @@ from basinguard.engine.tensorrt import (
     RoleProfile,
     build_failure,
     choose_backend,
-    find_plan,
+    find_plans,
     input_profile,
     key_fields,
     merged_input_profile,
@@ -97,13 +97,15 @@ def fake_folder(root: Path) -> Path:
 def test_dynamic_profiles_span_batch_n_to_2n_and_the_size_range() -> None:
     spec = BuildSpec(batch=2, image=(512, 512), min_image=(256, 384), max_image=(768, 1024))
     (unet,) = role_profiles("unet", spec, vae_factor=8, native=512, multiple=64)
-    assert unet.batch == (2, 4, 4)  # STP's uncond-only steps at N, guided at 2N, one engine
+    assert unet.batch == (1, 4, 4)  # STP's uncond-only steps at N, guided at 2N, a batch job's tail: one engine
     assert unet.latent == ((32, 48), (64, 64), (96, 128))
     (text,) = role_profiles("text_encoder", spec, 8, 512, 64)
     assert text.batch == (1, 4, 4) and text.latent is None and text.seq_len == 77
     (vae,) = role_profiles("vae_decoder", spec, 8, 512, 64)
     assert vae.batch == (1, 2, 2) and vae.latent == unet.latent
-    assert "batch 2..4 (opt 4)" in unet.describe() and "latent 32x48..96x128" in unet.describe()
+    assert "batch 1..4 (opt 4)" in unet.describe() and "latent 32x48..96x128" in unet.describe()
+    (from_n,) = role_profiles("unet", BuildSpec(batch=2, min_batch=2), 8, 512, 64)
+    assert from_n.batch == (2, 4, 4)
 
 
 def test_defaults_are_the_native_size_and_min_batch_can_go_lower() -> None:
@@ -237,18 +239,76 @@ def test_sidecar_checks_reject_stale_foreign_and_altered_plans(tmp_path: Path) -
     assert "no sidecar" in verify_plan(sidecar, fields)[1]
 
 
-def test_find_plan_takes_the_newest_valid_plan_and_says_why_others_are_not(tmp_path: Path) -> None:
+def test_find_plans_orders_static_then_newest_and_says_why_others_are_not(tmp_path: Path) -> None:
     sha = "c" * 64
     foreign = fields_for(sha, EngineEnv("10.0.1", "Tesla T4", "7.5"))
     store_plan(tmp_path, foreign, b"t4", [], tmp_path / "m.onnx")
-    record, why = find_plan(tmp_path, "unet", sha, ENV)
-    assert record is None and len(why) == 1 and "TensorRT 10.0.1" in why[0] and "Tesla T4" in why[0]
+    records, why = find_plans(tmp_path, "unet", sha, ENV)
+    assert records == [] and len(why) == 1 and "TensorRT 10.0.1" in why[0] and "Tesla T4" in why[0]
     older = store_plan(tmp_path, fields_for(sha, batch=1), b"n1", [], tmp_path / "m.onnx")
     newer = store_plan(tmp_path, fields_for(sha, batch=2), b"n2", [{"sample": [[2], [4], [4]]}], tmp_path / "m.onnx")
-    record, why = find_plan(tmp_path, "unet", sha, ENV)
-    assert record is not None and record.plan == newer.plan != older.plan
-    assert trt_backend.newest_input_profiles(tmp_path, "unet", sha) == [{"sample": [[2], [4], [4]]}]
-    assert find_plan(tmp_path, "unet", "d" * 64, ENV)[0] is None  # another ONNX file: nothing loads
+    spec = BuildSpec(batch=1, static=True)
+    static_fields = key_fields("unet", sha, ENV, role_profiles("unet", spec, 8, 512, 64), {"fp16": True}, spec)
+    static = store_plan(tmp_path, static_fields, b"s1", [{"sample": [[1]] * 3}, {"sample": [[2]] * 3}], tmp_path / "m.onnx")
+    static.sidecar["built_at"] = older.sidecar["built_at"]  # built first: still preferred (faster kernels)
+    records, why = find_plans(tmp_path, "unet", sha, ENV)
+    assert [r.plan for r in records] == [static.plan, newer.plan, older.plan]
+    assert trt_backend.newest_input_profiles(tmp_path, "unet", sha) == static.input_profiles
+    assert find_plans(tmp_path, "unet", "d" * 64, ENV)[0] == []  # another ONNX file: nothing loads
+
+
+def test_plan_hashes_come_from_the_memo_until_the_plan_changes(tmp_path: Path, monkeypatch) -> None:
+    """Every load checks each plan's hash; a multi-GB plan is read again only when its size/mtime/inode change."""
+    monkeypatch.setattr(files, "digest_memo", lambda: None)  # the memo beside the plans
+    fields = fields_for()
+    record = store_plan(tmp_path, fields, b"plan-bytes", [], tmp_path / "m.onnx")
+    calls: list[Path] = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: calls.append(p) or real(p))
+    sidecar = record.plan.with_suffix(".json")
+    assert verify_plan(sidecar, fields)[1] is None and calls == [record.plan]  # first check: hashed once
+    assert verify_plan(sidecar, fields)[1] is None and calls == [record.plan]  # then from the memo
+    record.plan.write_bytes(b"plan-bytez")  # same size, new content (and mtime): hashed again, and rejected
+    assert "truncated or altered" in verify_plan(sidecar, fields)[1] and calls == [record.plan] * 2
+
+
+class FakePlan:
+    """What TensorRTPlans needs of an open plan: specs, run, close (a TensorRTModel needs a GPU)."""
+
+    def __init__(self, plan: Path, name: str, graph: bool, opened: list):
+        self.plan, self.graph, self.closed = plan, graph, False
+        self.inputs = {"sample": TensorSpec("sample", np.dtype(np.float32), (None, 4, 8, 8))}
+        self.outputs = {"out_sample": TensorSpec("out_sample", np.dtype(np.float32), (None, 4, 8, 8))}
+        opened.append(self)
+
+    def run(self, inputs: dict) -> dict:
+        return {"out_sample": inputs["sample"] * 2, "plan": self.plan}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_plan_that_covers_the_shapes_runs_them(tmp_path: Path) -> None:
+    """The issue's case: a static batch-1 plan built after a dynamic batch-4 one; a batch-4 call runs on the
+    dynamic plan, a batch-1 call on the static one, a batch-9 call names every plan's ranges."""
+    sha = "e" * 64
+    dynamic = store_plan(tmp_path, fields_for(sha, batch=4), b"d4", [{"sample": [[1, 4, 8, 8], [8, 4, 8, 8], [8, 4, 8, 8]]}],
+                         tmp_path / "m.onnx")
+    spec = BuildSpec(batch=1, static=True)
+    static = store_plan(tmp_path, key_fields("unet", sha, ENV, role_profiles("unet", spec, 8, 512, 64), {"fp16": True}, spec),
+                        b"s1", [{"sample": [[1, 4, 8, 8]] * 3}, {"sample": [[2, 4, 8, 8]] * 3}], tmp_path / "m.onnx")
+    records, _ = find_plans(tmp_path, "unet", sha, ENV)
+    opened: list[FakePlan] = []
+    model = trt_backend.TensorRTPlans(records, "unet", cuda_graph=True,
+                                      open_plan=lambda plan, name, graph: FakePlan(plan, name, graph, opened))
+    x4, x1 = np.ones((4, 4, 8, 8), np.float32), np.ones((1, 4, 8, 8), np.float32)
+    assert model.run({"sample": x4})["plan"] == dynamic.plan
+    assert model.run({"sample": x1})["plan"] == static.plan
+    assert [(o.plan, o.graph) for o in opened] == [(static.plan, True), (dynamic.plan, False)]  # graphs: static only
+    with pytest.raises(EngineError, match=r"outside the TensorRT plan's profiles.*\(8, 4, 8, 8\).*2 plan\(s\)"):
+        model.run({"sample": np.ones((9, 4, 8, 8), np.float32)})
+    model.close()
+    assert all(o.closed for o in opened)
 
 
 def test_ort_tensorrt_profiles_come_from_this_models_plans_only(tmp_path: Path, monkeypatch) -> None:
@@ -283,9 +343,11 @@ def test_build_plan_reuses_valid_plans_and_rebuilds_stale_ones(tmp_path: Path, m
     """The cache decision is CPU-side; only TensorRT's serializer is replaced (it needs a GPU)."""
     model = tiny_unet_onnx(tmp_path / "onnx" / "unet" / "model.onnx")
     builds: list[str] = []
+    sources: list[Path] = []
 
-    def serialize(onnx_path, role, profiles, precision, spec, timing_cache):
+    def serialize(onnx_path, role, profiles, spec, timing_cache):
         builds.append(role)
+        sources.append(onnx_path)
         return f"plan-{len(builds)}".encode(), [{"sample": [[1, 4, 64, 64], [2, 4, 64, 64], [2, 4, 64, 64]]}]
 
     monkeypatch.setattr(trt_backend, "_serialize", serialize)
@@ -295,6 +357,9 @@ def test_build_plan_reuses_valid_plans_and_rebuilds_stale_ones(tmp_path: Path, m
     first = trt_backend.build_plan(model, "unet", profiles, spec, cache, env=ENV, log=logs.append)
     again = trt_backend.build_plan(model, "unet", profiles, spec, cache, env=ENV, log=logs.append)
     assert builds == ["unet"] and again.plan == first.plan and "cached plan" in logs[-1]
+    # fp16 from an fp32 export: built from a float16 copy with float32 IO, made once beside the plans
+    assert sources[0] != model and sources[0].is_relative_to(cache / "fp16") and "converting" in logs[0]
+    assert trt_backend.float_dtype(sources[0]) == "float16"
     other_gpu = trt_backend.build_plan(model, "unet", profiles, spec, cache, log=logs.append,
                                        env=EngineEnv(ENV.tensorrt, "NVIDIA L4", "8.9"))
     assert builds == ["unet"] * 2 and other_gpu.plan != first.plan  # foreign: its own key, its own file
@@ -321,7 +386,7 @@ def test_out_of_memory_builds_say_so_and_suggest_a_smaller_profile(message: str)
     profiles = role_profiles("unet", BuildSpec(batch=4, max_image=(1024, 1024), image=(512, 512)), 8, 512, 64)
     err = build_failure("unet", ["some warning", message], profiles)
     assert "ran out of GPU memory" in str(err) and "--batch" in str(err) and "--max-image-size" in str(err)
-    assert "batch 4..8" in str(err)
+    assert "batch 1..8" in str(err)
 
 
 def test_other_build_failures_quote_tensorrt() -> None:
@@ -371,7 +436,8 @@ def test_selection_prefers_a_valid_native_plan_then_ort_tensorrt(tmp_path: Path,
     made: list[tuple] = []
     monkeypatch.setattr(trt_backend, "native_problem", lambda: None)
     monkeypatch.setattr(trt_backend, "engine_env", lambda: ENV)
-    monkeypatch.setattr(trt_backend, "TensorRTModel", lambda plan, name, cuda_graph: made.append(("native", plan, cuda_graph)))
+    monkeypatch.setattr(trt_backend, "TensorRTModel", lambda plan, name, cuda_graph: made.append(
+        ("native", plan, cuda_graph)) or FakePlan(plan, name, cuda_graph, []))
     monkeypatch.setattr(ort_backend, "OrtModel", lambda path, provider, threads, trt_profile: made.append(
         ("ort", provider, trt_profile)))
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
@@ -441,41 +507,85 @@ def test_cuda_runtime_errors_are_engine_errors_without_a_gpu() -> None:
         pytest.skip("a CUDA device is present")
 
 
-def test_a_profile_tensorrt_will_not_select_is_an_engine_error() -> None:
-    """set_optimization_profile_async returns False (it does not raise) when TensorRT refuses a profile; running
-    on the context anyway would use another profile's shapes. Stub engine: no TensorRT or GPU needed."""
+def test_tensorrt_refusals_are_engine_errors() -> None:
+    """Fakes behave as TensorRT's bindings do: set_optimization_profile_async raises RuntimeError where TensorRT
+    refuses a profile (it returns True otherwise); set_input_shape returns False for a shape outside the profile.
+    Neither is a traceback here. Stub objects: no TensorRT or GPU needed."""
 
     class Context:
-        def __init__(self, accepts: bool):
-            self.accepts, self.asked = accepts, []
+        def __init__(self) -> None:
+            self.memory: tuple = ()
+
+        def set_device_memory(self, memory: int, size: int) -> None:
+            self.memory = (memory, size)
 
         def set_optimization_profile_async(self, profile: int, stream: int) -> bool:
-            self.asked.append((profile, stream))
-            return self.accepts
+            if profile >= 2:
+                raise RuntimeError("Error in set optimization profile async: profile index out of range")
+            return True
+
+        def set_input_shape(self, name: str, shape: tuple) -> bool:
+            return shape[0] <= 2
 
     class Engine:
-        def __init__(self, accepts: bool):
-            self.context = Context(accepts)
+        def create_execution_context(self, strategy: object) -> Context:
+            return Context()
 
-        def create_execution_context(self):
-            return self.context
+    runner = object.__new__(trt_backend._GraphRunner)  # the constructor allocates GPU memory
+    runner.trt = type("trt", (), {"ExecutionContextAllocationStrategy": type("S", (), {"USER_MANAGED": 1})})
+    runner.engine, runner.name, runner.contexts, runner.slots = Engine(), "unet", {}, {}
+    runner.memory, runner.memory_size, runner.handle, runner.stream = 4096, 1 << 20, 7, None
+    runner.inputs, runner.outputs = {}, {}
+    runner.cuda = lambda what, result: result
+    runner.cuda.rt = type("rt", (), {"cudaStreamSynchronize": staticmethod(lambda stream: None)})
+    context = runner._context(1)
+    assert context.memory == (4096, 1 << 20)  # every context on the one shared activation block
+    with pytest.raises(EngineError, match="could not select optimization profile 2: Error in set optimization"):
+        runner._context(2)
+    with pytest.raises(EngineError, match=r"rejected shape \(4, 4\) for input 'sample'"):
+        runner._slot(((4, 4),), {"sample": np.zeros((4, 4), np.float32)}, 1)
 
-    class Logger:
-        errors = ["profile 1 is out of range"]
 
-    def stub(accepts: bool) -> trt_backend.TensorRTModel:
-        model = object.__new__(trt_backend.TensorRTModel)  # the constructor needs a plan and a GPU
-        model.name, model._engine, model._logger = "unet", Engine(accepts), Logger()
-        model._profiles, model._contexts, model._stream_handle, model._stream = [{}, {}], {}, 7, None
-        model._closed = True  # nothing of its own to free at exit
-        model._cuda = lambda what, result: result
-        model._cuda.rt = type("rt", (), {"cudaStreamSynchronize": staticmethod(lambda stream: None)})
-        return model
+def test_polygraphy_failures_are_engine_errors() -> None:
+    """TrtRunner's calls raise polygraphy's exception (G_LOGGER.critical) or TensorRT's RuntimeError; the model
+    turns both into one EngineError naming the plan."""
+    from polygraphy.exception import PolygraphyException
 
-    good = stub(True)
-    assert good._context(1) is good._engine.context and good._engine.context.asked == [(1, 7)]
-    with pytest.raises(EngineError, match="could not select optimization profile 1 of 2: profile 1 is out of range"):
-        stub(False)._context(1)
+    model = object.__new__(trt_backend.TensorRTModel)
+    model.name, model.plan_path = "unet", Path("unet-abc.plan")
+
+    def fail(kind: type) -> None:
+        raise kind("`execute_async_v3()` failed. Please see the logging output above for details.")
+
+    for kind in (PolygraphyException, RuntimeError):
+        with pytest.raises(EngineError, match=r"unet: TensorRT failed on unet-abc.plan: `execute_async_v3\(\)` failed"):
+            model._call(fail, kind)
+    model._closed = True
+
+
+def test_bf16_tensors_are_a_clear_error() -> None:
+    """trt.nptype raises TypeError for bfloat16 (numpy has none): one EngineError naming the tensor."""
+
+    class DataType:
+        BF16 = "DataType.BF16"
+
+    def nptype(dtype: str) -> type:
+        if dtype == DataType.BF16:
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+        return np.float32
+
+    class Engine:
+        num_io_tensors = 1
+
+        def get_tensor_name(self, i: int) -> str:
+            return "sample"
+
+        def get_tensor_dtype(self, name: str) -> str:
+            return DataType.BF16
+
+    trt = type("trt", (), {"nptype": staticmethod(nptype)})
+    with pytest.raises(EngineError, match="tensor 'sample' is DataType.BF16, which numpy cannot hold"):
+        trt_backend._io_specs(trt, Engine(), Path("unet.plan"))
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -612,5 +722,5 @@ def test_static_plan_with_cuda_graphs(tmp_path: Path) -> None:
                     "timestep": np.full(batch, 10.0, np.float32),
                     "encoder_hidden_states": rng.standard_normal((batch, 77, 8)).astype(np.float32)}
             np.testing.assert_allclose(m.run(feed)["out_sample"], tiny_reference(feed), atol=1e-2)
-    assert all(slot.graph_exec is not None for slot in m._slots.values())
+    assert m._graphs is not None and all(slot.graph_exec is not None for slot in m._graphs.slots.values())
     m.close()

@@ -44,6 +44,24 @@ def ours(tiny_onnx_dir):
     return Pipeline(tiny_onnx_dir, threads=1)
 
 
+@pytest.fixture(scope="module")
+def switching_torch_pipe(tiny_switching_sd_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_switching_sd_pipeline_dir, safety_checker=None)
+
+
+@pytest.fixture(scope="module")
+def switching(tiny_switching_onnx_dir):
+    """The tiny model whose d has local minima (conftest): DTP switches there, per sample."""
+    return Pipeline(tiny_switching_onnx_dir, threads=1)
+
+
+def paper_transition(gap: list[float | None]) -> int | None:
+    """Algorithm 1's rule by hand: the first step i with d[i-2] > d[i-1] < d[i], or None."""
+    return next((i for i in range(2, len(gap)) if gap[i - 2] > gap[i - 1] < gap[i]), None)
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++2m"])
 def test_cli_generate_matches_diffusers(tiny_onnx_dir, torch_pipe, tmp_path, scheduler):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -103,23 +121,69 @@ def reference_loop(pipe, prompts: list[str], lat: np.ndarray, config: PolicyConf
     return (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), switched, np.array(d_hist).T
 
 
+# On the switching model, with these prompts and latents, DTP's samples switch at steps 2, 4, 2, never, 2, 4 (found
+# by a search; asserted against the reference below). Each class is there: early, later, never.
+SWITCH_STEPS, SWITCH_N = 20, 6
+
+
+def switch_case(folder: Path) -> tuple[list[str], np.ndarray]:
+    return [PROMPTS[k % 2] for k in range(SWITCH_N)], latents_for(folder, SWITCH_N, seed=3)
+
+
 @pytest.mark.parametrize("name", ["stp", "dtp", "og-stp", "og-dtp"])
-def test_policies_match_algorithm1_reference(ours, torch_pipe, tiny_onnx_dir, name):
-    steps, n = 20, 6
-    prompts = [PROMPTS[k % 2] for k in range(n)]
-    lat = latents_for(tiny_onnx_dir, n, seed=3)
+def test_policies_match_algorithm1_reference(switching, switching_torch_pipe, tiny_switching_onnx_dir, name):
+    steps = SWITCH_STEPS
+    prompts, lat = switch_case(tiny_switching_onnx_dir)
     config = PolicyConfig(name, guidance_scale=7.5, transition_t=500, opposite_scale=2.0)
-    ref, switched, ref_d = reference_loop(torch_pipe, prompts, lat, config, steps)
-    gens = ours.generate(prompts, SamplingConfig(steps=steps, scheduler="ddim", height=SIZE, width=SIZE, policy=config),
-                         latents=lat)
+    ref, switched, ref_d = reference_loop(switching_torch_pipe, prompts, lat, config, steps)
+    gens = switching.generate(prompts, SamplingConfig(steps=steps, scheduler="ddim", height=SIZE, width=SIZE,
+                                                      policy=config), latents=lat)
     got = np.stack([g.pixels for g in gens])
     assert [g.trace["transition_step"] for g in gens] == switched
+    if name.endswith("dtp"):  # samples switch at their own steps, by the paper's rule applied to their own trace
+        assert len(set(switched)) == 3 and None in switched, switched
+        assert [paper_transition(g.trace["gap"]) for g in gens] == switched
+    pre = -2.0 if name.startswith("og-") else 0.0
+    for g, ts in zip(gens, switched):  # s_pre before the transition step, λ from it on
+        ts = steps if ts is None else ts
+        assert g.trace["scale"] == [pre] * ts + [7.5] * (steps - ts)
     assert np.abs(got - ref).max() <= 1e-3
     gaps = np.array([[np.nan if v is None else v for v in g.trace["gap"]] for g in gens]).T
     measured = ~np.isnan(gaps)
     np.testing.assert_allclose(gaps[measured], ref_d[measured], rtol=1e-3)
     if name == "stp":  # s_pre = 0: the UNet skips the conditional branch before τ, so d is not measured there
         assert not measured[: switched[0]].any() and measured[switched[0]:].all()
+
+
+@pytest.mark.parametrize("name", ["dtp", "og-dtp"])
+def test_a_mixed_batch_makes_each_image_as_alone(switching, tiny_switching_onnx_dir, name):
+    """Samples of one batch that switch at different steps: each image is the one its sample makes alone, and the
+    switch shows in the image (a later switch is not CFG's image; a sample that never switches under dtp is the
+    unguided image)."""
+    prompts, lat = switch_case(tiny_switching_onnx_dir)
+
+    def run(config: PolicyConfig, k: slice) -> list:
+        sampling = SamplingConfig(steps=SWITCH_STEPS, scheduler="ddim", height=SIZE, width=SIZE, policy=config)
+        return switching.generate(prompts[k], sampling, latents=lat[k])
+
+    config = PolicyConfig(name, guidance_scale=7.5, opposite_scale=2.0)
+    batch = run(config, slice(None))
+    switched = [g.trace["transition_step"] for g in batch]
+    assert switched == [2, 4, 2, None, 2, 4]
+    for k, g in enumerate(batch):
+        alone = run(config, slice(k, k + 1))[0]
+        assert alone.trace["transition_step"] == switched[k]
+        np.testing.assert_allclose(g.pixels, alone.pixels, atol=1e-5)
+    cfg = run(PolicyConfig("cfg", guidance_scale=7.5), slice(None))
+    unguided = run(PolicyConfig("cfg", guidance_scale=0.0), slice(None))
+    for k, g in enumerate(batch):
+        diff_cfg = np.abs(g.pixels - cfg[k].pixels).mean()
+        diff_unguided = np.abs(g.pixels - unguided[k].pixels).mean()
+        assert diff_cfg > 0.005, (k, diff_cfg)  # guidance withheld (or opposed) for 2, 4 or all steps: not CFG's image
+        if switched[k] is None and name == "dtp":  # s = 0 at every step
+            assert diff_unguided <= 1e-5, (k, diff_unguided)
+        else:  # guided (or opposed) at some step: not the unguided image
+            assert diff_unguided > 0.005, (k, diff_unguided)
 
 
 def test_stp_runs_batch_n_before_tau(ours, tiny_onnx_dir):
@@ -181,8 +245,9 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
     cases = [
         (["--height", "18"], "height 18 not allowed: must be a multiple of"),
         (["--width", "0"], "width 0 not allowed"),
-        (["--steps", "0"], "1"),
-        (["--steps", "1001"], "1000"),
+        # DDIM with steps_offset 1 over 1000 training steps: 1000 steps would need t = 1000, one past the last
+        (["--steps", "0"], "steps (--steps) must be in [1, 999]"),
+        (["--steps", "1001"], "steps (--steps) must be in [1, 999]"),
         (["--guidance-scale", "-2"], r"guidance scale must be in [0, 100]"),
         (["--guidance-scale", "inf"], r"guidance scale must be in [0, 100] (got inf)"),
         (["--guidance-scale", "1e38"], r"guidance scale must be in [0, 100]"),
@@ -212,8 +277,8 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         (["--latents", str(tmp_path / "two_lat.npy"), "--num-images", "3"], "--num-images 3 but --latents holds 2"),
         (["--out", str(tmp_path / "a_dir")], "is a directory"),
         (["--out", str(tmp_path / "o.jpg")], "must end in .png or .npy"),
-        (["--trace", str(tmp_path / "a_dir")], "--trace"),
-        (["--trace", str(tmp_path / "o.png")], "--trace"),  # the trace would overwrite the image
+        (["--trace", str(tmp_path / "a_dir")], f"--trace {tmp_path / 'a_dir'} is a directory"),
+        (["--trace", str(tmp_path / "o.png")], f"--trace {tmp_path / 'o.png'} must end in .json"),  # not the image
         (["--out", str(tmp_path / "a_file" / "o.png")], "is a file, not a directory"),
         (["--out", str(tmp_path / ("x" * 300 + ".png"))], "file name too long"),
         (["--num-images", "2", "--out", str(tmp_path / "q.png")], "q-1.png is a directory"),

@@ -42,7 +42,7 @@ def test_cfg_copies_and_mitigation_escapes(shipped):
     mitigated = own_similarity(shipped, PolicyConfig(defaults["mitigation"], guidance_scale=lam,
                                                      transition_t=defaults["transition_t"],
                                                      opposite_scale=defaults["opposite_scale"]))
-    # Measured on these 8 captions × 2 seeds (README), edge descriptor: cfg 0.516 similarity to the caption's own
+    # Measured on these 8 captions × 2 seeds (docs/memorization.md), edge descriptor: cfg 0.516 similarity to the caption's own
     # training image (8 of 16 ≥ 0.74: copies), stp τ = 400 (the model's default mitigation) 0.135, og-stp 0.057,
     # og-dtp −0.043, dtp 0.311. The test asks that cfg still copies and that the mitigation cuts it by ≥ 50 %.
     assert cfg.mean() > 0.4, cfg

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from basinguard.engine.fusion import is_fusion_cache
 from basinguard.errors import BasinguardError
 
 
@@ -56,3 +58,19 @@ def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
             raise EngineError(f"input {spec.name!r} takes a single value but got differing values {value.tolist()}")
         value = value.reshape(-1)[:1].reshape(() if spec.rank == 0 else (1,))
     return value.astype(spec.dtype, copy=False)
+
+
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """The ONNX file and its external data: every regular file beside it except JSON configs, hidden and
+    temporary files, and the CPU backend's fused-attention cache (`model.fused.onnx`, derived from model.onnx and
+    written by a CPU load: counting it would change a model's identity and its TensorRT plan keys after one CPU run).
+
+    Exporters name external data differently (model.onnx_data, model.onnx.data, weights.pb); taking the whole
+    folder (not sub-folders, where ORT's TensorRT cache may live) needs no ONNX parser and misses none. The one
+    rule for model identities (runtime.model_folder) and plan keys (engine.tensorrt).
+    """
+    onnx_path = Path(onnx_path)
+    siblings = [p for p in sorted(onnx_path.parent.iterdir()) if p != onnx_path and p.is_file()
+                and not p.name.startswith(".") and p.suffix not in (".json", ".tmp", ".partial")
+                and not is_fusion_cache(p)]
+    return [onnx_path, *siblings]

@@ -1,64 +1,77 @@
-"""Native TensorRT backend: one plan per model, built from the exported ONNX files and cached on disk.
+"""Native TensorRT backend: plans built with polygraphy from the exported ONNX files, cached on disk, run on a GPU.
 
 Pieces, in order:
 - profiles: the shape ranges a plan serves, from (N images, image-size range, VAE factor). The UNet spans
-  batch N..2N in one profile, so STP's uncond-only steps (batch N) and guided steps (2N) share an engine;
-  `static` builds one fixed-shape profile per batch size instead (faster kernels, and CUDA graphs).
+  batch 1..2N in one profile, so STP's uncond-only steps (N), guided steps (2N) and a batch job's short last
+  batch share an engine; `static` builds one fixed-shape profile per batch size instead (faster kernels, and
+  CUDA graphs).
 - the plan cache: key = sha256(ONNX hash, TensorRT version, GPU, compute capability, profiles, precision,
   builder options); the key is in the file name, and a JSON sidecar next to each plan repeats the fields and
-  the plan's own hash, checked before loading. A plan built elsewhere or from another ONNX file is never
-  loaded: its key differs, and a sidecar that disagrees with its plan marks the plan as invalid.
-- `build_engines` / `build_plan`: TensorRT's own builder API (ONNX parser, builder config, optimization
-  profiles, timing cache shared across builds); an out-of-memory build is reported as such.
-- `TensorRTModel`: `LoadedModel` over a plan. Device memory through cuda-python's runtime API
-  (`cuda.bindings.runtime`, or `cuda.cudart` before cuda-python 12.6): buffers once per shape, pinned host
-  staging, `execute_async_v3` on one stream, optional CUDA graphs for static plans.
-- `load_tensorrt`: what `--provider tensorrt` loads: the native backend when tensorrt is installed and a valid
-  plan exists, else ONNX Runtime's TensorRT EP, else an error naming what to install or build.
+  the plan's own hash (checked through the size/mtime/inode memo of `files.file_digests`, so gigabyte plans are
+  read once per change). A plan built elsewhere or from another ONNX file is never loaded.
+- builds: polygraphy's loaders (strongly typed network from ONNX, CreateConfig with our profiles and the timing
+  cache, which polygraphy merges under a file lock). fp16 is a property of the ONNX graph, not a builder flag
+  (TensorRT 11 removed the weakly typed precision flags): an fp16 export builds as it is, an fp32 one is first
+  converted by ONNX Runtime's float16 converter with float32 inputs and outputs.
+- `TensorRTModel`: `LoadedModel` over one plan through polygraphy's `TrtRunner` (one execution context, so one
+  activation-memory block for all profiles); static plans with CUDA graphs run on `_GraphRunner` instead.
+  `TensorRTPlans`: every valid plan of one ONNX file, each call run by a plan whose profiles cover its shapes.
+- `load_tensorrt`: what `--provider tensorrt` loads: native TensorRT when it is installed and a valid plan exists,
+  else ONNX Runtime's TensorRT EP, else an error naming what to install or build.
 
-tensorrt and cuda-python are imported inside functions only: this module imports, and its pure parts are
-tested, on machines without a GPU.
+tensorrt, polygraphy and cuda-python are imported inside functions only: this module imports, and its pure parts
+are tested, on machines without a GPU. It uses no API that TensorRT 11 removed (tests/test_tensorrt_static.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from basinguard.engine.base import EngineError, TensorSpec, conform
-from basinguard.engine.fusion import is_fusion_cache
-from basinguard.files import digest_memo, file_digests, sha256_file, write_atomic
+from basinguard.engine.base import EngineError, TensorSpec, conform, onnx_files
+from basinguard.files import digest_memo, file_digests, write_atomic
+
+if TYPE_CHECKING:  # tensorrt-stubs: checked by mypy in tests/test_tensorrt_static.py; never imported at run time
+    import tensorrt
+
+__all__ = ["onnx_files"]  # re-exported: the plan key's file rule, kept importable from here
 
 ENGINE_DIR_ENV = "BASINGUARD_ENGINE_DIR"  # where plans live; default: ONNX_DIR/tensorrt
 CUDA_GRAPH_ENV = "BASINGUARD_CUDA_GRAPH"  # "1": capture CUDA graphs when a plan is static
-PLAN_FORMAT = 1  # bump when the profile rules or the sidecar change: old plans then no longer match
+PLAN_FORMAT = 2  # bump when the profile rules, the build or the sidecar change: old plans then no longer match
 ROLES = ("text_encoder", "unet", "vae_decoder")
 DEFAULT_SEQ_LEN = 77  # CLIP's context, when the tokenizer config does not give a usable one
-MIN_TENSORRT = (8, 6)  # execute_async_v3, set_input_shape, named-tensor profile queries
-INSTALL_HINT = "pip install 'basinguard[tensorrt]' (tensorrt and cuda-python, on a machine with an NVIDIA GPU)"
+MIN_TENSORRT = (10, 1)  # strongly typed networks, named tensors, per-profile device memory (_v2) queries
+# One working set per CUDA major: TensorRT, cuda-python and onnxruntime-gpu built for the same CUDA.
+INSTALL_HINT = ("pip install 'basinguard[tensorrt-cu12]' (CUDA 12 driver) or 'basinguard[tensorrt-cu13]' (CUDA 13 "
+                "driver; nvidia-smi shows the driver's CUDA version), on a machine with an NVIDIA GPU")
 # Fields that must equal this machine's and this ONNX file's for a plan to load (the rest only name the build).
 ENV_FIELDS = ("format", "onnx_sha256", "tensorrt", "gpu", "compute_capability")
 KEY_FIELDS = (*ENV_FIELDS, "model", "profiles", "precision", "static", "builder")
 _OOM = re.compile(r"out of memory|outofmemory|could not be allocated|bad_alloc|cudaErrorMemoryAllocation|"
                   r"CUDA_ERROR_OUT_OF_MEMORY|insufficient (device |gpu )?memory|failed to allocate", re.IGNORECASE)
-_MAX_SLOTS = 4  # buffer sets kept per model: N and 2N (and a partial batch) without reallocating
+_MAX_SLOTS = 4  # CUDA-graph buffer sets kept per model: N and 2N (and a partial batch) without reallocating
+_MAX_OPEN_PLANS = 2  # plans of one model kept deserialized at once (each holds its weights on the GPU)
 
 Shape = tuple[int, ...]
 HW = tuple[int, int]
+ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]  # input name → (min, opt, max)
 
 
 # --------------------------------------------------------------------------------------------------- profiles
@@ -69,7 +82,7 @@ class BuildSpec:
     """What a plan must serve. Image sizes are (height, width) in pixels; None: the model's native size."""
 
     batch: int = 1  # N images per call: the UNet runs at N (uncond-only steps) and 2N (guided steps)
-    min_batch: int | None = None  # the UNet profile's smallest batch (default N); 1 serves a batch job's tail
+    min_batch: int | None = None  # the UNet profile's smallest batch (default: 1 dynamic, N static)
     image: HW | None = None  # the size the kernels are tuned for
     min_image: HW | None = None  # None: = image
     max_image: HW | None = None  # None: = image
@@ -90,6 +103,16 @@ class BuildSpec:
             raise EngineError(f"builder optimization level must be in [0, 5] (got {self.opt_level})")
         if self.static and (self.min_image not in (None, self.image) or self.max_image not in (None, self.image)):
             raise EngineError("a static build takes one image size (--image-size), not a range")
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What profiles need from a model folder (`runtime.model_folder.ModelFolder.engine_geometry`)."""
+
+    vae_factor: int  # pixels per latent cell
+    native: HW  # the model's own (height, width) in pixels
+    multiple: int  # image sides must be multiples of this
+    seq_len: int = DEFAULT_SEQ_LEN  # the text encoder's token length
 
 
 @dataclass(frozen=True)
@@ -132,8 +155,8 @@ def role_profiles(role: str, spec: BuildSpec, vae_factor: int, native: int | HW,
     """The optimization profiles of one model.
 
     The text encoder sees [e_∅; e_p] (2N prompts), the UNet N (uncond-only steps) or 2N, the VAE N latents.
-    Dynamic: one profile per model spanning those batches and the image-size range (min = 1 for the text
-    encoder and VAE, which are cheap to over-provision). Static: one fixed shape per batch size used.
+    Dynamic: one profile per model from batch 1 (a batch job's short last batch) to those batches, over the
+    image-size range. Static: one fixed shape per batch size used (--min-batch adds a smaller one).
     """
     if role not in ROLES:
         raise EngineError(f"unknown model {role!r}; choose from {', '.join(ROLES)}")
@@ -145,7 +168,7 @@ def role_profiles(role: str, spec: BuildSpec, vae_factor: int, native: int | HW,
         latent = None if latent is None else (latent[1],) * 3
         batches = {"text_encoder": [2 * n], "unet": sorted({spec.min_batch or n, n, 2 * n}), "vae_decoder": [n]}[role]
         return [RoleProfile((b, b, b), latent, seq_len) for b in batches]  # type: ignore[arg-type]
-    batch = {"text_encoder": (1, 2 * n, 2 * n), "unet": (spec.min_batch or n, 2 * n, 2 * n),
+    batch = {"text_encoder": (1, 2 * n, 2 * n), "unet": (spec.min_batch or 1, 2 * n, 2 * n),
              "vae_decoder": (1, n, n)}[role]
     return [RoleProfile(batch, latent, seq_len)]  # type: ignore[arg-type]
 
@@ -169,6 +192,7 @@ def input_profile(name: str, shape: Sequence[Any], profile: RoleProfile) -> tupl
         return None
     shapes: tuple[list[int], list[int], list[int]] = ([], [], [])
     for axis, d in enumerate(shape):
+        values: Sequence[int]
         if not _dynamic(d):
             values = (int(d),) * 3
         elif axis == 0:
@@ -185,26 +209,21 @@ def input_profile(name: str, shape: Sequence[Any], profile: RoleProfile) -> tupl
     return tuple(shapes[0]), tuple(shapes[1]), tuple(shapes[2])
 
 
-def pick_profile(shapes: dict[str, Shape], profiles: Sequence[dict[str, tuple[Shape, Shape, Shape]]]) -> int | None:
+def pick_profile(shapes: dict[str, Shape], profiles: Sequence[Mapping[str, Sequence[Sequence[int]]]]) -> int | None:
     """Index of the first profile whose ranges hold every input shape; None when none does."""
     for index, profile in enumerate(profiles):
-        ok = True
-        for name, (lo, _, hi) in profile.items():
-            shape = shapes.get(name)
-            if shape is None or len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
-                ok = False
-                break
-        if ok:
+        if all(name in shapes and len(shapes[name]) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shapes[name], hi))
+               for name, (lo, _, hi) in profile.items()):
             return index
     return None
 
 
-def merged_input_profile(profiles: Sequence[dict[str, Sequence[Sequence[int]]]]) -> dict[str, tuple[Shape, Shape, Shape]]:
+def merged_input_profile(profiles: Sequence[Mapping[str, Sequence[Sequence[int]]]]) -> ProfileShapes:
     """One (min, opt, max) per input spanning several profiles (ORT's TensorRT EP takes a single profile)."""
-    merged: dict[str, tuple[Shape, Shape, Shape]] = {}
+    merged: ProfileShapes = {}
     for profile in profiles:
-        for name, (lo, opt, hi) in profile.items():
-            lo, opt, hi = tuple(lo), tuple(opt), tuple(hi)
+        for name, (lo_, opt_, hi_) in profile.items():
+            lo, opt, hi = tuple(lo_), tuple(opt_), tuple(hi_)
             if name in merged:
                 a, o, b = merged[name]
                 lo, hi = tuple(map(min, a, lo)), tuple(map(max, b, hi))
@@ -234,6 +253,10 @@ class PlanRecord:
     def input_profiles(self) -> list[dict]:
         return self.sidecar.get("input_profiles", [])
 
+    def covers(self, shapes: dict[str, Shape]) -> bool:
+        """Whether one of the plan's profiles holds these input shapes (an all-static plan: its own shapes)."""
+        return pick_profile(shapes, self.input_profiles or [{}]) is not None
+
 
 def engine_dir(onnx_dir: Path) -> Path:
     """Where plans of the model folder `onnx_dir` live: $BASINGUARD_ENGINE_DIR, else ONNX_DIR/tensorrt."""
@@ -241,24 +264,13 @@ def engine_dir(onnx_dir: Path) -> Path:
     return Path(env) if env else Path(onnx_dir) / "tensorrt"
 
 
-def onnx_files(onnx_path: Path) -> list[Path]:
-    """The ONNX file and its external data: every regular file beside it except JSON configs, hidden and
-    temporary files, and the CPU backend's fused-attention cache (`model.fused.onnx`, derived from model.onnx and
-    written by a CPU load: hashing it would invalidate every plan after one CPU run).
-
-    Exporters name external data differently (model.onnx_data, model.onnx.data, weights.pb); taking the whole
-    folder (not sub-folders, where ORT's TensorRT cache may live) needs no ONNX parser and misses none.
-    """
-    onnx_path = Path(onnx_path)
-    siblings = [p for p in sorted(onnx_path.parent.iterdir()) if p != onnx_path and p.is_file()
-                and not p.name.startswith(".") and p.suffix not in (".json", ".tmp", ".partial")
-                and not is_fusion_cache(p)]
-    return [onnx_path, *siblings]
+def _memo(cache_dir: Path) -> Path:
+    """The file-hash memo: the user's (shared with model identities), else one beside the plans."""
+    return digest_memo() or Path(cache_dir) / "digests.json"
 
 
 def onnx_digest(onnx_path: Path, memo: Path | None = None) -> str:
-    """sha256 over the ONNX file and its external data (`onnx_files`); `memo`: see `files.file_digests` (callers
-    pass `files.digest_memo()`, shared with model identities, else a memo beside the plans)."""
+    """sha256 over the ONNX file and its external data (`onnx_files`); `memo`: see `files.file_digests`."""
     files = onnx_files(onnx_path)
     h = hashlib.sha256()
     for path, digest in zip(files, file_digests(files, memo)):
@@ -333,14 +345,15 @@ def verify_plan(sidecar_path: Path, expected: dict | None = None) -> tuple[PlanR
             return None, f"{plan.name}: " + "; ".join(why)
     if plan.name != sidecar_path.with_suffix(".plan").name or not plan.is_file():
         return None, f"{sidecar_path.name}: plan file missing"
-    if plan.stat().st_size != sidecar.get("plan_bytes") or sha256_file(plan) != sidecar.get("plan_sha256"):
+    if (plan.stat().st_size != sidecar.get("plan_bytes")
+            or file_digests([plan], _memo(sidecar_path.parent))[0] != sidecar.get("plan_sha256")):
         return None, f"{plan.name}: plan file truncated or altered since the build"
     return PlanRecord(plan, sidecar), None
 
 
-def find_plan(cache_dir: Path, role: str, onnx_sha: str, env: EngineEnv) -> tuple[PlanRecord | None, list[str]]:
-    """The newest valid plan for `role` built from this ONNX file on this TensorRT and GPU, whatever its profile;
-    else (None, why each plan found was rejected)."""
+def find_plans(cache_dir: Path, role: str, onnx_sha: str, env: EngineEnv) -> tuple[list[PlanRecord], list[str]]:
+    """The valid plans for `role` built from this ONNX file on this TensorRT and GPU, best first (static ones,
+    with the fastest kernels, then the newest); and why each other plan found was rejected."""
     expected = {"format": PLAN_FORMAT, "onnx_sha256": onnx_sha, "tensorrt": env.tensorrt, "gpu": env.gpu,
                 "compute_capability": env.compute_capability}
     valid, why = [], []
@@ -350,9 +363,8 @@ def find_plan(cache_dir: Path, role: str, onnx_sha: str, env: EngineEnv) -> tupl
             valid.append(record)
         elif problem:
             why.append(problem)
-    if not valid:
-        return None, why
-    return max(valid, key=lambda r: str(r.sidecar.get("built_at", ""))), why
+    valid.sort(key=lambda r: (bool(r.sidecar.get("static")), str(r.sidecar.get("built_at", ""))), reverse=True)
+    return valid, why
 
 
 def newest_input_profiles(cache_dir: Path, role: str, onnx_sha: str) -> list[dict]:
@@ -388,11 +400,11 @@ def build_failure(role: str, messages: Sequence[str], profiles: Sequence[RolePro
     return EngineError(f"TensorRT could not build the {role} plan ({ranges}): {detail}")
 
 
-def out_of_profile(name: str, shapes: dict[str, Shape], profiles: Sequence[dict[str, tuple[Shape, Shape, Shape]]],
-                   plan: Path | None) -> EngineError:
-    ranges = "; ".join(", ".join(f"{k} {lo}..{hi}" for k, (lo, _, hi) in p.items()) for p in profiles) or "none"
+def out_of_profile(name: str, shapes: dict[str, Shape], profiles: Sequence[Mapping[str, Sequence[Sequence[int]]]],
+                   plan: Path | str | None) -> EngineError:
+    ranges = "; ".join(", ".join(f"{k} {tuple(lo)}..{tuple(hi)}" for k, (lo, _, hi) in p.items()) for p in profiles)
     got = ", ".join(f"{k} {v}" for k, v in shapes.items())
-    return EngineError(f"{name}: input shapes ({got}) are outside the TensorRT plan's profiles ({ranges}) "
+    return EngineError(f"{name}: input shapes ({got}) are outside the TensorRT plan's profiles ({ranges or 'none'}) "
                        f"{'of ' + str(plan) if plan else ''}. Rebuild with `basinguard build-engines` for this "
                        "batch and size (--batch N, --min-batch for smaller tail batches, --min/--max-image-size)")
 
@@ -417,6 +429,8 @@ def _import_tensorrt():  # -> module tensorrt
         import tensorrt as trt
     except ImportError as exc:
         raise EngineError(f"tensorrt is not installed ({exc}); {INSTALL_HINT}") from None
+    if not hasattr(trt, "__version__"):  # a bare namespace: only tensorrt-stubs' .pyi files are installed
+        raise EngineError(f"tensorrt is not installed (only its type stubs are); {INSTALL_HINT}")
     version = tuple(int(p) for p in re.findall(r"\d+", trt.__version__)[:2])
     if version < MIN_TENSORRT:
         raise EngineError(f"TensorRT {trt.__version__} is too old; basinguard needs >= "
@@ -426,10 +440,10 @@ def _import_tensorrt():  # -> module tensorrt
 
 def _import_cudart():  # -> module cuda.bindings.runtime
     try:
-        from cuda.bindings import runtime
+        from cuda.bindings import runtime  # pyright: ignore[reportMissingImports]  (not installed in CI)
     except ImportError:
         try:
-            from cuda import cudart as runtime  # cuda-python < 12.6
+            from cuda import cudart as runtime  # pyright: ignore[reportMissingImports]  (cuda-python < 12.6)
         except ImportError as exc:
             raise EngineError(f"cuda-python is not installed ({exc}); {INSTALL_HINT}") from None
     return runtime
@@ -440,6 +454,9 @@ def native_problem() -> str | None:
     try:
         _import_tensorrt()
         _import_cudart()
+        import polygraphy.backend.trt  # noqa: F401
+    except ImportError as exc:
+        return f"polygraphy is not installed ({exc}); {INSTALL_HINT}"
     except EngineError as exc:
         return str(exc)
     return None
@@ -479,50 +496,50 @@ class Cuda:
 
 
 def engine_env() -> EngineEnv:
-    """TensorRT version and the current GPU; an EngineError when either is missing."""
+    """TensorRT version and the current GPU; an EngineError naming what to install when either is missing."""
     trt = _import_tensorrt()
     try:
         name, cc, _, _ = Cuda().device()
     except CudaError as exc:
-        hint = ""
-        if "InsufficientDriver" in str(exc):  # cuda-python 13 on a CUDA 12 driver, typically
-            hint = ("; this cuda-python needs a newer NVIDIA driver: install the cuda-python major matching the "
-                    "driver's CUDA version (nvidia-smi), e.g. pip install 'cuda-python<13' for a CUDA 12 driver")
+        hint = ("; check the GPU is visible (nvidia-smi, CUDA_VISIBLE_DEVICES) and the NVIDIA driver is loaded")
+        if "InsufficientDriver" in str(exc):  # a CUDA 13 set on a CUDA 12 driver, typically
+            hint = ("; the installed CUDA packages need a newer NVIDIA driver than this one: install the set for the "
+                    "driver's CUDA version (nvidia-smi), e.g. pip install 'basinguard[tensorrt-cu12]' for a CUDA 12 driver")
         raise EngineError(f"no usable CUDA device: {exc}{hint}") from None
     return EngineEnv(trt.__version__, name, cc)
 
 
-def _recording_logger(trt):  # -> trt.ILogger that keeps errors (for OOM detection) and prints them
-    class Recorder(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
+class _Errors(logging.Handler):
+    """Polygraphy's (and through it TensorRT's) warnings and errors: printed, and the errors kept for messages."""
 
-        def log(self, severity, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-                print(f"TensorRT: {msg}", file=sys.stderr)
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
 
-    return Recorder()
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            self.messages.append(text)
+        print(f"TensorRT: {text}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _polygraphy_errors() -> Iterator[_Errors]:
+    """Route polygraphy's logger through Python logging for the duration, to collect its ERROR and CRITICAL
+    lines (TensorRT's errors among them) for the EngineError; its progress lines (INFO) are not shown."""
+    from polygraphy.logger import G_LOGGER
+
+    handler, logger, before = _Errors(), logging.getLogger("Polygraphy"), G_LOGGER.use_python_logging_system
+    G_LOGGER.use_python_logging_system = True
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        G_LOGGER.use_python_logging_system = before
 
 
 # --------------------------------------------------------------------------------------------------- builds
-
-
-def _model_geometry(onnx_dir: Path) -> tuple[int, HW, int, int]:
-    """(VAE factor, native (height, width), size multiple, token length) from the exported folder's configs."""
-    from basinguard.runtime.model_folder import ModelFolder  # lazy: the engine package does not need runtime
-
-    folder = ModelFolder.open(onnx_dir)
-    seq_len = DEFAULT_SEQ_LEN
-    cfg = folder.path / "tokenizer" / "tokenizer_config.json"
-    try:
-        value = json.loads(cfg.read_text()).get("model_max_length") if cfg.is_file() else None
-    except (OSError, ValueError):
-        value = None
-    if isinstance(value, int) and 2 < value <= 4096:  # huge sentinels (1e30) mean "unset"
-        seq_len = value
-    return folder.vae_scale_factor, folder.default_image, folder.size_multiple, seq_len
 
 
 def _timing_cache_path(cache_dir: Path, env: EngineEnv) -> Path:
@@ -530,59 +547,80 @@ def _timing_cache_path(cache_dir: Path, env: EngineEnv) -> Path:
     return Path(cache_dir) / f"timing-trt{env.tensorrt}-{slug}-sm{env.compute_capability}.cache"
 
 
-def _serialize(onnx_path: Path, role: str, profiles: Sequence[RoleProfile], precision: dict, spec: BuildSpec,
+def float_dtype(onnx_path: Path) -> str:
+    """'float16' when the graph's float weights are mostly float16 (`export --fp16`), else 'float32'."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    f32, f16 = int(onnx.TensorProto.FLOAT), int(onnx.TensorProto.FLOAT16)
+    count = {f32: 0, f16: 0}
+    for init in model.graph.initializer:
+        if init.data_type in count:
+            count[init.data_type] += int(np.prod(init.dims))
+    return "float16" if count[f16] > count[f32] else "float32"
+
+
+def fp16_onnx(onnx_path: Path, work_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """A float16 copy of a float32 ONNX graph with float32 inputs and outputs, for a strongly typed fp16 build:
+    ONNX Runtime's float16 converter (kept from onnxconverter-common), nodes sorted topologically on save (the
+    converter appends Casts that TensorRT's parser would otherwise reject). Made once into `work_dir`."""
+    target = Path(work_dir) / "model.onnx"
+    if target.is_file():
+        return target
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    log(f"converting {onnx_path} to float16 (float32 inputs and outputs) for an fp16 plan")
+    tmp = target.with_name(".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        model = OnnxModel(onnx.load(str(onnx_path)))
+        model.convert_float_to_float16(keep_io_types=True, use_symbolic_shape_infer=False)
+        large = model.model.ByteSize() > 2**31 - 2**26  # protobuf's 2 GiB limit, less a margin
+        model.save_model_to_file(str(tmp / "model.onnx"), use_external_data_format=large)
+    except Exception as exc:
+        raise EngineError(f"converting {onnx_path} to float16 failed: {exc}") from None
+    for part in tmp.iterdir():
+        part.replace(target.with_name(part.name))
+    tmp.rmdir()
+    return target
+
+
+def _serialize(onnx_path: Path, role: str, profiles: Sequence[RoleProfile], spec: BuildSpec,
                timing_cache: Path) -> tuple[Any, list[dict]]:
-    """Parse, configure and build with TensorRT's builder API; returns (serialized plan, per-input profiles)."""
+    """Parse (strongly typed), configure and build with polygraphy; returns (serialized plan, per-input profiles)."""
     trt = _import_tensorrt()
-    logger = _recording_logger(trt)
-    builder = trt.Builder(logger)
-    explicit = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(explicit)
-    parser = trt.OnnxParser(network, logger)
-    if hasattr(trt.OnnxParserFlag, "NATIVE_INSTANCENORM"):  # GroupNorm exports as InstanceNorm: keep it one layer
-        parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise build_failure(role, logger.errors + errors, profiles)
-    config = builder.create_builder_config()
-    if precision["fp16"]:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if spec.workspace_mib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
-    if spec.opt_level is not None:
-        config.builder_optimization_level = spec.opt_level
-    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    resolved = []
-    for rp in profiles:
-        trt_profile = builder.create_optimization_profile()
-        shapes = {}
-        for name, shape in inputs.items():
-            ranges = input_profile(name, shape, rp)
-            if ranges is not None:
-                trt_profile.set_shape(name, *ranges)
-                shapes[name] = [list(s) for s in ranges]
-        if not shapes:  # an all-static ONNX file: TensorRT needs (and takes) no profile
-            break
-        if config.add_optimization_profile(trt_profile) < 0:
-            raise build_failure(role, [*logger.errors, f"TensorRT rejected the profile {shapes}"], profiles)
-        resolved.append(shapes)
-    # Timing cache: tactic timings from earlier builds (any model) on this TensorRT + GPU skip re-measuring.
-    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(blob) if blob else None
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        if blob:
-            warnings.warn(f"ignoring unusable timing cache {timing_cache}", stacklevel=2)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    try:
-        serialized = builder.build_serialized_network(network, config)
-    except (RuntimeError, MemoryError) as exc:  # some allocation failures surface as Python exceptions
-        raise build_failure(role, [*logger.errors, str(exc)], profiles) from None
-    if serialized is None:
-        raise build_failure(role, logger.errors, profiles)
-    try:
-        write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
-    except OSError as exc:
-        warnings.warn(f"could not save the timing cache {timing_cache}: {exc}", stacklevel=2)
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.exception import PolygraphyException
+
+    with _polygraphy_errors() as errors:
+        try:
+            # NATIVE_INSTANCENORM: GroupNorm exports as InstanceNorm; polygraphy sets it unless told otherwise.
+            builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+            inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+            resolved: list[dict] = []
+            for rp in profiles:
+                shapes = {name: ranges for name, shape in inputs.items()
+                          if (ranges := input_profile(name, shape, rp)) is not None}
+                if not shapes:  # an all-static ONNX file: TensorRT needs (and takes) no profile
+                    break
+                resolved.append({name: [list(s) for s in ranges] for name, ranges in shapes.items()})
+            trt_profiles = []
+            for shapes_of in resolved:
+                trt_profiles.append(Profile())
+                for name, (lo, opt, hi) in shapes_of.items():
+                    trt_profiles[-1].add(name, min=lo, opt=opt, max=hi)
+            pools = {trt.MemoryPoolType.WORKSPACE: spec.workspace_mib << 20} if spec.workspace_mib else None
+            # Timing cache: tactic timings from earlier builds (any model) on this TensorRT + GPU skip re-measuring;
+            # polygraphy reads it, and merges this build's timings into it, under a file lock.
+            config = CreateConfig(profiles=trt_profiles or None, load_timing_cache=str(timing_cache),
+                                  memory_pool_limits=pools, builder_optimization_level=spec.opt_level)
+            serialized = EngineBytesFromNetwork((builder, network, parser), config=config,
+                                                save_timing_cache=str(timing_cache))()
+        except EngineError:
+            raise
+        except (PolygraphyException, RuntimeError, MemoryError) as exc:  # some allocation failures raise directly
+            raise build_failure(role, [*errors.messages, str(exc)], profiles) from None
     return serialized, resolved
 
 
@@ -594,7 +632,8 @@ def build_plan(onnx_path: Path, role: str, profiles: Sequence[RoleProfile], spec
         raise EngineError(f"model file not found: {onnx_path}")
     env = env or engine_env()
     precision = precision_for(role, spec)
-    fields = key_fields(role, onnx_digest(onnx_path, digest_memo() or cache_dir / "digests.json"), env, profiles, precision, spec)
+    onnx_sha = onnx_digest(onnx_path, _memo(cache_dir))
+    fields = key_fields(role, onnx_sha, env, profiles, precision, spec)
     key = plan_key(fields)
     plan, sidecar = plan_paths(cache_dir, role, key)
     ranges = "; ".join(p.describe() for p in profiles)
@@ -605,10 +644,17 @@ def build_plan(onnx_path: Path, role: str, profiles: Sequence[RoleProfile], spec
             return record
         if sidecar.exists() or plan.exists():
             log(f"{role}: rebuilding: {problem}")
-    log(f"{role}: building a TensorRT {'fp16' if precision['fp16'] else 'fp32'} plan ({ranges}); "
-        "a full-size UNet takes minutes")
+    # A strongly typed network runs in its graph's types: fp16 comes from an fp16 graph.
+    source, graph = onnx_path, float_dtype(onnx_path)
+    if precision["fp16"] and graph == "float32":
+        source = fp16_onnx(onnx_path, cache_dir / "fp16" / f"{role}-{onnx_sha[:16]}", lambda text: log(f"{role}: {text}"))
+    elif not precision["fp16"] and graph == "float16":
+        log(f"{role}: the ONNX graph is float16 (export --fp16), so the plan runs in float16; export in float32 "
+            "for an fp32 plan")
+    log(f"{role}: building a TensorRT {'fp16' if precision['fp16'] or graph == 'float16' else 'fp32'} plan "
+        f"({ranges}); a full-size UNet takes minutes")
     start = time.perf_counter()
-    serialized, resolved = _serialize(onnx_path, role, profiles, precision, spec, _timing_cache_path(cache_dir, env))
+    serialized, resolved = _serialize(source, role, profiles, spec, _timing_cache_path(cache_dir, env))
     record = store_plan(cache_dir, fields, serialized, resolved, onnx_path, time.perf_counter() - start)
     log(f"{role}: built {record.plan} in {record.sidecar['build_seconds']} s "
         f"({record.sidecar['plan_bytes'] / 2**20:.0f} MiB)")
@@ -629,18 +675,19 @@ def store_plan(cache_dir: Path, fields: dict, serialized: Any, input_profiles: l
     return PlanRecord(plan, record)
 
 
-def build_engines(onnx_dir: Path, spec: BuildSpec | None = None, cache_dir: Path | None = None,
-                  roles: Sequence[str] = ROLES, *, force: bool = False,
+def build_engines(onnx_dir: Path, geometry: ModelGeometry, spec: BuildSpec | None = None,
+                  cache_dir: Path | None = None, roles: Sequence[str] = ROLES, *, force: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, PlanRecord]:
-    """Plans for the models of an exported folder (`basinguard build-engines`, `export --tensorrt`)."""
+    """Plans for the models of an exported folder (`basinguard build-engines`, `export --tensorrt`); `geometry`:
+    the folder's (`ModelFolder.engine_geometry()`)."""
     spec = spec or BuildSpec()
     onnx_dir = Path(onnx_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else engine_dir(onnx_dir)
     unknown = [r for r in roles if r not in ROLES]
     if unknown:
         raise EngineError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}")
-    vae_factor, native, multiple, seq_len = _model_geometry(onnx_dir)
-    plans = {role: role_profiles(role, spec, vae_factor, native, multiple, seq_len) for role in roles}  # validate all first
+    g = geometry
+    plans = {role: role_profiles(role, spec, g.vae_factor, g.native, g.multiple, g.seq_len) for role in roles}  # validate all first
     env = engine_env()
     return {role: build_plan(onnx_dir / role / "model.onnx", role, profiles, spec, cache_dir, force=force, log=log,
                              env=env) for role, profiles in plans.items()}
@@ -649,24 +696,49 @@ def build_engines(onnx_dir: Path, spec: BuildSpec | None = None, cache_dir: Path
 # -------------------------------------------------------------------------------------------------- runtime
 
 
-@dataclass
-class _Slot:
-    """Device and pinned host buffers for one set of input shapes, and its CUDA graph when captured."""
+def _io_specs(trt: Any, engine: tensorrt.ICudaEngine, plan: Path) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """The engine's inputs and outputs as numpy specs; bf16/fp8 tensors (no numpy type) are a clear error."""
+    inputs: dict[str, TensorSpec] = {}
+    outputs: dict[str, TensorSpec] = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = engine.get_tensor_dtype(name)
+        try:
+            np_type = np.dtype(trt.nptype(dtype))
+        except TypeError:  # trt.nptype raises TypeError for types numpy lacks (bf16, fp8, fp4)
+            raise EngineError(f"{plan}: tensor {name!r} is {dtype}, which numpy cannot hold; export the model with "
+                              "float32 or float16 inputs and outputs") from None
+        shape = tuple(None if d < 0 else int(d) for d in engine.get_tensor_shape(name))
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        (inputs if is_input else outputs)[name] = TensorSpec(name, np_type, shape)
+    return inputs, outputs
 
-    profile: int
-    shapes: dict[str, Shape]
-    device: dict[str, int]
-    host: dict[str, np.ndarray]
-    host_ptrs: list[int]
-    graph: Any = None
-    graph_exec: Any = None
-    graph_tried: bool = False
+
+def _profile_shapes(engine: tensorrt.ICudaEngine, inputs: dict[str, TensorSpec], plan: Path) -> list[ProfileShapes]:
+    """(min, opt, max) of each input per profile; a static input's own shape when TensorRT reports none."""
+    profiles = []
+    for p in range(engine.num_optimization_profiles):
+        shapes: ProfileShapes = {}
+        for name, spec in inputs.items():
+            try:
+                got = tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(name, p))
+            except (RuntimeError, TypeError, ValueError):
+                got = ()
+            if len(got) != 3 or any(d < 0 for s in got for d in s):
+                if any(d is None for d in spec.shape):
+                    raise EngineError(f"no profile shape for dynamic input {name!r} in {plan}")
+                got = (tuple(int(d) for d in spec.shape if d is not None),) * 3
+            shapes[name] = got  # type: ignore[assignment]
+        profiles.append(shapes)
+    return profiles
 
 
 class TensorRTModel:
-    """A TensorRT plan behind `LoadedModel`: host arrays in, copied to device buffers, one `execute_async_v3`
-    on a private stream, outputs copied back. With `cuda_graph` (static plans only) each batch size's
-    execution is captured once and replayed."""
+    """One TensorRT plan behind `LoadedModel`: host arrays in, host arrays out.
+
+    Runs on polygraphy's `TrtRunner`: one execution context (so one activation-memory block for every profile),
+    the profile switched when a call's shapes need another. With `cuda_graph` (static plans only) each batch
+    size's execution is captured once and replayed (`_GraphRunner`)."""
 
     provider = "tensorrt"
 
@@ -676,52 +748,53 @@ class TensorRTModel:
         self.plan_path = plan
         self._closed = True
         trt = _import_tensorrt()
-        self._cuda = Cuda()
-        self._logger = _recording_logger(trt)
-        self._runtime = trt.Runtime(self._logger)
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from polygraphy.exception import PolygraphyException
+
         try:
-            engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+            data = plan.read_bytes()
         except OSError as exc:
             raise EngineError(f"cannot read TensorRT plan {plan}: {exc}") from None
-        if engine is None:
-            raise EngineError(f"cannot load TensorRT plan {plan}: {' | '.join(self._logger.errors[-2:]) or 'unknown'}")
-        self._engine = engine
-        self.inputs: dict[str, TensorSpec] = {}
-        self.outputs: dict[str, TensorSpec] = {}
-        for i in range(engine.num_io_tensors):
-            tname = engine.get_tensor_name(i)
-            shape = tuple(None if d < 0 else int(d) for d in engine.get_tensor_shape(tname))
-            spec = TensorSpec(tname, np.dtype(trt.nptype(engine.get_tensor_dtype(tname))), shape)
-            is_input = engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT
-            (self.inputs if is_input else self.outputs)[tname] = spec
-        self._profiles = [{n: self._profile_shape(n, p) for n in self.inputs}
-                          for p in range(engine.num_optimization_profiles)]
+        with _polygraphy_errors() as errors:
+            try:
+                engine = EngineFromBytes(data)()
+            except (PolygraphyException, RuntimeError) as exc:
+                raise EngineError(f"cannot load TensorRT plan {plan}: "
+                                  f"{' | '.join([*errors.messages[-2:], str(exc)])}") from None
+        self.inputs, self.outputs = _io_specs(trt, engine, plan)
+        self._profiles = _profile_shapes(engine, self.inputs, plan)
         self.static = all(lo == hi for prof in self._profiles for lo, _, hi in prof.values())
         if cuda_graph and not self.static:
             raise EngineError(f"{self.name}: CUDA graphs need a static plan (basinguard build-engines --static); "
                               f"{plan.name} has dynamic shapes")
         self.cuda_graph = cuda_graph
-        self._stream = self._cuda("cudaStreamCreate", self._cuda.rt.cudaStreamCreate())
-        self._stream_handle = int(self._stream)
-        self._contexts: dict[int, Any] = {}
-        self._bound: dict[int, tuple[Shape, ...]] = {}  # profile → the slot whose shapes/addresses its context holds
-        self._slots: OrderedDict[tuple[Shape, ...], _Slot] = OrderedDict()
+        self._profile = 0
+        self._runner: Any = None
+        self._graphs: _GraphRunner | None = None
+        if cuda_graph:
+            self._graphs = _GraphRunner(trt, engine, self.name, self.inputs, self.outputs)
+        else:
+            self._runner = TrtRunner(engine, name=self.name)
+            self._call(self._runner.activate)
         self._closed = False
 
-    def _profile_shape(self, name: str, profile: int) -> tuple[Shape, Shape, Shape]:
-        """(min, opt, max) of an input in a profile; a static input's own shape when TensorRT reports none."""
-        try:
-            shapes = tuple(tuple(int(d) for d in s) for s in self._engine.get_tensor_profile_shape(name, profile))
-        except (RuntimeError, TypeError, ValueError):
-            shapes = ()
-        if len(shapes) != 3 or any(d < 0 for s in shapes for d in s):
-            declared = self.inputs[name].shape
-            if any(d is None for d in declared):
-                raise EngineError(f"{self.name}: no profile shape for dynamic input {name!r} in {self.plan_path}")
-            shapes = (tuple(declared),) * 3  # type: ignore[assignment]
-        return shapes  # type: ignore[return-value]
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a polygraphy/TensorRT call; its failures (logged by TensorRT, raised by polygraphy) as EngineError."""
+        from polygraphy.exception import PolygraphyException
 
-    # -- LoadedModel
+        with _polygraphy_errors() as errors:
+            try:
+                return fn(*args, **kwargs)
+            except (PolygraphyException, RuntimeError) as exc:
+                detail = " | ".join([*errors.messages[-2:], str(exc)] if str(exc) not in errors.messages[-2:]
+                                    else errors.messages[-2:])
+                raise EngineError(f"{self.name}: TensorRT failed on {self.plan_path.name}: {detail}") from None
+
+    def profile_for(self, shapes: dict[str, Shape]) -> int:
+        profile = pick_profile(shapes, self._profiles) if self._profiles else 0
+        if profile is None:
+            raise out_of_profile(self.name, shapes, self._profiles, self.plan_path)
+        return profile
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._closed:
@@ -731,129 +804,170 @@ class TensorRTModel:
             if name not in inputs:
                 raise EngineError(f"{self.name}: missing input {name!r} (model takes {', '.join(self.inputs)})")
             feed[name] = np.ascontiguousarray(conform(spec, inputs[name]))
-        key = tuple(v.shape for v in feed.values())
-        slot = self._slot(key, {n: v.shape for n, v in feed.items()})
-        rt, cuda, stream = self._cuda.rt, self._cuda, self._stream
-        for name, value in feed.items():
-            np.copyto(slot.host[name], value)  # into pinned memory: a true async copy, and graph-safe addresses
-            cuda("cudaMemcpyAsync", rt.cudaMemcpyAsync(slot.device[name], slot.host[name].ctypes.data, value.nbytes,
-                                                       rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-        self._execute(key, slot)
-        for name in self.outputs:
-            out = slot.host[name]
-            cuda("cudaMemcpyAsync", rt.cudaMemcpyAsync(out.ctypes.data, slot.device[name], out.nbytes,
-                                                       rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-        cuda("cudaStreamSynchronize", rt.cudaStreamSynchronize(stream))
-        return {name: slot.host[name].copy() for name in self.outputs}  # the pinned buffers are reused next call
+        profile = self.profile_for({n: v.shape for n, v in feed.items()})
+        if self._graphs is not None:
+            return self._graphs.run(feed, profile)
+        if profile != self._profile:
+            self._call(self._runner.set_profile, profile)  # TensorRT raises RuntimeError where it refuses
+            self._profile = profile
+        out = self._call(self._runner.infer, feed, check_inputs=False)
+        return {name: np.array(out[name], copy=True) for name in self.outputs}  # the runner reuses its buffers
 
-    # -- internals
+    def close(self) -> None:
+        """Free device memory now (also done, best effort, when the object is collected)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._graphs is not None:
+            self._graphs.close()
+        elif self._runner is not None and self._runner.is_active:
+            self._runner.deactivate()
 
-    def _context(self, profile: int):  # -> trt.IExecutionContext, one per profile (each holds its own shapes)
-        if profile not in self._contexts:
-            context = self._engine.create_execution_context()
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
+
+
+@dataclass
+class _Slot:
+    """Device and pinned host buffers for one set of input shapes, and its CUDA graph."""
+
+    profile: int
+    shapes: dict[str, Shape]
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, np.ndarray] = field(default_factory=dict)
+    host_ptrs: list[int] = field(default_factory=list)
+    graph: Any = None
+    graph_exec: Any = None
+
+
+class _GraphRunner:
+    """A static plan run through CUDA graphs (cuda-python): one execution context per profile, all sharing one
+    user-managed activation-memory block sized by the largest per-profile (_v2) need, as NVIDIA's diffusion demo
+    does; buffers per shape set (pinned host staging, so replays see fixed addresses); each shape set's
+    execution captured after one plain run and replayed from then on."""
+
+    def __init__(self, trt: Any, engine: tensorrt.ICudaEngine, name: str, inputs: dict[str, TensorSpec],
+                 outputs: dict[str, TensorSpec]):
+        self.trt, self.engine, self.name, self.inputs, self.outputs = trt, engine, name, inputs, outputs
+        self.cuda = Cuda()
+        rt = self.cuda.rt
+        self.stream = self.cuda("cudaStreamCreate", rt.cudaStreamCreate())
+        self.handle = int(self.stream)
+        self.contexts: dict[int, tensorrt.IExecutionContext] = {}
+        self.slots: OrderedDict[tuple[Shape, ...], _Slot] = OrderedDict()
+        size = max(engine.get_device_memory_size_for_profile_v2(p) for p in range(max(1, engine.num_optimization_profiles)))
+        self.memory_size = int(size)
+        self.memory = self._malloc(max(1, self.memory_size), "activation memory")
+
+    def _malloc(self, nbytes: int, what: str) -> int:
+        try:
+            return self.cuda("cudaMalloc", self.cuda.rt.cudaMalloc(nbytes))
+        except CudaError as exc:
+            if exc.out_of_memory:
+                raise EngineError(f"{self.name}: out of GPU memory allocating {nbytes / 2**20:.0f} MiB of {what}; "
+                                  "run fewer images per call (--batch-size) or a smaller size") from None
+            raise
+
+    def _context(self, profile: int) -> tensorrt.IExecutionContext:
+        context = self.contexts.get(profile)
+        if context is None:
+            strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            context = self.engine.create_execution_context(strategy)
             if context is None:
-                raise EngineError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?): "
-                                  f"{' | '.join(self._logger.errors[-2:])}")
-            if profile or len(self._profiles) > 1:
-                if not context.set_optimization_profile_async(profile, self._stream_handle):  # False: not selected
-                    raise EngineError(f"{self.name}: TensorRT could not select optimization profile {profile} of "
-                                      f"{len(self._profiles)}: {' | '.join(self._logger.errors[-2:])}")
-                self._cuda("cudaStreamSynchronize", self._cuda.rt.cudaStreamSynchronize(self._stream))
-            self._contexts[profile] = context
-        return self._contexts[profile]
+                raise EngineError(f"{self.name}: TensorRT could not create an execution context")
+            context.set_device_memory(self.memory, self.memory_size)
+            try:  # TensorRT raises RuntimeError where it refuses a profile; it returns True otherwise
+                context.set_optimization_profile_async(profile, self.handle)
+            except RuntimeError as exc:
+                raise EngineError(f"{self.name}: TensorRT could not select optimization profile {profile}: {exc}") from None
+            self.cuda("cudaStreamSynchronize", self.cuda.rt.cudaStreamSynchronize(self.stream))
+            self.contexts[profile] = context
+        return context
 
-    def _slot(self, key: tuple[Shape, ...], shapes: dict[str, Shape]) -> _Slot:
-        slot = self._slots.get(key)
+    def _slot(self, key: tuple[Shape, ...], feed: dict[str, np.ndarray], profile: int) -> _Slot:
+        slot = self.slots.get(key)
         if slot is not None:
-            self._slots.move_to_end(key)
+            self.slots.move_to_end(key)
             return slot
-        profile = pick_profile(shapes, self._profiles)
-        if profile is None:
-            raise out_of_profile(self.name, shapes, self._profiles, self.plan_path)
         context = self._context(profile)
+        shapes = {name: value.shape for name, value in feed.items()}
         for name, shape in shapes.items():
             if not context.set_input_shape(name, shape):
-                raise EngineError(f"{self.name}: TensorRT rejected shape {shape} for {name!r}")
-        self._bound.pop(profile, None)
-        all_shapes = dict(shapes)
+                raise EngineError(f"{self.name}: TensorRT rejected shape {shape} for input {name!r}")
         for name in self.outputs:
-            shape = tuple(int(d) for d in context.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise EngineError(f"{self.name}: output {name!r} has a data-dependent shape {shape}; not supported")
-            all_shapes[name] = shape
-        while len(self._slots) >= _MAX_SLOTS:
-            self._free_slot(*self._slots.popitem(last=False))
-        slot = self._allocate(profile, all_shapes)
-        self._slots[key] = slot
-        return slot
-
-    def _allocate(self, profile: int, shapes: dict[str, Shape]) -> _Slot:
-        rt, cuda = self._cuda.rt, self._cuda
-        slot = _Slot(profile, shapes, {}, {}, [])
-        specs = {**self.inputs, **self.outputs}
+            shapes[name] = tuple(int(d) for d in context.get_tensor_shape(name))
+            if any(d < 0 for d in shapes[name]):
+                raise EngineError(f"{self.name}: output {name!r} has a data-dependent shape {shapes[name]}; not supported")
+        while len(self.slots) >= _MAX_SLOTS:
+            self._free(self.slots.popitem(last=False)[1])
+        slot = _Slot(profile, shapes)
         try:
-            for name, shape in shapes.items():
-                nbytes = max(1, int(np.prod(shape)) * specs[name].dtype.itemsize)
-                slot.device[name] = cuda("cudaMalloc", rt.cudaMalloc(nbytes))
-                ptr = cuda("cudaMallocHost", rt.cudaMallocHost(nbytes))
-                slot.host_ptrs.append(ptr)
-                raw = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
-                slot.host[name] = raw[: int(np.prod(shape)) * specs[name].dtype.itemsize].view(specs[name].dtype).reshape(shape)
-        except CudaError as exc:
-            self._free_slot(None, slot)
-            if exc.out_of_memory:
-                mib = sum(int(np.prod(s)) * specs[n].dtype.itemsize for n, s in shapes.items()) / 2**20
-                raise EngineError(f"{self.name}: out of GPU memory allocating {mib:.0f} MiB of buffers for shapes "
-                                  f"{shapes}; run fewer images per call (--batch-size) or a smaller size") from None
+            self._prepare(context, slot, feed)
+        except BaseException as exc:
+            self._free(slot)
+            if isinstance(exc, CudaError) and not exc.out_of_memory:
+                raise EngineError(f"{self.name}: CUDA graph capture failed ({exc}); run without {CUDA_GRAPH_ENV}") from None
             raise
+        self.slots[key] = slot
         return slot
 
-    def _bind(self, context: Any, slot: _Slot) -> None:
-        for name in self.inputs:
-            context.set_input_shape(name, slot.shapes[name])
-        for name, ptr in slot.device.items():
-            context.set_tensor_address(name, ptr)
+    def _prepare(self, context: tensorrt.IExecutionContext, slot: _Slot, feed: dict[str, np.ndarray]) -> None:
+        """Buffers, one plain run, then the capture."""
+        rt, specs = self.cuda.rt, {**self.inputs, **self.outputs}
+        for name, shape in slot.shapes.items():
+            nbytes = max(1, int(np.prod(shape)) * specs[name].dtype.itemsize)
+            slot.device[name] = self._malloc(nbytes, f"buffers for shapes {slot.shapes}")
+            ptr = self.cuda("cudaMallocHost", rt.cudaMallocHost(nbytes))
+            slot.host_ptrs.append(ptr)
+            raw = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
+            slot.host[name] = raw[: int(np.prod(shape)) * specs[name].dtype.itemsize].view(specs[name].dtype).reshape(shape)
+            if not context.set_tensor_address(name, slot.device[name]):
+                raise EngineError(f"{self.name}: TensorRT rejected the buffer address of {name!r}")
+        for name in feed:  # the first run, plain: TensorRT's lazy first-run setup stays out of the graph
+            self._copy_in(slot, name, feed[name])
+        if not context.execute_async_v3(self.handle):
+            raise EngineError(f"{self.name}: TensorRT execution failed (see TensorRT's messages above)")
+        self._capture(context, slot)
 
-    def _execute(self, key: tuple[Shape, ...], slot: _Slot) -> None:
-        rt, cuda = self._cuda.rt, self._cuda
-        if slot.graph_exec is not None:
-            cuda("cudaGraphLaunch", rt.cudaGraphLaunch(slot.graph_exec, self._stream))
-            return
-        context = self._context(slot.profile)
-        if self._bound.get(slot.profile) != key:
-            self._bind(context, slot)
-            self._bound[slot.profile] = key
-        if not context.execute_async_v3(self._stream_handle):
-            raise EngineError(f"{self.name}: TensorRT execution failed: {' | '.join(self._logger.errors[-2:])}")
-        if self.cuda_graph and not slot.graph_tried:
-            slot.graph_tried = True  # captured after one plain run, so TensorRT's lazy first-run setup is not in it
-            self._capture(context, slot)
+    def _copy_in(self, slot: _Slot, name: str, value: np.ndarray) -> None:
+        rt = self.cuda.rt
+        np.copyto(slot.host[name], value)  # into pinned memory: a true async copy, at an address the graph keeps
+        self.cuda("cudaMemcpyAsync", rt.cudaMemcpyAsync(slot.device[name], slot.host[name].ctypes.data, value.nbytes,
+                                                        rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
 
-    def _capture(self, context: Any, slot: _Slot) -> None:
-        """Record this slot's execution (addresses and shapes are fixed: a static plan) as a CUDA graph."""
-        rt, cuda = self._cuda.rt, self._cuda
-        cuda("cudaStreamSynchronize", rt.cudaStreamSynchronize(self._stream))
-        graph = None
+    def _capture(self, context: tensorrt.IExecutionContext, slot: _Slot) -> None:
+        rt, cuda = self.cuda.rt, self.cuda
+        cuda("cudaStreamSynchronize", rt.cudaStreamSynchronize(self.stream))
+        cuda("cudaStreamBeginCapture", rt.cudaStreamBeginCapture(
+            self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
         try:
-            cuda("cudaStreamBeginCapture", rt.cudaStreamBeginCapture(
-                self._stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-            try:
-                ok = context.execute_async_v3(self._stream_handle)
-            finally:  # always leave capture mode, or the stream stays unusable
-                graph = cuda("cudaStreamEndCapture", rt.cudaStreamEndCapture(self._stream))
-            if not ok:
-                raise EngineError("execute_async_v3 failed during capture")
-            slot.graph_exec = cuda("cudaGraphInstantiate", rt.cudaGraphInstantiate(graph, 0))
-            slot.graph = graph
-        except EngineError as exc:  # some plans cannot be captured: run them without a graph
-            if graph is not None:
-                rt.cudaGraphDestroy(graph)
-            warnings.warn(f"{self.name}: CUDA graph capture failed ({exc}); running without it", stacklevel=3)
+            ok = context.execute_async_v3(self.handle)
+        finally:  # always leave capture mode, or the stream stays unusable
+            slot.graph = cuda("cudaStreamEndCapture", rt.cudaStreamEndCapture(self.stream))
+        if not ok:
+            raise EngineError(f"{self.name}: TensorRT execution failed during CUDA graph capture")
+        slot.graph_exec = cuda("cudaGraphInstantiate", rt.cudaGraphInstantiate(slot.graph, 0))
 
-    def _free_slot(self, key: tuple[Shape, ...] | None, slot: _Slot) -> None:
-        rt = self._cuda.rt
-        if key is not None and self._bound.get(slot.profile) == key:
-            del self._bound[slot.profile]
+    def run(self, feed: dict[str, np.ndarray], profile: int) -> dict[str, np.ndarray]:
+        rt, key = self.cuda.rt, tuple(v.shape for v in feed.values())
+        fresh = key not in self.slots
+        slot = self._slot(key, feed, profile)
+        if not fresh:
+            for name, value in feed.items():
+                self._copy_in(slot, name, value)
+        self.cuda("cudaGraphLaunch", rt.cudaGraphLaunch(slot.graph_exec, self.stream))
+        for name in self.outputs:
+            out = slot.host[name]
+            self.cuda("cudaMemcpyAsync", rt.cudaMemcpyAsync(out.ctypes.data, slot.device[name], out.nbytes,
+                                                            rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        self.cuda("cudaStreamSynchronize", rt.cudaStreamSynchronize(self.stream))
+        return {name: slot.host[name].copy() for name in self.outputs}  # the pinned buffers are reused next call
+
+    def _free(self, slot: _Slot) -> None:
+        rt = self.cuda.rt
         if slot.graph_exec is not None:
             rt.cudaGraphExecDestroy(slot.graph_exec)
         if slot.graph is not None:
@@ -865,23 +979,57 @@ class TensorRTModel:
         slot.device, slot.host, slot.host_ptrs = {}, {}, []
 
     def close(self) -> None:
-        """Free device memory and the stream now (also done, best effort, when the object is collected)."""
-        if self._closed:
-            return
-        self._closed = True
+        rt = self.cuda.rt
         try:
-            self._cuda("cudaStreamSynchronize", self._cuda.rt.cudaStreamSynchronize(self._stream))
+            self.cuda("cudaStreamSynchronize", rt.cudaStreamSynchronize(self.stream))
         finally:
-            while self._slots:
-                self._free_slot(*self._slots.popitem(last=False))
-            self._contexts.clear()
-            self._cuda.rt.cudaStreamDestroy(self._stream)
+            while self.slots:
+                self._free(self.slots.popitem(last=False)[1])
+            self.contexts.clear()
+            rt.cudaFree(self.memory)
+            rt.cudaStreamDestroy(self.stream)
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: modules may already be gone
-            pass
+
+class TensorRTPlans:
+    """Every valid plan of one ONNX file behind `LoadedModel`: each call runs on the first plan (best first: see
+    `find_plans`) whose profiles cover its shapes, deserialized when first needed; at most _MAX_OPEN_PLANS stay
+    loaded. So a batch-4 job runs although a static batch-1 plan was built after the batch-4 one."""
+
+    provider = "tensorrt"
+
+    def __init__(self, records: Sequence[PlanRecord], name: str, cuda_graph: bool = False,
+                 open_plan: Callable[[Path, str, bool], Any] | None = None):
+        if not records:
+            raise EngineError(f"{name}: no TensorRT plan to load")
+        self.name, self.records, self.cuda_graph = name, list(records), cuda_graph
+        self._open_plan = open_plan or (lambda plan, role, graph: TensorRTModel(plan, role, cuda_graph=graph))
+        self._open: OrderedDict[Path, Any] = OrderedDict()
+        first = self._model(self.records[0])
+        self.inputs: dict[str, TensorSpec] = first.inputs
+        self.outputs: dict[str, TensorSpec] = first.outputs
+
+    def _model(self, record: PlanRecord) -> Any:
+        model = self._open.get(record.plan)
+        if model is None:
+            while len(self._open) >= _MAX_OPEN_PLANS:
+                _, old = self._open.popitem(last=False)
+                old.close()
+            graph = self.cuda_graph and bool(record.sidecar.get("static"))
+            model = self._open[record.plan] = self._open_plan(record.plan, self.name, graph)
+        self._open.move_to_end(record.plan)
+        return model
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shapes = {name: np.shape(conform(spec, inputs[name])) for name, spec in self.inputs.items() if name in inputs}
+        record = next((r for r in self.records if r.covers(shapes)), None)
+        if record is None:
+            ranges = [p for r in self.records for p in r.input_profiles]
+            raise out_of_profile(self.name, shapes, ranges, f"{len(self.records)} plan(s) in {self.records[0].plan.parent}")
+        return self._model(record).run(inputs)
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem(last=False)[1].close()
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -903,28 +1051,28 @@ def load_tensorrt(path: Path, threads: int | None = None):  # -> LoadedModel
     if not path.is_file():
         raise EngineError(f"model file not found: {path}")
     role, cache = path.parent.name, engine_dir(path.parent.parent)
-    problem, plan_problem, record = native_problem(), None, None
+    problem, plan_problem, records = native_problem(), None, list[PlanRecord]()
     # No sidecar for this role, no plans and no profiles: skip hashing the ONNX file (seconds for a full-size UNet).
     sidecars = cache.is_dir() and any(cache.glob(f"{role}-*.json"))
-    sha = onnx_digest(path, digest_memo() or cache / "digests.json") if sidecars else None
+    sha = onnx_digest(path, _memo(cache)) if sidecars else None
     if problem is None:
         try:
             env = engine_env()
         except EngineError as exc:
             problem = str(exc)
         else:
-            record, why = find_plan(cache, role, sha, env) if sha is not None else (None, [])
-            if record is None:
+            records, why = find_plans(cache, role, sha, env) if sha is not None else ([], [])
+            if not records:
                 found = f" ({'; '.join(why)})" if why else ""
                 plan_problem = (f"no valid TensorRT plan for {role} in {cache}{found}; build them with "
                                 f"`basinguard build-engines {path.parent.parent}`")
     choice = choose_backend(problem, plan_problem, "TensorrtExecutionProvider" in ort.get_available_providers())
     if choice == "native":
-        assert record is not None
         graphs = _env_flag(CUDA_GRAPH_ENV)
-        if graphs and not record.sidecar.get("static"):
-            warnings.warn(f"{CUDA_GRAPH_ENV} ignored for {role}: its plan is dynamic (build-engines --static)", stacklevel=2)
-        return TensorRTModel(record.plan, name=role, cuda_graph=graphs and bool(record.sidecar.get("static")))
+        if graphs and not any(r.sidecar.get("static") for r in records):
+            warnings.warn(f"{CUDA_GRAPH_ENV} ignored for {role}: its plans are dynamic (build-engines --static)",
+                          stacklevel=2)
+        return TensorRTPlans(records, role, cuda_graph=graphs)
     if plan_problem is not None:
         warnings.warn(f"{plan_problem}; running {role} on ONNX Runtime's TensorRT EP instead", stacklevel=2)
     profiles = newest_input_profiles(cache, role, sha) if sha is not None else []

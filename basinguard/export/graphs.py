@@ -1,4 +1,9 @@
-"""The three torch graphs we export (text encoder, UNet, VAE decoder): wrappers, example and check inputs.
+"""The torch graphs we export (text encoder(s), UNet, VAE decoder): wrappers, example and check inputs.
+
+SDXL (a UNet with addition_embed_type "text_time") adds a second text encoder (CLIPTextModelWithProjection) and
+the UNet inputs text_embeds (its pooled, projected output) and time_ids (original size, crop top-left, target
+size). Its text encoders output every layer's hidden states (hidden_states.0 … .L, optimum's names) beside their
+first two outputs, since SDXL's pipeline takes the penultimate layer (or an earlier one with clip_skip).
 
 Input and output names are optimum's (optimum-onnx 0.1.0, `optimum-cli export onnx --task text-to-image`), so
 one runtime serves both exports. Where we differ from optimum:
@@ -26,15 +31,16 @@ from basinguard.export.errors import ExportError, first_line
 
 
 class TextEncoderGraph(torch.nn.Module):
-    """input_ids → (last_hidden_state, pooler_output) as plain tensors."""
+    """input_ids → the model's first two outputs as plain tensors (CLIPTextModel: last_hidden_state, pooler_output;
+    CLIPTextModelWithProjection: text_embeds, last_hidden_state), then with `hidden_states` every layer's."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, hidden_states: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.hidden_states = model, hidden_states
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(input_ids=input_ids, return_dict=False)
-        return out[0], out[1]
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids=input_ids, output_hidden_states=self.hidden_states, return_dict=False)
+        return (out[0], out[1], *(out[2] if self.hidden_states else ()))
 
 
 class UNetGraph(torch.nn.Module):
@@ -47,6 +53,19 @@ class UNetGraph(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class UNetXLGraph(torch.nn.Module):
+    """SDXL: (sample, timestep, encoder_hidden_states, text_embeds, time_ids) → out_sample."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -85,6 +104,12 @@ class TorchModels:
     vae: torch.nn.Module
     folder: Path
     num_train_timesteps: int = 1000
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's CLIPTextModelWithProjection
+
+    @property
+    def family(self) -> str:
+        """"sdxl" or "sd", as the runtime's ModelFolder.family reads it from the UNet's config."""
+        return "sdxl" if getattr(self.unet.config, "addition_embed_type", None) == "text_time" else "sd"
 
 
 def _sample_size(config: object) -> tuple[int, int]:
@@ -110,31 +135,42 @@ def _text_ids(batch: int, text: torch.nn.Module, gen: torch.Generator) -> torch.
 
 def _unet_inputs(models: TorchModels, batch: int, h: int, w: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     unet, text = models.unet, models.text_encoder.config
-    return {
+    inputs = {
         "sample": torch.randn(batch, unet.config.in_channels, h, w, generator=gen),
         "timestep": torch.rand(batch, generator=gen) * models.num_train_timesteps,
-        "encoder_hidden_states": torch.randn(batch, text.max_position_embeddings, text.hidden_size, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, text.max_position_embeddings, unet.config.cross_attention_dim,
+                                             generator=gen),
     }
+    if models.text_encoder_2 is not None:  # SDXL: pooled text, and sizes and crops in pixels as time_ids
+        inputs["text_embeds"] = torch.randn(batch, models.text_encoder_2.config.projection_dim, generator=gen)
+        inputs["time_ids"] = torch.randint(0, 2049, (batch, 6), generator=gen).float()
+    return inputs
 
 
 _BATCH = {0: "batch_size"}
 _IMAGE = {0: "batch_size", 2: "height", 3: "width"}
 
 
-def _text_spec(models: TorchModels, fp16: bool, gen: torch.Generator) -> GraphSpec:
-    text = models.text_encoder
-    return GraphSpec("text_encoder", TextEncoderGraph(text), {"input_ids": _text_ids(2, text, gen)},
-                     ("last_hidden_state", "pooler_output"),
-                     {"input_ids": _BATCH, "last_hidden_state": _BATCH, "pooler_output": _BATCH},
-                     models.folder / "text_encoder/config.json", half=fp16,
+def _text_spec(models: TorchModels, fp16: bool, gen: torch.Generator, name: str = "text_encoder") -> GraphSpec:
+    text = getattr(models, name)
+    hidden = models.family == "sdxl"
+    first = ("text_embeds", "last_hidden_state") if name == "text_encoder_2" else ("last_hidden_state", "pooler_output")
+    outputs = (*first, *(f"hidden_states.{k}" for k in range(text.config.num_hidden_layers + 1) if hidden))
+    return GraphSpec(name, TextEncoderGraph(text, hidden), {"input_ids": _text_ids(2, text, gen)}, outputs,
+                     {"input_ids": _BATCH, **{output: _BATCH for output in outputs}},
+                     models.folder / name / "config.json", half=fp16,
                      cases=[{"input_ids": _text_ids(b, text, gen)} for b in (2, 3)])
 
 
 def _unet_spec(models: TorchModels, fp16: bool, gen: torch.Generator) -> GraphSpec:
     (h, w), m = _sample_size(models.unet.config), unet_size_multiple(models.unet)
-    return GraphSpec("unet", UNetGraph(models.unet), _unet_inputs(models, 2, h, w, gen), ("out_sample",),
-                     {"sample": _IMAGE, "timestep": _BATCH, "encoder_hidden_states": _BATCH, "out_sample": _IMAGE},
-                     models.folder / "unet/config.json", half=fp16, fixed_float32=("timestep",),
+    xl = models.text_encoder_2 is not None
+    axes = {"sample": _IMAGE, "timestep": _BATCH, "encoder_hidden_states": _BATCH,
+            **({"text_embeds": _BATCH, "time_ids": _BATCH} if xl else {}), "out_sample": _IMAGE}
+    # time_ids stay float32 in a float16 graph, as the timestep: sizes in pixels are integers float16 would round
+    return GraphSpec("unet", (UNetXLGraph if xl else UNetGraph)(models.unet), _unet_inputs(models, 2, h, w, gen),
+                     ("out_sample",), axes, models.folder / "unet/config.json", half=fp16,
+                     fixed_float32=("timestep", "time_ids") if xl else ("timestep",),
                      cases=[_unet_inputs(models, 2, h, w + m, gen), _unet_inputs(models, 3, h + m, w, gen)])
 
 
@@ -150,14 +186,29 @@ def _vae_spec(models: TorchModels, gen: torch.Generator) -> GraphSpec:
 
 
 def build_specs(models: TorchModels, fp16: bool) -> list[GraphSpec]:
-    """The three graphs, traced at batch 2 (batch 1 could be specialised into broadcasts) and the UNet's
-    native latent size; validated at batch 2 and 3 on non-square latents."""
+    """The graphs (SD: three; SDXL: four), traced at batch 2 (batch 1 could be specialised into broadcasts) and the
+    UNet's native latent size; validated at batch 2 and 3 on non-square latents."""
     text, unet = models.text_encoder.config, models.unet.config
-    if unet.cross_attention_dim != text.hidden_size:
+    if (models.family == "sdxl") != (models.text_encoder_2 is not None):
+        raise ExportError("an SDXL UNet (addition_embed_type 'text_time') needs text_encoder_2, and only it takes one"
+                          if models.family == "sdxl" else
+                          "the pipeline has a text_encoder_2 but its UNet is not conditioned on pooled text (SDXL's "
+                          "addition_embed_type 'text_time')")
+    widths = [text.hidden_size] + ([models.text_encoder_2.config.hidden_size] if models.text_encoder_2 else [])
+    if unet.cross_attention_dim != sum(widths):
         raise ExportError(f"unet cross_attention_dim {unet.cross_attention_dim} does not match the text "
-                          f"encoder's hidden_size {text.hidden_size}")
+                          f"encoder{'s' if len(widths) > 1 else ''}' hidden_size {' + '.join(map(str, widths))}")
+    if models.text_encoder_2 is not None:  # diffusers' _get_add_time_ids check: 6 time ids and the pooled text
+        want = 6 * unet.addition_time_embed_dim + models.text_encoder_2.config.projection_dim
+        if unet.projection_class_embeddings_input_dim != want:
+            raise ExportError(f"unet projection_class_embeddings_input_dim {unet.projection_class_embeddings_input_dim}"
+                              f" does not match 6 time ids x addition_time_embed_dim {unet.addition_time_embed_dim} + "
+                              f"text_encoder_2 projection_dim {models.text_encoder_2.config.projection_dim}")
     gen = torch.Generator().manual_seed(0)
-    return [_text_spec(models, fp16, gen), _unet_spec(models, fp16, gen), _vae_spec(models, gen)]
+    texts = [_text_spec(models, fp16, gen)]
+    if models.text_encoder_2 is not None:
+        texts.append(_text_spec(models, fp16, gen, "text_encoder_2"))
+    return [*texts, _unet_spec(models, fp16, gen), _vae_spec(models, gen)]
 
 
 def half_inputs(spec: GraphSpec, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,14 +1,16 @@
-"""Export a diffusers Stable Diffusion (1.x/2.x) pipeline to an ONNX model folder in optimum's layout.
+"""Export a diffusers Stable Diffusion (1.x/2.x) or SDXL pipeline to an ONNX model folder in optimum's layout.
 
 OUT holds model_index.json, text_encoder/, unet/, vae_decoder/ (each model.onnx + the component's config.json),
 tokenizer/ (the source's files plus a tokenizer.json), scheduler/scheduler_config.json and basinguard.json, our
-manifest: versions, opset, dtypes, every model's inputs/outputs/dynamic axes, the source and the validation
-results. Names and layout are optimum's; see `basinguard.export.graphs` for where dtypes and axes differ.
+manifest: versions, opset, dtypes, the model family ("sd" or "sdxl"), every model's inputs/outputs/dynamic axes,
+the source and the validation results. SDXL adds text_encoder_2/ and tokenizer_2/. Names and layout are optimum's;
+see `basinguard.export.graphs` for where dtypes and axes differ.
 """
 
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -22,8 +24,9 @@ from pathlib import Path
 from basinguard.export.errors import ExportError, first_line
 from basinguard.export.graphs import GraphSpec, TorchModels, build_specs, pin_static_dims, trace_to_onnx
 from basinguard.export.graphs import unet_size_multiple as _unet_size_multiple
+from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
-from basinguard.export.validate import graph_io, validate_graph
+from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
 from basinguard.files import lock_held
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
 
@@ -34,6 +37,7 @@ DEFAULT_ATOL = {"float32": 1e-3, "float16": 2e-2}
 MIN_OPSET = 14  # scaled_dot_product_attention
 REQUIRED = ("model_index.json", "unet", "text_encoder", "vae", "tokenizer", "scheduler")
 EXPECTED_CLASSES = {"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel", "vae": "AutoencoderKL"}
+SDXL_CLASSES = {"text_encoder_2": "CLIPTextModelWithProjection"}  # beside EXPECTED_CLASSES, with tokenizer_2
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _TOKENIZER_CHECK = ["a photo of an astronaut riding a horse on mars", "A Cat, DETAILED; 8k!!! (masterpiece:1.2)",
                     "", "  extra   spaces\tand\nnewlines  ", "café naïve 3.14 it's", " ".join(["castle"] * 90)]
@@ -83,9 +87,9 @@ def _weights(component: Path) -> tuple[list[Path], list[Path]]:
 
 def _check_component(folder: Path, name: str, index: dict) -> None:
     """A model part: the class we export, a config.json and safetensors weights (never pickle)."""
-    expected, declared = EXPECTED_CLASSES[name], index.get(name, [None, None])[-1]
+    expected, declared = {**EXPECTED_CLASSES, **SDXL_CLASSES}[name], index.get(name, [None, None])[-1]
     if declared not in (expected, None):
-        raise ExportError(f"{name} is a {declared}; the exporter supports {expected} (SD 1.x/2.x)")
+        raise ExportError(f"{name} is a {declared}; the exporter supports {expected} (SD 1.x/2.x, SDXL)")
     if not (folder / name / "config.json").is_file():
         raise ExportError(f"{folder / name} has no config.json")
     safe, pickles = _weights(folder / name)
@@ -102,14 +106,20 @@ def check_source(folder: Path) -> dict:
     if missing:
         raise ExportError(f"{folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}")
     index = _read_json(folder / "model_index.json")
-    if "text_encoder_2" in index:
-        raise ExportError(f"{folder} has a second text encoder (SDXL); only SD 1.x/2.x pipelines are supported")
-    for name in EXPECTED_CLASSES:
+    if index.get("text_encoder", [None, None])[-1] is None and "text_encoder_2" in index:
+        raise ExportError(f"{folder} has no first text encoder (an SDXL refiner?); the exporter supports SD 1.x/2.x "
+                          "and SDXL base pipelines")
+    xl = index.get("text_encoder_2", [None, None])[-1] is not None
+    if xl:
+        missing = [name for name in ("text_encoder_2", "tokenizer_2") if not (folder / name).exists()]
+        if missing:
+            raise ExportError(f"{folder} is an SDXL pipeline but is missing {', '.join(missing)}")
+    for name in (*EXPECTED_CLASSES, *(SDXL_CLASSES if xl else ())):
         _check_component(folder, name, index)
-    tok = folder / "tokenizer"
-    slow_files = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
-    if not slow_files and not (tok / "tokenizer.json").is_file():
-        raise ExportError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json")
+    for tok in (folder / "tokenizer", *([folder / "tokenizer_2"] if xl else [])):
+        slow_files = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+        if not slow_files and not (tok / "tokenizer.json").is_file():
+            raise ExportError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json")
     if not (folder / "scheduler/scheduler_config.json").is_file():
         raise ExportError(f"{folder / 'scheduler'} has no scheduler_config.json")
     return index
@@ -139,12 +149,14 @@ def _variant(component: Path) -> str | None:
 def _load_models(folder: Path) -> TorchModels:
     """float32 torch modules, safetensors only (diffusers/transformers refuse pickle with use_safetensors=True)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     no_accelerate = {"low_cpu_mem_usage": False}  # diffusers otherwise nags that `accelerate` is missing
     # Eager attention: plain matmul/softmax ops, traced the same on every transformers version.
     loaders = {"text_encoder": (CLIPTextModel, {"attn_implementation": "eager"}),
                "unet": (UNet2DConditionModel, no_accelerate), "vae": (AutoencoderKL, no_accelerate)}
+    if (folder / "text_encoder_2").is_dir():  # SDXL (check_source has checked its parts)
+        loaders["text_encoder_2"] = (CLIPTextModelWithProjection, {"attn_implementation": "eager"})
     loaded = {}
     for name, (cls, extra) in loaders.items():
         try:
@@ -153,7 +165,8 @@ def _load_models(folder: Path) -> TorchModels:
         except Exception as exc:  # corrupt weights, config mismatches
             raise ExportError(f"cannot load {folder / name}: {first_line(exc)}") from None
     steps = _read_json(folder / "scheduler/scheduler_config.json").get("num_train_timesteps", 1000)
-    return TorchModels(loaded["text_encoder"], loaded["unet"], loaded["vae"], folder, int(steps))
+    return TorchModels(loaded["text_encoder"], loaded["unet"], loaded["vae"], folder, int(steps),
+                       loaded.get("text_encoder_2"))
 
 
 def _prepare_out(out: Path) -> tuple[Path, int]:
@@ -217,7 +230,8 @@ def _copy_static(folder: Path, tmp: Path, validate: bool, log: Callable[[str], o
     shutil.copy2(folder / "model_index.json", tmp / "model_index.json")
     (tmp / "scheduler").mkdir()
     shutil.copy2(folder / "scheduler/scheduler_config.json", tmp / "scheduler/scheduler_config.json")
-    return _write_tokenizer(folder / "tokenizer", tmp / "tokenizer", validate, log)
+    names = ("tokenizer", "tokenizer_2") if (folder / "text_encoder_2").is_dir() else ("tokenizer",)
+    return {name: _write_tokenizer(folder / name, tmp / name, validate, log) for name in names}
 
 
 @dataclass
@@ -244,24 +258,56 @@ def _trace(spec: GraphSpec, raw: Path, opts: _Options) -> str | None:
     return "onnxruntime_float16_conversion"
 
 
-def _export_graph(spec: GraphSpec, tmp: Path, opts: _Options) -> dict:
-    """Trace, save, check and validate one graph; returns its manifest entry."""
+@dataclass
+class _Traced:
+    """A graph torch has traced to `raw`, and what is left to do without its torch module."""
+
+    name: str
+    dtype: str
+    raw: Path
+    config: Path
+    dynamic_axes: dict[str, dict[int, str]]
+    fp16_method: str | None
+    expected: Expected | None  # torch's outputs on the validation cases
+
+
+def _trace_graph(spec: GraphSpec, tmp: Path, opts: _Options) -> _Traced:
+    """torch's part of one graph: the validation references, then the trace."""
     dtype = "float16" if spec.half else "float32"
-    raw, final = tmp / "_raw" / spec.name / "model.onnx", tmp / spec.name / "model.onnx"
-    final.parent.mkdir()
     opts.log(f"exporting {spec.name} ({dtype})")
+    expected = expected_outputs(spec, spec.half) if opts.validate else None
+    raw = tmp / "_raw" / spec.name / "model.onnx"
     fp16_method = _trace(spec, raw, opts)
     pin_static_dims(spec, raw)
-    save_checked(raw, final)
-    shutil.copy2(spec.config, final.parent / "config.json")
-    entry = {"path": f"{spec.name}/model.onnx", "dtype": dtype, **graph_io(final),
-             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes.items()}}
-    if fp16_method:
-        entry["fp16_method"] = fp16_method
-    if opts.validate:
-        atol = DEFAULT_ATOL[dtype] if opts.atol is None else opts.atol
-        entry["validation"] = validate_graph(spec, final, spec.half, atol, opts.log)
+    return _Traced(spec.name, dtype, raw, spec.config, spec.dynamic_axes, fp16_method, expected)
+
+
+def _finish_graph(traced: _Traced, tmp: Path, opts: _Options) -> dict:
+    """Save, check and validate a traced graph (ONNX and ONNX Runtime only); returns its manifest entry."""
+    final = tmp / traced.name / "model.onnx"
+    final.parent.mkdir()
+    save_checked(traced.raw, final)
+    shutil.copy2(traced.config, final.parent / "config.json")
+    entry = {"path": f"{traced.name}/model.onnx", "dtype": traced.dtype, **graph_io(final),
+             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in traced.dynamic_axes.items()}}
+    if traced.fp16_method:
+        entry["fp16_method"] = traced.fp16_method
+    if traced.expected is not None:
+        atol = DEFAULT_ATOL[traced.dtype] if opts.atol is None else opts.atol
+        entry["validation"] = validate_graph(traced.expected, final, traced.dtype == "float16", atol, opts.log)
     return entry
+
+
+def _export_graphs(specs: list[GraphSpec], tmp: Path, opts: _Options) -> dict[str, dict]:
+    """Export the graphs in order, emptying `specs`: once a graph is traced, its spec (and with it the torch module,
+    when nothing else holds it) is freed before onnx re-saves and ONNX Runtime loads the exported weights. Peak
+    memory is then about one model's weights held twice, not every model's plus two more copies of the largest."""
+    entries = {}
+    while specs:
+        traced = _trace_graph(specs.pop(0), tmp, opts)
+        gc.collect()  # torch modules in reference cycles too
+        entries[traced.name] = _finish_graph(traced, tmp, opts)
+    return entries
 
 
 def _versions() -> dict[str, str]:
@@ -278,24 +324,31 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _check_lengths(tokenizer: dict, models: TorchModels) -> None:
-    positions = models.text_encoder.config.max_position_embeddings
-    if tokenizer["max_length"] != positions:
-        raise ExportError(f"the tokenizer pads to {tokenizer['max_length']} tokens but the text encoder takes "
-                          f"{positions} (max_position_embeddings); fix tokenizer_config.json's model_max_length")
+def _check_lengths(tokenizers: dict[str, dict], models: TorchModels) -> None:
+    """Each tokenizer pads to its text encoder's length (SDXL joins both encoders' states token by token)."""
+    for name, tokenizer in tokenizers.items():
+        encoder = "text_encoder" + name.removeprefix("tokenizer")
+        positions = getattr(models, encoder).config.max_position_embeddings
+        if tokenizer["max_length"] != positions:
+            raise ExportError(f"{name} pads to {tokenizer['max_length']} tokens but {encoder} takes {positions} "
+                              f"(max_position_embeddings); fix {name}/tokenizer_config.json's model_max_length")
 
 
 def _build(folder: Path, tmp: Path, opts: _Options) -> dict:
     """Write everything but the manifest into `tmp`; returns the manifest's export part."""
-    tokenizer = _copy_static(folder, tmp, opts.validate, opts.log)
+    tokenizers = _copy_static(folder, tmp, opts.validate, opts.log)
     models = _load_models(folder)
-    _check_lengths(tokenizer, models)
-    entries = {spec.name: _export_graph(spec, tmp, opts) for spec in build_specs(models, opts.fp16)}
+    _check_lengths(tokenizers, models)
+    family, size_multiple = models.family, _unet_size_multiple(models.unet)
+    specs = build_specs(models, opts.fp16)
+    del models  # each torch module is now held by its spec alone, and freed once its graph is traced
+    entries = _export_graphs(specs, tmp, opts)
     shutil.rmtree(tmp / "_raw")
     validation = {name: e.pop("validation") for name, e in entries.items() if "validation" in e}
-    validation["tokenizer"] = tokenizer
+    validation |= tokenizers
     return {"versions": _versions(), "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
-            "opset": opts.opset, "fp16": opts.fp16, "latent_size_multiple": _unet_size_multiple(models.unet),
+            "opset": opts.opset, "fp16": opts.fp16, "model_family": family,
+            "latent_size_multiple": size_multiple,
             "models": entries, "validation": validation if opts.validate else None}
 
 
@@ -308,7 +361,7 @@ def max_opset() -> int:
 
 
 def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: int = 17, atol: float | None = None,
-                    validate: bool = True, log: Callable[[str], object] = print) -> dict:
+                    validate: bool = True, log: Callable[[str], object] = print, check_memory: bool = True) -> dict:
     """Export the diffusers pipeline `src` (folder or hub id) to the ONNX folder `out`; returns the manifest.
 
     Only safetensors weights are loaded. `fp16` exports the text encoder and UNet in float16 (the UNet's
@@ -322,7 +375,9 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
     ONNX Runtime's CPU provider cannot run is reported through `log` and not validated.
 
     `out` must not exist or be empty; it appears only when everything succeeded (the work happens in a hidden
-    sibling folder renamed at the end). Raises ExportError with a one-line message on any failure.
+    sibling folder renamed at the end). Raises ExportError with a one-line message on any failure, and before
+    any model loads where the export's estimated peak memory exceeds what is available (`check_memory=False`
+    skips that check; see `basinguard.export.memory`).
     """
     if atol is not None and not atol >= 0:
         raise ExportError(f"atol must be a number >= 0, got {atol}")
@@ -336,6 +391,9 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
     problem = scheduler_problem(folder)
     if problem:
         log(f"warning: {problem}")
+    if check_memory:  # before minutes of loading and tracing end in the kernel's OOM kill
+        estimate = check_export_memory(folder, fp16)
+        log(f"memory: the export needs about {estimate.peak / GIB:.1f} GiB ({estimate.describe()})")
     tmp, lock = _prepare_out(out)
     try:
         manifest = {"format": "basinguard-onnx", "format_version": 1, "source": str(src),

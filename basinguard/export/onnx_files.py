@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 
 from basinguard.export.errors import ExportError, first_line
+from basinguard.files import umask_mode
 
 _TWO_GIB = 2**31 - 2**26  # protobuf's 2 GiB limit, less a margin for the graph itself
 EXTERNAL_DATA = "model.onnx_data"  # optimum's name for the weights of a model over 2 GiB
@@ -68,6 +69,8 @@ def save_checked(raw: Path, final: Path) -> None:
     large = sum(len(t.raw_data) for t in model.graph.initializer) > _TWO_GIB
     onnx.save_model(model, str(final), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA)
+    if (final.parent / EXTERNAL_DATA).is_file():  # onnx makes it 0600 whatever the umask: no other account could
+        (final.parent / EXTERNAL_DATA).chmod(umask_mode())  # serve the model
     try:
         onnx.checker.check_model(str(final))
     except onnx.checker.ValidationError as exc:

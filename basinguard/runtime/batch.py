@@ -6,7 +6,11 @@ Prompt files (chosen by extension)
   .csv    a header row naming the fields, then one record a row (empty cells count as absent).
   Fields: `prompt` (required), `negative_prompt`, `seed`, `num_images`, and per-line overrides of the job's
   sampling settings: `policy`, `guidance_scale`, `transition_t`, `pre_scale`, `opposite_scale`, `mitigation`,
-  `detect_threshold`, `steps`, `scheduler`.
+  `detect_threshold`, `latest_transition_t`, `steps`, `scheduler`.
+  Prompt text, from any format: surrounding whitespace and byte-order marks are dropped (`prompt_text`); an empty
+  prompt is a bad line. A prompt longer than the text encoder takes is cut, as diffusers cuts it, with a warning
+  naming its line and the dropped words, recorded in its manifest line (`truncation`); `long_prompts="error"`
+  makes it a bad line instead.
 
 Image identity and seeds
   Image k (0-based) of the prompt on line L (1-based line of the file; for CSV the line its record starts on)
@@ -40,8 +44,10 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
@@ -53,9 +59,9 @@ from basinguard.files import fsync_dir, lock_held, temporary_files, write_atomic
 from basinguard.runtime.detection import calibration_warnings
 from basinguard.runtime.guidance import make_policy, setting_problem
 from basinguard.runtime.model_folder import ModelFolder, accepted_model_ids, model_identity, names_this_model
-from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
+from basinguard.runtime.pipeline import MICRO_CONDITIONING, Generation, Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import Scheduler
-from basinguard.runtime.tokenizer import PromptTokenizer
+from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning, text_encoder_length
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part-*.jsonl"
@@ -63,17 +69,20 @@ LOCK = ".lock"
 WORKER_LOCK = ".worker-{shard}.lock"  # held by each Ray worker for the life of its process
 WORKER_WAIT_S = 60.0
 ON_ERROR = ("skip", "stop")
+# A prompt longer than the text encoder takes: cut it, as diffusers does, naming what was dropped (the default), or
+# refuse its line.
+LONG_PROMPTS = ("truncate", "error")
 MAX_IMAGES_PER_LINE = 10_000  # a typo guard: num_images beyond this is almost surely a mistake
 
 # Per-line fields: name → (type, what it overrides). Policy fields map onto PolicyConfig, the rest onto SamplingConfig.
 POLICY_FIELDS = {"policy": "name", "guidance_scale": "guidance_scale", "transition_t": "transition_t",
                  "pre_scale": "pre_scale", "opposite_scale": "opposite_scale", "mitigation": "mitigation",
-                 "detect_threshold": "detect_threshold"}
+                 "detect_threshold": "detect_threshold", "latest_transition_t": "latest_transition_t"}
 SAMPLING_FIELDS = ("steps", "scheduler")
 FIELD_TYPES: dict[str, type] = {
     "prompt": str, "negative_prompt": str, "seed": int, "num_images": int,
     "policy": str, "guidance_scale": float, "transition_t": int, "pre_scale": float, "opposite_scale": float,
-    "mitigation": str, "detect_threshold": float, "steps": int, "scheduler": str,
+    "mitigation": str, "detect_threshold": float, "latest_transition_t": int, "steps": int, "scheduler": str,
 }
 
 
@@ -115,6 +124,7 @@ class PromptFile:
     tasks: list[ImageTask]
     errors: list[LineError]
     lines: int  # prompt lines read (good and bad)
+    truncated: list[LineError] = field(default_factory=list)  # good lines whose prompt is cut (`LONG_PROMPTS`)
 
 
 class Checker(Protocol):
@@ -140,7 +150,8 @@ class SpecChecker:
 
     def __init__(self, folder: Path):
         self.folder = ModelFolder.open(folder)
-        self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer")
+        self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer",
+                                                     text_encoder_length(self.folder.path / "text_encoder"))
 
 
 def image_id(line: int, index: int) -> str:
@@ -187,10 +198,10 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
             continue
         if number == 1:
             text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
-        if not text.strip():
+        if not prompt_text(text):
             continue
         if kind == ".txt":
-            yield number, {"prompt": text.strip()}
+            yield number, {"prompt": text}
             continue
         try:
             record = json.loads(text, object_pairs_hook=_object_without_repeats)
@@ -229,9 +240,9 @@ def _csv_records(path: Path, data: bytes) -> Iterator[tuple[int, dict[str, Any] 
             if len(row) > len(header):
                 yield start, LineError(start, f"{len(row)} cells but the header names {len(header)} fields")
                 continue
-            try:
+            try:  # a cell of only spaces is empty, as a .txt line of only spaces is
                 yield start, {h: _csv_cell(h, cell) for h, cell in zip(header, row, strict=False)
-                              if cell != "" or h == "negative_prompt"}
+                              if cell.strip() or h == "negative_prompt"}
             except ValueError as exc:
                 yield start, LineError(start, str(exc))
     except csv.Error as exc:
@@ -240,15 +251,26 @@ def _csv_records(path: Path, data: bytes) -> Iterator[tuple[int, dict[str, Any] 
         raise BatchError(f"{path} has no header row (e.g. 'prompt,seed')")
 
 
+_CSV_INTEGER = re.compile(r"[+-]?[0-9]+")
+_CSV_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def _csv_cell(name: str, text: str) -> Any:
-    """A CSV cell is text: a number field's is parsed here, so that it reaches `_typed` as JSON's would."""
+    """A CSV cell is text: a number field's is parsed here, so that it reaches `_typed` as JSON's would. Numbers are
+    ASCII digits as JSON writes them: Python's int() and float() would also take "1_000" and full-width digits."""
     want = FIELD_TYPES[name]
     if want is str:
         return text
-    try:
-        return int(text) if want is int else float(text)
-    except ValueError:
-        raise ValueError(f"field {name!r} must be {'an integer' if want is int else 'a number'}, got {text!r}") from None
+    text = text.strip()
+    if not (_CSV_INTEGER if want is int else _CSV_NUMBER).fullmatch(text):
+        raise ValueError(f"field {name!r} must be {'an integer' if want is int else 'a number'}, got {text!r}")
+    return int(text) if want is int else float(text)
+
+
+def prompt_text(text: str) -> str:
+    """The one rule for a prompt's text, from any prompt file or flag: without surrounding whitespace and without
+    byte-order marks (U+FEFF, invisible, where files were joined), which the tokenizer drops anyway."""
+    return text.replace("\ufeff", "").strip()
 
 
 def _typed(name: str, value: Any) -> Any:
@@ -272,22 +294,27 @@ def _typed(name: str, value: Any) -> Any:
 
 
 def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: SamplingConfig, images_per_prompt: int,
-                base_seed: int, resolved: dict[SamplingConfig, SamplingConfig]) -> list[ImageTask]:
-    """The images of one prompt line; ValueError/BasinguardError name what is wrong with it."""
+                base_seed: int, resolved: dict[SamplingConfig, SamplingConfig], long_prompts: str,
+                notes: list[LineError]) -> list[ImageTask]:
+    """The images of one prompt line; ValueError/BasinguardError name what is wrong with it. A prompt cut to the
+    text encoder's length adds a note to `notes` (with `long_prompts` "error" it is what is wrong)."""
     unknown = sorted(set(record) - set(FIELD_TYPES))
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r} (fields: {', '.join(FIELD_TYPES)})")
     fields = {name: _typed(name, value) for name, value in record.items()}
-    prompt = fields.get("prompt")
-    if prompt is None or not prompt.strip():
-        raise ValueError("missing field 'prompt'" if prompt is None else "empty prompt")
-    negative = fields.get("negative_prompt") or ""
-    room = checker.tokenizer.max_length - 2  # start and end tokens take two of the text encoder's positions
+    if fields.get("prompt") is None:
+        raise ValueError("missing field 'prompt'")
+    prompt, negative = prompt_text(fields["prompt"]), prompt_text(fields.get("negative_prompt") or "")
+    if not prompt:
+        raise ValueError("empty prompt")
     for what, text in (("prompt", prompt), ("negative prompt", negative)):
-        n_tokens = len(checker.tokenizer.tokenize(text))
-        if n_tokens > room:
-            raise ValueError(f"{what} has {n_tokens} tokens; the text encoder takes at most {room} "
-                             f"(max_length {checker.tokenizer.max_length} minus start and end tokens)")
+        cut = checker.tokenizer.truncation(text)
+        if cut is not None and long_prompts == "error":
+            raise ValueError(f"{what} has {cut.tokens} tokens; the text encoder takes at most {cut.kept} "
+                             f"(max_length {checker.tokenizer.max_length} minus start and end tokens; "
+                             "--long-prompts error)")
+        if cut is not None:
+            notes.append(LineError(number, f"{what} cut to the text encoder's length: {cut.describe(text)}"))
     count = images_per_prompt if fields.get("num_images") is None else fields["num_images"]
     if not 1 <= count <= MAX_IMAGES_PER_LINE:
         raise ValueError(f"num_images must be in [1, {MAX_IMAGES_PER_LINE}], got {count}")
@@ -298,7 +325,7 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
     policy_overrides = {attr: fields[name] for name, attr in POLICY_FIELDS.items() if fields.get(name) is not None}
     sampling_overrides = {name: fields[name] for name in SAMPLING_FIELDS if fields.get(name) is not None}
     sampling = replace(base, policy=replace(base.policy, **policy_overrides), **sampling_overrides)
-    for setting in ("pre_scale", "transition_t", "opposite_scale", "mitigation"):
+    for setting in ("pre_scale", "transition_t", "opposite_scale", "mitigation", "latest_transition_t"):
         problem = setting in policy_overrides and setting_problem(
             setting, sampling.policy.name, sampling.policy.mitigation, f"field {setting}")
         if problem:
@@ -314,10 +341,14 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
 
 
 def read_prompts(path: Path, checker: Checker, base: SamplingConfig, images_per_prompt: int = 1,
-                 base_seed: int = 0) -> PromptFile:
-    """Every image of a prompt file, and every bad line with its line number (the caller decides skip/stop)."""
+                 base_seed: int = 0, long_prompts: str = "truncate") -> PromptFile:
+    """Every image of a prompt file, and every bad line with its line number (the caller decides skip/stop), and
+    the good lines whose prompt is cut (`LONG_PROMPTS`: with "error" those are bad lines)."""
+    if long_prompts not in LONG_PROMPTS:
+        raise BatchError(f"--long-prompts must be one of {', '.join(LONG_PROMPTS)} (got {long_prompts!r})")
     tasks: list[ImageTask] = []
     errors: list[LineError] = []
+    truncated: list[LineError] = []
     resolved: dict[SamplingConfig, SamplingConfig] = {}
     lines = 0
     for number, record in _records(Path(path)):
@@ -325,11 +356,14 @@ def read_prompts(path: Path, checker: Checker, base: SamplingConfig, images_per_
         if isinstance(record, LineError):
             errors.append(record)
             continue
+        notes: list[LineError] = []
         try:
-            tasks += _line_tasks(number, record, checker, base, images_per_prompt, base_seed, resolved)
+            tasks += _line_tasks(number, record, checker, base, images_per_prompt, base_seed, resolved, long_prompts,
+                                 notes)
+            truncated += notes
         except (ValueError, BasinguardError) as exc:
             errors.append(LineError(number, str(exc)))
-    return PromptFile(tasks, errors, lines)
+    return PromptFile(tasks, errors, lines, truncated)
 
 
 def pack(tasks: Sequence[ImageTask], batch_size: int) -> list[list[ImageTask]]:
@@ -352,7 +386,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:  # OUT_DIR is a file, or not writable
         raise BatchError(f"cannot use OUT_DIR {out_dir}: {exc.strerror or exc}") from None
     try:
@@ -382,7 +416,7 @@ def hold_worker_lock(out_dir: Path, shard: int) -> int:
     """A Ray worker's exclusive flock on OUT_DIR/.worker-K.lock, held until its process ends (the kernel releases
     it however the process ends). A later job waits for these (`wait_for_workers`), so the workers of a killed
     driver, which Ray stops only seconds later, cannot write into OUT_DIR while the next job reads it."""
-    fd = os.open(out_dir / WORKER_LOCK.format(shard=shard), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(out_dir / WORKER_LOCK.format(shard=shard), os.O_RDWR | os.O_CREAT, 0o666)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
@@ -451,15 +485,19 @@ class ManifestWriter:
 
     def __init__(self, path: Path):
         existed = path.exists()
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # what the umask allows, as any file
         if not existed:
             fsync_dir(path.parent)
 
     def append(self, *entries: dict) -> None:
         data = memoryview("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode())
-        while data:  # a single write almost always takes it all; loop for the rare short write
-            data = data[os.write(self.fd, data):]
-        os.fsync(self.fd)
+        try:
+            while data:  # a single write almost always takes it all; loop for the rare short write
+                data = data[os.write(self.fd, data):]
+            os.fsync(self.fd)
+        except OSError as exc:  # a full disk: os.write names no file
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -473,11 +511,15 @@ class ManifestWriter:
 
 # What resuming and the summary need of a finished entry; the rest (traces) stays on disk.
 _KEPT = ("id", "line", "index", "prompt", "negative_prompt", "seed", "policy", "scheduler", "steps", "height", "width",
-         "model", "flagged", "transition_step", "engine")
+         "model", "flagged", "transition_step", "engine", *MICRO_CONDITIONING)
 
 
 def slim(entry: dict) -> dict:
-    return {k: entry.get(k) for k in _KEPT}
+    kept = {k: entry.get(k) for k in _KEPT}
+    # The threshold its flag was made with; entries written before it was recorded have none unless they have no flag
+    if "detect_threshold" in entry or entry.get("flagged") is None:
+        kept["detect_threshold"] = entry.get("detect_threshold")
+    return kept
 
 
 def merge_parts(out_dir: Path) -> None:
@@ -549,8 +591,13 @@ def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: P
             continue
         want = {"prompt": task.prompt, "negative_prompt": task.negative_prompt, "seed": task.seed,
                 "policy": task.sampling.policy.parameters(), "scheduler": task.sampling.scheduler,
-                "steps": task.sampling.steps, "height": task.sampling.height, "width": task.sampling.width}
-        diff = [k for k, v in want.items() if entry.get(k) != v]
+                "steps": task.sampling.steps, "height": task.sampling.height, "width": task.sampling.width,
+                # its `flagged` was decided with this threshold: another one would leave stale flags
+                "detect_threshold": task.sampling.policy.detect_threshold,
+                # SDXL's time_ids (None, as an SD entry has none)
+                **{name: None if (value := getattr(task.sampling, name)) is None else list(value)
+                   for name in MICRO_CONDITIONING}}
+        diff = [k for k, v in want.items() if (k in entry or k != "detect_threshold") and entry.get(k) != v]
         if diff:
             raise BatchError(f"{out_dir / MANIFEST} already has image {task.id} (line {task.line}) with a different "
                              f"{', '.join(diff)} than this job; it holds another job's output: restart with the same "
@@ -580,6 +627,7 @@ class BatchJob:
     on_error: str = "stop"
     progress: bool = True
     calibration: tuple[Path, dict] | None = None  # the --detect-calibration file and its contents, to warn against
+    long_prompts: str = "truncate"  # see LONG_PROMPTS
 
     def validate(self) -> None:
         if not Path(self.prompts).is_file():  # before OUT_DIR is created or any model loads
@@ -593,6 +641,8 @@ class BatchJob:
             raise BatchError(f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_LINE}] (got {self.images_per_prompt})")
         if self.on_error not in ON_ERROR:
             raise BatchError(f"--on-error must be one of {', '.join(ON_ERROR)} (got {self.on_error!r})")
+        if self.long_prompts not in LONG_PROMPTS:
+            raise BatchError(f"--long-prompts must be one of {', '.join(LONG_PROMPTS)} (got {self.long_prompts!r})")
 
 
 @dataclass
@@ -604,6 +654,8 @@ class BatchSummary:
     mean_transition_step: float | None
     seconds: float  # wall time of this run's generation
     skipped: list[LineError]
+    no_transition: int = 0  # images that never switched to guidance (transition_step null)
+    truncated: int = 0  # prompt lines cut to the text encoder's length
 
     @property
     def images_per_second(self) -> float:
@@ -615,6 +667,10 @@ class BatchSummary:
                f"{self.done_before} already done)",
                f"flagged as memorized: {'n/a (no detection threshold)' if self.flagged is None else self.flagged}",
                f"mean transition step: {ts}",
+               f"never switched to guidance: {self.no_transition}" + (
+                   " (d had no local minimum; --latest-transition-t T gives dtp/og-dtp a latest switch)"
+                   if self.no_transition else ""),
+               f"prompts cut to the text encoder's length: {self.truncated}",
                f"throughput: {self.images_per_second:.3f} images/s ({self.seconds:.1f} s)",
                f"skipped lines: {len(self.skipped)}"]
         out += [f"  {e}" for e in self.skipped]
@@ -650,7 +706,9 @@ def unflagged_lines_out(parsed: PromptFile, checker: Checker, job: SamplingConfi
             tasks.append(task)
         elif task.index == 0:
             errors.append(LineError(task.line, problems[task.sampling]))
-    return PromptFile(tasks, sorted(errors, key=lambda e: e.line), parsed.lines)
+    kept = {t.line for t in tasks}
+    return PromptFile(tasks, sorted(errors, key=lambda e: e.line), parsed.lines,
+                      [note for note in parsed.truncated if note.line in kept])
 
 
 def unmeasured_threshold(sampling: SamplingConfig, checker: Checker) -> str | None:
@@ -671,8 +729,8 @@ def unmeasured_threshold(sampling: SamplingConfig, checker: Checker) -> str | No
 def load_job(job: BatchJob, checker: Checker) -> PromptFile:
     """Read and check the prompt file; bad lines are reported on stderr and then skipped or stop the job."""
     check_settings(job.sampling, checker)
-    parsed = unflagged_lines_out(read_prompts(job.prompts, checker, job.sampling, job.images_per_prompt, job.seed),
-                                 checker, job.sampling)
+    parsed = unflagged_lines_out(read_prompts(job.prompts, checker, job.sampling, job.images_per_prompt, job.seed,
+                                              job.long_prompts), checker, job.sampling)
     messages = {e.message for e in parsed.errors}
     if not parsed.tasks and len(messages) == 1 and len(parsed.errors) > 1:  # one cause, not one report per line
         raise BatchError(f"{job.prompts}: every line ({len(parsed.errors)}): {messages.pop()}")
@@ -684,11 +742,22 @@ def load_job(job: BatchJob, checker: Checker) -> PromptFile:
                          "--on-error skip makes the good lines)")
     if not parsed.tasks:
         raise BatchError(f"{job.prompts} has no usable prompt lines ({parsed.lines} read, {len(parsed.errors)} bad)")
+    for note in parsed.truncated:  # once per line here; the pipeline's own warning is silenced (`quiet_truncation`)
+        print(f"basinguard batch: warning: {job.prompts}: {note}", file=sys.stderr)
     if job.calibration is not None:
         first = [(t.line, t.sampling, t.negative_prompt) for t in parsed.tasks if t.index == 0]
         for warning in calibration_warnings(*job.calibration, first, accepted_model_ids(model_identity(checker.folder.path))):
             print(f"basinguard batch: warning: {warning}", file=sys.stderr)
     return parsed
+
+
+@contextmanager
+def quiet_truncation() -> Iterator[None]:
+    """The pipeline's PromptTruncatedWarning silenced: a job names each cut prompt once, with its line, when it reads
+    the prompt file (`load_job`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        yield
 
 
 def generate_batch(pipeline: Pipeline, batch: Sequence[ImageTask]) -> tuple[list[Generation], dict[str, float]]:
@@ -707,7 +776,8 @@ def manifest_entry(task: ImageTask, gen: Generation, timings: dict[str, float], 
     score = trace["detection_score"] if trace["detection_score"] is not None else trace["gap"][0]
     threshold = task.sampling.policy.detect_threshold
     return {"id": task.id, "file": task.file, "line": task.line, "index": task.index, **trace,
-            "detection_score": score, "flagged": None if threshold is None or score is None else score > threshold,
+            "detection_score": score, "detect_threshold": threshold,
+            "flagged": None if threshold is None or score is None else score > threshold,
             "batch": batch, "timings": timings, "engine": engine, "model": model}
 
 
@@ -739,7 +809,9 @@ def summarize(parsed: PromptFile, done: dict[str, dict], new: list[dict], second
                         flagged=None if all(e.get("flagged") is None for e in entries)
                         else sum(bool(e.get("flagged")) for e in entries),
                         mean_transition_step=sum(steps) / len(steps) if steps else None,
-                        seconds=seconds, skipped=parsed.errors)
+                        seconds=seconds, skipped=parsed.errors,
+                        no_transition=sum(e.get("transition_step") is None for e in entries),
+                        truncated=len({note.line for note in parsed.truncated}))
 
 
 def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline], checker: Checker | None = None) -> BatchSummary:
@@ -762,7 +834,8 @@ def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline], checke
             warn_other_engines(job.out_dir, done, {pipe.unet.model.provider})
         new: list[dict] = []
         start = time.perf_counter()
-        with ManifestWriter(job.out_dir / MANIFEST) as manifest, progress_bar(len(pending), job.progress) as bar:
+        with (ManifestWriter(job.out_dir / MANIFEST) as manifest, progress_bar(len(pending), job.progress) as bar,
+              quiet_truncation()):
             for batch in pack(pending, job.batch_size):
                 new += map(slim, write_batch(pipe, batch, job.out_dir, model, manifest))
                 bar.update(len(batch))

@@ -22,9 +22,9 @@ import numpy as np
 
 from basinguard.errors import BasinguardError
 from basinguard.runtime.guidance import PolicyConfig, make_policy
-from basinguard.runtime.model_folder import names_this_model
-from basinguard.runtime.pipeline import Pipeline, SamplingConfig, denoise
-from basinguard.runtime.schedulers import Scheduler
+from basinguard.runtime.model_folder import ModelFolder, names_this_model
+from basinguard.runtime.pipeline import MICRO_CONDITIONING, Pipeline, SamplingConfig, denoise
+from basinguard.runtime.schedulers import GAP_SPACE, Scheduler, step_noise
 
 
 class _FirstSteps:
@@ -59,12 +59,13 @@ def detection_scores(pipeline: Pipeline, prompts: Sequence[str], sampling: Sampl
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         n = len(chunk)
-        scheduler = pipeline.make_scheduler(sampling)
-        e = pipeline.encode_text([neg for _, neg, _ in chunk] + [p for p, _, _ in chunk])  # [e_∅; e_p], as generate
-        latents = pipeline.initial_latents([s for _, _, s in chunk], sampling.height, sampling.width)
+        seeds_here = [s for _, _, s in chunk]
+        scheduler = pipeline.make_scheduler(sampling, step_noise(seeds_here, None))  # euler-a: as generate draws it
+        cond = pipeline.conditioning([p for p, _, _ in chunk], [neg for _, neg, _ in chunk], sampling)  # as generate
+        latents = pipeline.initial_latents(seeds_here, sampling.height, sampling.width)
         x = latents * np.float32(scheduler.init_noise_sigma)
         policy = make_policy(sampling.policy, n, pipeline.folder.num_train_timesteps)
-        _, gap, _ = denoise(pipeline.unet, _FirstSteps(scheduler, steps), policy, x, e[:n], e)  # type: ignore[arg-type]
+        _, gap, _ = denoise(pipeline.unet, _FirstSteps(scheduler, steps), policy, x, cond)  # type: ignore[arg-type]
         d[start:start + n] = gap.T
     return d.reshape(len(prompts), len(seeds), steps).mean(axis=(1, 2))
 
@@ -105,12 +106,16 @@ def calibrate(pos_scores: Sequence[float] | np.ndarray, neg_scores: Sequence[flo
     pos, neg = _scores(pos_scores, "memorized"), _scores(neg_scores, "normal")
     t = threshold_at_fpr(neg, fpr)
     return {"threshold": t, "auc": roc_auc(pos, neg), "tpr": float((pos > t).mean()), "fpr": float((neg > t).mean()),
-            "target_fpr": fpr, "n_memorized": int(pos.size), "n_normal": int(neg.size)}
+            "target_fpr": fpr, "n_memorized": int(pos.size), "n_normal": int(neg.size), "gap_space": GAP_SPACE}
 
 
-def load_calibration(path: Path, detect_steps: int | None = None) -> dict:
+def load_calibration(path: Path, detect_steps: int | None = None, model: Path | None = None) -> dict:
     """A calibration file written by `basinguard detect --calibrate`; its threshold is checked here. For `auto`
-    (`detect_steps` None) it must score d at step 0 alone; for `detect`, as many steps as `detect_steps`."""
+    (`detect_steps` None) it must score d at step 0 alone; for `detect`, as many steps as `detect_steps`.
+
+    d is measured in ε space (`gap_space`); before that, a v-prediction model's d was its v gap, in other units.
+    A file without `gap_space` is accepted for an epsilon `model` (its numbers are unchanged) and refused for any
+    other; `model` None skips that check."""
     try:
         calib = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -128,6 +133,14 @@ def load_calibration(path: Path, detect_steps: int | None = None) -> dict:
     if detect_steps is not None and made != detect_steps:
         raise BasinguardError(f"calibration file {path} was made with --detect-steps {made}; score with the same "
                               f"--detect-steps (got {detect_steps}), or calibrate again")
+    space = calib.get("gap_space")
+    if model is not None and space != GAP_SPACE:
+        predicts = ModelFolder.open(model).scheduler_config.get("prediction_type", "epsilon")
+        if space is not None or predicts != "epsilon":
+            made_in = f"d in {space!r} space" if space is not None else "d on the UNet's raw output (before d was measured in ε space)"
+            raise BasinguardError(f"calibration file {path} was made with {made_in}; this {predicts} model's d is now in "
+                                  "ε space, in other units, so its threshold does not apply: calibrate again with "
+                                  "`basinguard detect --calibrate`")
     return calib
 
 
@@ -141,6 +154,9 @@ def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_ids: set[s
     older file lacks are not compared."""
     here = {"steps": sampling.steps, "scheduler": sampling.scheduler, "height": sampling.height,
             "width": sampling.width}
+    for name in MICRO_CONDITIONING:  # SDXL's time_ids condition the UNet as the size does
+        if getattr(sampling, name) is not None:
+            here[name] = list(getattr(sampling, name))
     if calib.get("detect_steps", 1) > 1:  # past step 0 the trajectory is CFG's at λ
         here["guidance_scale"] = sampling.policy.guidance_scale
     differ = [f"{name} {calib[name]} (here {value})" for name, value in here.items()

@@ -39,14 +39,18 @@ class PolicyConfig:
     # `auto`: detection-gated mitigation (Wen et al.): d at step 0 above the threshold → mitigation.
     detect_threshold: float | None = None
     mitigation: str = "og-dtp"
+    # dtp/og-dtp: a sample whose d has shown no local minimum by the first step with t <= this switches there (a
+    # fallback off by default, so Algorithm 1 is the default; without it such a sample never gets λ)
+    latest_transition_t: int | None = None
 
     def validate(self, num_train_timesteps: int = 1000) -> None:
         if self.name not in (*POLICY_NAMES, "auto"):
             raise PolicyError(f"unknown policy {self.name!r}; choose one of {', '.join((*POLICY_NAMES, 'auto'))}")
-        for field in ("guidance_scale", "transition_t", "pre_scale", "opposite_scale", "detect_threshold"):
+        for field in ("guidance_scale", "transition_t", "pre_scale", "opposite_scale", "detect_threshold",
+                      "latest_transition_t"):
             value = getattr(self, field)
             if not (isinstance(value, Real) and not isinstance(value, bool)) and not (
-                    value is None and field in ("opposite_scale", "detect_threshold")):
+                    value is None and field in ("opposite_scale", "detect_threshold", "latest_transition_t")):
                 raise PolicyError(f"{field} must be a number (got {value!r})")
         # NaN fails every comparison below, so each check is written to fail for it.
         if not 0 <= self.guidance_scale <= MAX_SCALE:
@@ -54,6 +58,9 @@ class PolicyConfig:
                               "opposite guidance is chosen with an og-* policy and --opposite-scale")
         if not 0 <= self.transition_t <= num_train_timesteps:
             raise PolicyError(f"transition t must be in [0, {num_train_timesteps}] (got {self.transition_t})")
+        if self.latest_transition_t is not None and not 0 <= self.latest_transition_t <= num_train_timesteps:
+            raise PolicyError(f"latest transition t must be in [0, {num_train_timesteps}] "
+                              f"(got {self.latest_transition_t})")
         if not -MAX_SCALE <= self.pre_scale <= MAX_SCALE:
             raise PolicyError(f"pre-scale must be in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (got {self.pre_scale})")
         if self.opposite_scale is not None and not 0 < self.opposite_scale <= MAX_SCALE:
@@ -81,17 +88,24 @@ class PolicyConfig:
             used.add("pre_scale")
         if self.name.startswith("og-"):
             used.add("opposite_scale")
+        if self.name in ("dtp", "og-dtp"):
+            used.add("latest_transition_t")
         if self.name == "auto":
             used = set(asdict(self))
+        if self.latest_transition_t is None:  # off: recorded as before the fallback existed, so old jobs resume
+            used.discard("latest_transition_t")
         return {k: v for k, v in (asdict(self) | {"opposite_scale": self.opposite}).items() if k in used}
 
 
 # The policies each transition setting is used by (for auto: its mitigation's); a setting given where it is not
 # used would be ignored without a word, so it is refused instead.
-USED_BY = {"pre_scale": ("stp", "dtp"), "transition_t": ("stp", "og-stp"), "opposite_scale": ("og-stp", "og-dtp")}
+USED_BY = {"pre_scale": ("stp", "dtp"), "transition_t": ("stp", "og-stp"), "opposite_scale": ("og-stp", "og-dtp"),
+           "latest_transition_t": ("dtp", "og-dtp")}
 _OPPOSITE, _FROM_D = " (its pre-switch scale is -(opposite scale))", " (it finds its transition from d)"
+_AT_TAU = " (it switches at τ, --transition-t)"
 WHY_NOT = {("pre_scale", "og-stp"): _OPPOSITE, ("pre_scale", "og-dtp"): _OPPOSITE,
-           ("transition_t", "dtp"): _FROM_D, ("transition_t", "og-dtp"): _FROM_D}
+           ("transition_t", "dtp"): _FROM_D, ("transition_t", "og-dtp"): _FROM_D,
+           ("latest_transition_t", "stp"): _AT_TAU, ("latest_transition_t", "og-stp"): _AT_TAU}
 
 
 def setting_problem(setting: str, policy: str, mitigation: str, name: str) -> str | None:
@@ -157,10 +171,12 @@ class StaticTransition(GuidancePolicy):
 
 
 class DynamicTransition(GuidancePolicy):
-    """DTP / OG-DTP (Algorithm 1): s_pre until d's first local minimum d[i-2] > d[i-1] < d[i]; λ from step i on."""
+    """DTP / OG-DTP (Algorithm 1): s_pre until d's first local minimum d[i-2] > d[i-1] < d[i]; λ from step i on.
+    With `latest_t`, a sample with no minimum yet switches at the first step with t <= latest_t."""
 
-    def __init__(self, n: int, guidance_scale: float, pre_scale: float):
+    def __init__(self, n: int, guidance_scale: float, pre_scale: float, latest_t: float | None = None):
         super().__init__(n, guidance_scale, pre_scale)
+        self.latest_t = latest_t
         self.transition_step = np.full(n, NO_TRANSITION, np.int64)
         # Per-sample state as Python lists: a handful of floats per step is cheaper in plain Python than the ten
         # small numpy calls it took (88 -> 28 µs per step measured on the shipped model, CPU, after a UNet call).
@@ -174,8 +190,9 @@ class DynamicTransition(GuidancePolicy):
             return self._full_scale
         d_now = d.tolist()
         steps, d1, d2 = self._steps, self._d1, self._d2
+        late = self.latest_t is not None and t <= self.latest_t
         for k in range(self.n):
-            if steps[k] == NO_TRANSITION and d2[k] > d1[k] < d_now[k]:
+            if steps[k] == NO_TRANSITION and (late or d2[k] > d1[k] < d_now[k]):
                 steps[k] = step
         self._d2, self._d1 = d1, d_now
         self.transition_step[:] = steps
@@ -213,7 +230,7 @@ def make_policy(config: PolicyConfig, n: int, num_train_timesteps: int = 1000) -
     elif name in ("stp", "og-stp"):
         policy = StaticTransition(n, config.guidance_scale, pre, config.transition_t)
     else:
-        policy = DynamicTransition(n, config.guidance_scale, pre)
+        policy = DynamicTransition(n, config.guidance_scale, pre, config.latest_transition_t)
     if config.name == "auto":
         assert config.detect_threshold is not None
         policy = DetectionGated(n, policy, config.detect_threshold)

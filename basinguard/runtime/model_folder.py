@@ -6,14 +6,24 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from basinguard.files import digest_memo, file_digests
 from basinguard.runtime.errors import InputError, ModelFolderError
+from basinguard.runtime.schedulers import InvalidConfig, check_config
+
+if TYPE_CHECKING:
+    from basinguard.engine.tensorrt import ModelGeometry
 
 REQUIRED = ("text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx", "tokenizer",
             "scheduler/scheduler_config.json")
+SDXL_REQUIRED = ("text_encoder_2/model.onnx", "tokenizer_2")  # beside REQUIRED, for a UNet conditioned on text_time
+FAMILIES = ("sd", "sdxl")  # SD 1.x/2.x; SDXL (two text encoders, pooled text and size micro-conditioning)
+MICRO_MAX = 16384  # pixels: the largest original/target side or crop offset SDXL's micro-conditioning accepts here
 MAX_SIDE = 4096  # pixels; beyond this the latent buffers alone exceed any sane memory budget
+MAX_LATENT_CHANNELS = 256  # SD uses 4, later families 16; far beyond, x_T alone would take gigabytes per image
 _JSON_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
                type(None): "null"}
 
@@ -45,12 +55,13 @@ _DEFAULT_TYPES: dict[str, type | tuple[type, ...]] = {
 _MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale")
 
 
-def _positive_int(value: object, what: str, path: Path) -> int:
-    """`value` as an int (1000.0 too), or a ModelFolderError naming the file and the field."""
+def _positive_int(value: object, what: str, path: Path, most: int | None = None) -> int:
+    """`value` as an int (1000.0 too) in [1, most], or a ModelFolderError naming the file and the field."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ModelFolderError(f"corrupt config {path}: {what} must be a positive integer, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or most is not None and value > most:
+        bound = "a positive integer" if most is None else f"an integer in [1, {most}]"
+        raise ModelFolderError(f"corrupt config {path}: {what} must be {bound}, not {value!r}")
     return value
 
 
@@ -69,6 +80,7 @@ class ModelFolder:
     unet_config: dict
     vae_config: dict
     manifest: dict = field(default_factory=dict)  # basinguard.json: export record and sampling defaults
+    model_index: dict = field(default_factory=dict)  # model_index.json: the diffusers pipeline's own settings
 
     @classmethod
     def open(cls, path: Path) -> ModelFolder:
@@ -80,12 +92,42 @@ class ModelFolder:
             raise ModelFolderError(f"model folder {path} is missing {', '.join(missing)} "
                                    "(export a diffusers pipeline with `basinguard export SRC OUT`)")
         manifest = read_json(path / "basinguard.json") if (path / "basinguard.json").exists() else {}
+        index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
         folder = cls(path, read_json(path / "scheduler/scheduler_config.json"), read_json(path / "unet/config.json"),
-                     read_json(path / "vae_decoder/config.json"), manifest)
+                     read_json(path / "vae_decoder/config.json"), manifest, index)
+        if folder.family == "sdxl":
+            missing = [p for p in SDXL_REQUIRED if not (path / p).exists()]
+            if missing:
+                raise ModelFolderError(f"model folder {path} is an SDXL model (its UNet takes text_embeds and "
+                                       f"time_ids) but is missing {', '.join(missing)} (export the whole SDXL "
+                                       "pipeline with `basinguard export SRC OUT`)")
         # Read every config value used later once now: a corrupt one is reported at open, naming its file.
         _ = (folder.default_image, folder.size_multiple, folder.latent_channels, folder.num_train_timesteps,
-             folder.sampling_defaults, folder.latent_scaling)
+             folder.sampling_defaults, folder.latent_scaling, folder.force_zeros_for_empty_prompt)
+        where = path / "scheduler/scheduler_config.json"
+        try:  # here, naming the file, rather than as a traceback or NaN image at the first step
+            check_config(folder.scheduler_config)
+        except InvalidConfig as exc:
+            raise ModelFolderError(f"corrupt config {where}: {exc}") from None
+        except ValueError as exc:  # a beta_schedule no scheduler here implements
+            raise ModelFolderError(f"unsupported scheduler config {where}: {exc}") from None
         return folder
+
+    @property
+    def family(self) -> str:
+        """"sdxl" for a UNet conditioned on pooled text and size ids (addition_embed_type "text_time", as diffusers
+        configures SDXL), else "sd"; read from the UNet's config, which both our and optimum's exports carry."""
+        return "sdxl" if self.unet_config.get("addition_embed_type") == "text_time" else "sd"
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL: with no negative prompt, e_∅ and its pooled embedding are zeros rather than the empty prompt's
+        encoding (model_index.json; diffusers' default, true, where it does not say)."""
+        value = self.model_index.get("force_zeros_for_empty_prompt", True)
+        if not isinstance(value, bool):
+            raise ModelFolderError(f"corrupt config {self.path / 'model_index.json'}: force_zeros_for_empty_prompt "
+                                   f"must be true or false, not {value!r}")
+        return self.family == "sdxl" and value
 
     @property
     def vae_scale_factor(self) -> int:
@@ -105,7 +147,8 @@ class ModelFolder:
 
     @property
     def latent_channels(self) -> int:
-        return _positive_int(self.unet_config.get("in_channels", 4), "in_channels", self.path / "unet/config.json")
+        return _positive_int(self.unet_config.get("in_channels", 4), "in_channels", self.path / "unet/config.json",
+                             MAX_LATENT_CHANNELS)
 
     @property
     def size_multiple(self) -> int:
@@ -133,6 +176,20 @@ class ModelFolder:
         """The native image side; for a model with a non-square sample_size its height (see `default_image`)."""
         return self.default_image[0]
 
+    def engine_geometry(self) -> ModelGeometry:
+        """What TensorRT profiles need from this folder (`basinguard build-engines`): the VAE factor, native size,
+        size multiple and the tokenizer's length (CLIP's 77 where its config gives no usable one)."""
+        from basinguard.engine.tensorrt import DEFAULT_SEQ_LEN, ModelGeometry
+
+        seq_len, cfg = DEFAULT_SEQ_LEN, self.path / "tokenizer" / "tokenizer_config.json"
+        try:
+            value = json.loads(cfg.read_text()).get("model_max_length") if cfg.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            value = None
+        if isinstance(value, int) and 2 < value <= 4096:  # huge sentinels (1e30) mean "unset"
+            seq_len = value
+        return ModelGeometry(self.vae_scale_factor, self.default_image, self.size_multiple, seq_len)
+
     @property
     def num_train_timesteps(self) -> int:
         return _positive_int(self.scheduler_config.get("num_train_timesteps", 1000), "num_train_timesteps",
@@ -154,6 +211,32 @@ class ModelFolder:
                 raise ModelFolderError(f"corrupt config {where}: sampling_defaults.{key} must be {kind}, not {value!r}")
         return dict(defaults)
 
+    def micro_conditioning(self, height: int, width: int, original_size: object, crops_coords_top_left: object,
+                           target_size: object) -> dict[str, tuple[int, int]]:
+        """SDXL's size micro-conditioning checked and filled with diffusers' defaults (original and target size: the
+        image's (height, width); crop top-left: (0, 0)); {} for an SD model, which takes none."""
+        given = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                 "target_size": target_size}
+        if self.family != "sdxl":
+            named = [name for name, value in given.items() if value is not None]
+            if named:
+                raise InputError(f"{named[0]} applies to SDXL models only; this model is SD (its UNet takes no "
+                                 "time_ids)")
+            return {}
+        defaults = {"original_size": (height, width), "crops_coords_top_left": (0, 0), "target_size": (height, width)}
+        out = {}
+        for name, value in given.items():
+            value = defaults[name] if value is None else value
+            low = 0 if name == "crops_coords_top_left" else 1
+            pair = tuple(value) if isinstance(value, tuple | list) else ()
+            if len(pair) != 2 or not all(isinstance(v, Integral) and not isinstance(v, bool) and low <= v <= MICRO_MAX
+                                         for v in pair):
+                what = "(top, left)" if low == 0 else "(height, width)"
+                raise InputError(f"{name} {value!r} not allowed: must be {what}, integers in [{low}, {MICRO_MAX}] "
+                                 "pixels")
+            out[name] = (int(pair[0]), int(pair[1]))
+        return out
+
     def check_size(self, height: int, width: int) -> None:
         m = self.size_multiple
         for side, value in (("height", height), ("width", width)):
@@ -166,12 +249,15 @@ def _model_files(folder: Path) -> list[Path]:
     """The files that make a model folder's images: basinguard.json, each part's ONNX files (with external data)
     and JSON configs, the scheduler config and the tokenizer. Not caches a backend writes beside them, such as the
     CPU's fused-attention graph, or a CPU run would make every earlier job on the folder "another model"."""
-    from basinguard.engine.tensorrt import onnx_files  # the same rule the TensorRT plan key uses
+    from basinguard.engine.base import onnx_files  # the same rule the TensorRT plan key uses
 
     files = [folder / "basinguard.json"]
-    for part in ("text_encoder", "unet", "vae_decoder"):
-        files += [*onnx_files(folder / part / "model.onnx"), *sorted((folder / part).glob("*.json"))]
-    for part in ("scheduler", "tokenizer"):
+    for part in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+        if (folder / part).is_dir():  # text_encoder_2: SDXL only
+            files += [*onnx_files(folder / part / "model.onnx"), *sorted((folder / part).glob("*.json"))]
+    if (folder / "model_index.json").is_file() and (folder / "text_encoder_2").is_dir():  # force_zeros_for_empty_prompt
+        files.append(folder / "model_index.json")
+    for part in ("scheduler", "tokenizer", "tokenizer_2"):
         files += sorted(p for p in (folder / part).glob("*") if not p.name.startswith("."))
     return [f for f in files if f.is_file()]
 
@@ -192,7 +278,7 @@ def accepted_model_ids(identity: dict) -> set[str]:
     """The ids that name this model in manifests and calibrations: its own, and the one basinguard recorded before
     ids were content hashes (basinguard.json's bytes and each part's file sizes and mtimes), so jobs and
     calibrations made then still match while those files are untouched."""
-    from basinguard.engine.tensorrt import onnx_files
+    from basinguard.engine.base import onnx_files
 
     folder = Path(identity["path"])
     h = hashlib.sha256()

@@ -7,28 +7,32 @@ per-stage timing table; the denoising loop is `denoise`, Algorithm 1 of Jain et 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from numbers import Integral
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
 from basinguard.engine import EngineError, LoadedModel, load_model
-from basinguard.runtime.errors import InputError
+from basinguard.runtime.errors import InputError, ModelFolderError
 from basinguard.runtime.guidance import GuidancePolicy, PolicyConfig, make_policy
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.schedulers import (
+    GAP_SPACE,
     SCHEDULERS,
     Scheduler,
     UnsupportedConfig,
     make_scheduler,
     scheduler_name_for_config,
+    step_noise,
 )
-from basinguard.runtime.tokenizer import PromptTokenizer
+from basinguard.runtime.tokenizer import PromptTokenizer, text_encoder_length
 
 PNG_TRACE_KEY = "basinguard"
 MAX_LATENT = 1e4  # |x_T| bound: standard normal noise stays within ±10; far beyond it the UNet overflows
@@ -78,6 +82,11 @@ class SamplingConfig:
     height: int | None = None  # None: the model's native size
     width: int | None = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # SDXL's micro-conditioning (time_ids), in pixels: (height, width), (top, left), (height, width). None: diffusers'
+    # defaults, the image's own size and (0, 0). SD models take none of them.
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -101,8 +110,29 @@ class Generation:
         self.to_pil().save(path, format="PNG", pnginfo=info)
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """Every UNet input besides (sample, timestep), batched [uncond; cond] at 2N: SD's encoder_hidden_states, SDXL's
+    also text_embeds and time_ids. `uncond` holds the uncond halves at N as views made once, so the loop slices
+    halves without knowing the model family. The arrays are read-only: constant across the loop (an engine may
+    keep them on the device between calls)."""
+
+    pair: Mapping[str, np.ndarray]
+    uncond: Mapping[str, np.ndarray]
+
+    @classmethod
+    def of(cls, pair: Mapping[str, np.ndarray]) -> Conditioning:
+        arrays = {name: np.ascontiguousarray(value) for name, value in pair.items()}
+        n, odd = divmod(len(next(iter(arrays.values()))), 2)
+        if odd or any(len(value) != 2 * n for value in arrays.values()):
+            raise ValueError(f"conditioning must be batched [uncond; cond] at 2N (got {[v.shape for v in arrays.values()]})")
+        for value in arrays.values():
+            value.flags.writeable = False
+        return cls(MappingProxyType(arrays), MappingProxyType({name: value[:n] for name, value in arrays.items()}))
+
+
 def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np.ndarray,
-            e_uncond: np.ndarray, e_pair: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            cond: Conditioning) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reverse diffusion with a per-sample guidance policy. Returns x_0, d per step (NaN where not
     measured) and the scale applied per step, both (steps, N)."""
     n = len(x)
@@ -116,16 +146,17 @@ def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np
         x_in = scheduler.scale_model_input(x, i)
         if policy.needs_cond(i, t):
             pair[:] = x_in
-            eps = unet(pair_batch, t, e_pair)  # [ε(x, e_∅); ε(x, e_p)]
+            eps = unet(pair_batch, t, cond.pair)  # [ε(x, e_∅); ε(x, e_p)]
             eps_uncond, guidance = eps[:n], np.subtract(eps[n:], eps[:n], out=eps[n:])  # ε(x, e_p) − ε(x, e_∅)
             flat = guidance.reshape(n, -1)
             np.sqrt(np.vecdot(flat, flat), out=gap[i])  # d_t, free: both halves are here
+            gap[i] *= scheduler.eps_gap_scale[i]  # in ε space, as the paper's d, whatever the UNet predicts
             scale[i] = policy.scale(i, t, gap[i])
             # ε̂ = ε_∅ + s · (ε_p − ε_∅), per sample
             np.multiply(guidance, scale[i, :, None, None, None].astype(x.dtype), out=guidance)
             eps = np.add(eps_uncond, guidance, out=eps_uncond)
         else:  # the policy guarantees scale 0 here: ε̂ = ε_∅, at batch N
-            eps = unet(x_in, t, e_uncond)
+            eps = unet(x_in, t, cond.uncond)
             scale[i] = policy.scale(i, t, None)
             assert not scale[i].any(), "a policy that skips the conditional branch must use scale 0"
         x = scheduler.step(eps, i, x)
@@ -147,7 +178,8 @@ class UNetStage:
         self.output = next(iter(model.outputs))
         self._timesteps: dict[tuple[int, float], np.ndarray] = {}  # (batch, t) -> the timestep input, made once
 
-    def __call__(self, x: np.ndarray, t: float, embeddings: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, t: float, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """ε (or v) for samples `x` at timestep t; `inputs`: the conditioning at len(x) (`Conditioning`)."""
         timestep = self._timesteps.get((len(x), t))
         if timestep is None:
             if len(self._timesteps) > 4096:  # schedules of many step counts: start over rather than grow
@@ -155,9 +187,58 @@ class UNetStage:
             timestep = self._timesteps[len(x), t] = np.full(len(x), t, np.float32)
             timestep.flags.writeable = False
         start = time.perf_counter()  # not the timer's context manager: its overhead would count 50-100 times
-        out = self.model.run({"sample": x, "timestep": timestep, "encoder_hidden_states": embeddings})[self.output]
+        out = self.model.run({"sample": x, "timestep": timestep, **inputs})[self.output]
         self.timer.add("unet", time.perf_counter() - start)
         return out if out.dtype == np.float32 else out.astype(np.float32)
+
+
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")  # SDXL's time_ids, in this order
+SDXL_UNET_INPUTS = ("text_embeds", "time_ids")  # an SDXL UNet's conditioning beside encoder_hidden_states
+
+
+def penultimate_output(model: LoadedModel, path: Path) -> str:
+    """The name of a text encoder's hidden_states[-2] output (optimum's names: hidden_states.0 … .L), the layer
+    diffusers' SDXL pipeline takes when clip_skip is unset."""
+    layers = sorted(int(name.rsplit(".", 1)[1]) for name in model.outputs if re.fullmatch(r"hidden_states\.\d+", name))
+    if len(layers) < 2:
+        raise ModelFolderError(f"{path} has no hidden_states.K outputs (SDXL takes each text encoder's penultimate "
+                               "layer); export the pipeline with `basinguard export` or optimum's exporter")
+    return f"hidden_states.{layers[-2]}"
+
+
+@dataclass
+class SDXLText:
+    """SDXL's two tokenizers and text encoders, as diffusers' StableDiffusionXLPipeline.encode_prompt uses them
+    (prompt_2 = prompt): encoder_hidden_states is both encoders' penultimate hidden states side by side, text_embeds
+    the second encoder's pooled, projected output."""
+
+    tokenizers: tuple[PromptTokenizer, PromptTokenizer]
+    encoders: tuple[LoadedModel, LoadedModel]
+    hidden_outputs: tuple[str, str]
+
+    @classmethod
+    def load(cls, folder: ModelFolder, tokenizer: PromptTokenizer, text_encoder: LoadedModel, provider: str,
+             threads: int | None) -> SDXLText:
+        path = folder.path / "text_encoder_2/model.onnx"
+        encoder_2 = load_model(path, provider, threads)
+        if "text_embeds" not in encoder_2.outputs:
+            raise ModelFolderError(f"{path} has no text_embeds output (SDXL's second text encoder is a "
+                                   "CLIPTextModelWithProjection)")
+        tokenizer_2 = PromptTokenizer.from_folder(folder.path / "tokenizer_2")
+        if tokenizer_2.max_length != tokenizer.max_length:  # the two encoders' states are joined token by token
+            raise ModelFolderError(f"{folder.path}: tokenizer pads to {tokenizer.max_length} tokens but tokenizer_2 "
+                                   f"to {tokenizer_2.max_length}; their model_max_length must agree")
+        hidden = (penultimate_output(text_encoder, folder.path / "text_encoder/model.onnx"),
+                  penultimate_output(encoder_2, path))
+        return cls((tokenizer, tokenizer_2), (text_encoder, encoder_2), hidden)
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(encoder_hidden_states, text_embeds) of `texts`, float32."""
+        hidden, out = [], {}
+        for tokenizer, encoder, name in zip(self.tokenizers, self.encoders, self.hidden_outputs, strict=True):
+            out = encoder.run({"input_ids": tokenizer.encode(list(texts))})
+            hidden.append(out[name].astype(np.float32, copy=False))
+        return np.concatenate(hidden, axis=-1), out["text_embeds"].astype(np.float32, copy=False)
 
 
 class Pipeline:
@@ -168,18 +249,58 @@ class Pipeline:
         self.folder = ModelFolder.open(folder)
         self.provider = provider
         self.timer = StageTimer()
-        self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer")
+        self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer",
+                                                     text_encoder_length(self.folder.path / "text_encoder"))
         self.text_encoder = load_model(self.folder.path / "text_encoder/model.onnx", provider, threads)
+        width = getattr(self.text_encoder.inputs.get("input_ids"), "shape", (None,))[-1]
+        if isinstance(width, int) and width > 0 and width != self.tokenizer.max_length:  # a fixed ONNX input
+            self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer", width, exact=True)
         self.unet = UNetStage(load_model(self.folder.path / "unet/model.onnx", provider, threads, static_shapes), self.timer)
         self.vae_decoder = load_model(self.folder.path / "vae_decoder/model.onnx", provider, threads)
         outs = self.text_encoder.outputs
         self._text_output = "last_hidden_state" if "last_hidden_state" in outs else next(iter(outs))
+        self.xl: SDXLText | None = None
+        if self.folder.family == "sdxl":
+            self.xl = SDXLText.load(self.folder, self.tokenizer, self.text_encoder, provider, threads)
+            missing = [name for name in SDXL_UNET_INPUTS if name not in self.unet.model.inputs]
+            if missing:
+                raise ModelFolderError(f"{self.folder.path / 'unet/model.onnx'} lacks input(s) {', '.join(missing)} "
+                                       "that an SDXL UNet takes (has " + ", ".join(self.unet.model.inputs) + ")")
 
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
         ids = self.tokenizer.encode(list(prompts))
         with self.timer("text_encoder"):
             out = self.text_encoder.run({"input_ids": ids})[self._text_output]
         return out.astype(np.float32, copy=False)
+
+    def uncond_kinds(self, negative_prompts: Sequence[str]) -> list[str]:
+        """Which e_∅ each image's unconditional branch gets: its negative prompt's encoding, else zeros (SDXL with
+        force_zeros_for_empty_prompt, as diffusers' pipeline without a negative prompt) or the empty prompt's."""
+        none = "zeros" if self.folder.force_zeros_for_empty_prompt else "empty prompt"
+        return ["negative prompt" if negative else none for negative in negative_prompts]
+
+    def conditioning(self, prompts: Sequence[str], negative_prompts: Sequence[str],
+                     sampling: SamplingConfig) -> Conditioning:
+        """The UNet's conditioning for N images, [e_∅; e_p] (`uncond_kinds` says which e_∅), at a resolved
+        sampling; one text-encoder call per encoder."""
+        if self.xl is None:
+            return Conditioning.of({"encoder_hidden_states": self.encode_text([*negative_prompts, *prompts])})
+        n = len(prompts)
+        zeros = [kind == "zeros" for kind in self.uncond_kinds(negative_prompts)]
+        texts = [neg for neg, zero in zip(negative_prompts, zeros) if not zero] + list(prompts)  # zeros need no encoding
+        with self.timer("text_encoder"):
+            hidden, pooled = self.xl.encode(texts)
+        rows = np.cumsum([not zero for zero in zeros]) - 1  # row k of e_∅ in `texts`, where it was encoded
+        pair_hidden = np.zeros((2 * n, *hidden.shape[1:]), np.float32)
+        pair_pooled = np.zeros((2 * n, *pooled.shape[1:]), np.float32)
+        for k in range(n):
+            if not zeros[k]:
+                pair_hidden[k], pair_pooled[k] = hidden[rows[k]], pooled[rows[k]]
+        pair_hidden[n:], pair_pooled[n:] = hidden[-n:], pooled[-n:]
+        # diffusers' _get_add_time_ids: original size + crop top-left + target size, the same for both halves
+        time_ids = [*sampling.original_size, *sampling.crops_coords_top_left, *sampling.target_size]
+        return Conditioning.of({"encoder_hidden_states": pair_hidden, "text_embeds": pair_pooled,
+                                "time_ids": np.tile(np.array(time_ids, np.float32), (2 * n, 1))})
 
     def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
         """x_T per image from its own seed, so an image does not depend on what it was batched with."""
@@ -210,6 +331,12 @@ class Pipeline:
         z = latents / np.float32(scaling) + np.float32(shift)
         with self.timer("vae"):
             img = self.vae_decoder.run({"latent_sample": z})["sample"].astype(np.float32, copy=False)
+        f = self.folder.vae_scale_factor
+        if img.shape[2:] != (latents.shape[2] * f, latents.shape[3] * f):  # a trace would state another size
+            raise ModelFolderError(
+                f"{self.folder.path / 'vae_decoder/config.json'}: block_out_channels gives a scale factor of {f}, "
+                f"but vae_decoder/model.onnx turned {latents.shape[2]}x{latents.shape[3]} latents into "
+                f"{img.shape[2]}x{img.shape[3]} pixels; the config does not belong to this decoder")
         check_finite(img, "the VAE decoder")  # before the clip, which would turn an inf into a white pixel
         return np.clip(img / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
@@ -227,11 +354,14 @@ class Pipeline:
             scheduler = sampling.scheduler or scheduler_name_for_config(self.folder.scheduler_config)
         except ValueError as exc:
             raise InputError(f"{exc}; choose one with --scheduler") from None
-        return replace(sampling, height=height, width=width, scheduler=scheduler)
+        micro = self.folder.micro_conditioning(height, width, sampling.original_size, sampling.crops_coords_top_left,
+                                               sampling.target_size)
+        return replace(sampling, height=height, width=width, scheduler=scheduler, **micro)
 
-    def make_scheduler(self, sampling: SamplingConfig) -> Scheduler:
+    def make_scheduler(self, sampling: SamplingConfig, noise: Sequence[np.random.Generator] | None = None) -> Scheduler:
+        """`noise`: one generator per image (`step_noise`) for samplers that add noise each step (euler-a)."""
         try:
-            return make_scheduler(self.folder.scheduler_config, sampling.steps, sampling.scheduler)
+            return make_scheduler(self.folder.scheduler_config, sampling.steps, sampling.scheduler, noise)
         except UnsupportedConfig as exc:
             raise InputError(f"{exc}; another scheduler may run this model: --scheduler "
                              f"{'|'.join(k for k in SCHEDULERS if k != sampling.scheduler)}") from None
@@ -249,7 +379,6 @@ class Pipeline:
         if not isinstance(sampling, SamplingConfig) or not isinstance(sampling.policy, PolicyConfig):
             raise InputError(f"sampling must be a SamplingConfig with a PolicyConfig policy (got {type(sampling).__name__})")
         sampling = self.resolve(sampling)
-        scheduler = self.make_scheduler(sampling)
         if latents is None:
             if seeds is None or isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__") or len(seeds) != n:
                 raise InputError(f"need a list of one seed per image ({n})")
@@ -258,12 +387,13 @@ class Pipeline:
             raise InputError("give seeds or latents, not both")
         else:
             self.check_latents(latents, n, sampling)
+        scheduler = self.make_scheduler(sampling, step_noise(seeds, latents))  # image k's step noise: its own
         policy = make_policy(sampling.policy, n, self.folder.num_train_timesteps)
 
-        e = self.encode_text([*negative_prompts, *prompts])  # [e_∅; e_p], one text-encoder call
+        cond = self.conditioning(prompts, negative_prompts, sampling)  # [e_∅; e_p] and what else the UNet takes
         x = latents.astype(np.float32) * np.float32(scheduler.init_noise_sigma)
         with self.timer("loop"):
-            x, gap, scale = denoise(self.unet, scheduler, policy, x, e[:n], e)
+            x, gap, scale = denoise(self.unet, scheduler, policy, x, cond)
         # A NaN/inf (e.g. fp16 overflow) would otherwise become a black or garbage PNG without a word.
         check_finite(x, "the denoising loop (UNet outputs, or the latents given)")
         pixels = self.decode(x)
@@ -287,7 +417,15 @@ class Pipeline:
             "provider": self.unet.model.provider,
             "timesteps": [float(t) for t in scheduler.timesteps],
             "gap": [None if np.isnan(v) else float(v) for v in gap[:, k]],
+            "gap_space": GAP_SPACE,  # ‖ε_p − ε_∅‖ (a v-prediction UNet's gap is converted)
             "scale": [float(v) for v in scale[:, k]],
             "transition_step": transition if transition >= 0 else None,
             "detection_score": None if score is None else float(score[k]),
+            "model_family": self.folder.family,
+            "uncond": self.uncond_kinds(negative_prompts[k:k + 1])[0],  # which e_∅: d is measured against it
+            **({name: list(getattr(sampling, name)) for name in MICRO_CONDITIONING} if self.xl is not None else {}),
+            # prompts cut to the text encoder's length (as diffusers cuts them): what was dropped, else null
+            "truncation": {name: cut.record() for name, text in (("prompt", prompts[k]),
+                                                                 ("negative_prompt", negative_prompts[k]))
+                           if (cut := self.tokenizer.truncation(text)) is not None} or None,
         }

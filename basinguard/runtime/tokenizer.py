@@ -52,6 +52,44 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than the text encoder takes; the message names the dropped words."""
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """A prompt cut to the text encoder's length, as diffusers cuts it: its token count, the tokens kept (start and
+    end tokens aside) and the words dropped."""
+
+    tokens: int
+    kept: int
+    dropped: str
+
+    def describe(self, prompt: str) -> str:
+        """One line: the prompt's start and the dropped words' start with their count (a 100 KB prompt is no
+        100 KB message)."""
+        head = prompt if len(prompt) <= 40 else prompt[:40] + "…"
+        message = f"prompt {head!r} has {self.tokens} tokens but the text encoder takes {self.kept}; dropped: "
+        if len(self.dropped) <= 80:
+            return message + repr(self.dropped)
+        return message + f"{self.dropped[:80] + '…'!r} ({self.tokens - self.kept} tokens in all)"
+
+    def record(self) -> dict:
+        """As traces and manifest lines keep it."""
+        return {"tokens": self.tokens, "kept": self.kept, "dropped": self.dropped}
+
+
+def text_encoder_length(encoder: Path) -> int | None:
+    """The most input_ids a text encoder folder takes: its config.json's max_position_embeddings, else unknown."""
+    path = encoder / "config.json"
+    if not path.is_file():
+        return None
+    config = _read_json(path)
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= _MAX_SANE_LENGTH:
+        raise ModelFolderError(f"corrupt config {path}: max_position_embeddings must be an integer in "
+                               f"[2, {_MAX_SANE_LENGTH}], not {value!r}")
+    return value
+
+
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte → printable character table used by byte-level BPE vocabularies."""
@@ -130,14 +168,30 @@ def _special_tokens(folder: Path) -> dict[str, str]:
     return tokens
 
 
-def _max_length(folder: Path) -> int:
+def stated_max_length(folder: Path) -> int | None:
+    """tokenizer_config.json's model_max_length, or None where the folder states no usable one (no file, no field,
+    transformers' ~1e30 for "no limit")."""
     path = folder / "tokenizer_config.json"
     value = _read_json(path).get("model_max_length") if path.exists() else None
-    if value is None or not isinstance(value, int | float) or value > _MAX_SANE_LENGTH:
-        return CLIP_CONTEXT
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float) or value > _MAX_SANE_LENGTH:
+        return None
     if value < 2:
         raise ModelFolderError(f"{path}: model_max_length {value} leaves no room for the start and end tokens")
     return int(value)
+
+
+def _max_length(folder: Path, text_encoder_length: int | None, exact: bool) -> int:
+    """The length to pad to: the stated one, else the text encoder's, else CLIP's. A stated length the text encoder
+    cannot take (longer, or with `exact` another: a fixed ONNX input) would fail deep inside the runtime on the first
+    prompt: refused here, naming both."""
+    stated = stated_max_length(folder)
+    if stated is None:
+        return CLIP_CONTEXT if text_encoder_length is None else text_encoder_length
+    if text_encoder_length is not None and (stated > text_encoder_length or exact and stated != text_encoder_length):
+        raise ModelFolderError(f"{folder / 'tokenizer_config.json'}: model_max_length {stated}, but the text encoder "
+                               f"takes input_ids of {'' if exact else 'at most '}length {text_encoder_length}; set model_max_length to "
+                               f"{text_encoder_length} (or remove it)")
+    return stated
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -295,8 +349,10 @@ class PromptTokenizer:
             self._pattern = re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) + ")")
 
     @classmethod
-    def from_folder(cls, folder: Path) -> PromptTokenizer:
-        """Load a diffusers/optimum `tokenizer/` folder: tokenizer.json, else vocab.json + merges.txt."""
+    def from_folder(cls, folder: Path, text_encoder_length: int | None = None, exact: bool = False) -> PromptTokenizer:
+        """Load a diffusers/optimum `tokenizer/` folder: tokenizer.json, else vocab.json + merges.txt.
+        `text_encoder_length`: the most input_ids its text encoder takes, where known (`text_encoder_length`); with
+        `exact`, the only length it takes (a fixed ONNX input)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelFolderError(f"tokenizer folder not found: {folder}")
@@ -315,7 +371,8 @@ class PromptTokenizer:
             ids[key] = tok.token_to_id(specials[key])
             if ids[key] is None:
                 raise ModelFolderError(f"tokenizer folder {folder}: {key} {specials[key]!r} is not in the vocabulary")
-        return cls(tok, _max_length(folder), ids["bos_token"], ids["eos_token"], ids["pad_token"], added)
+        return cls(tok, _max_length(folder, text_encoder_length, exact), ids["bos_token"], ids["eos_token"],
+                   ids["pad_token"], added)
 
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of one prompt, without start/end tokens and untruncated.
@@ -344,6 +401,12 @@ class PromptTokenizer:
 
         return " ".join(b"".join(map(piece, ids)).decode("utf-8", errors="replace").split())
 
+    def truncation(self, prompt: str, ids: list[int] | None = None) -> Truncation | None:
+        """What the text encoder would not see of `prompt` (its `tokenize` ids, if already made), or None."""
+        ids = self.tokenize(prompt) if ids is None else ids
+        room = self.max_length - 2  # start and end tokens take two of the text encoder's positions
+        return Truncation(len(ids), room, self.decode(ids[room:])) if len(ids) > room else None
+
     def encode(self, prompts: list[str]) -> np.ndarray:
         """int64 (N, max_length) ids; a prompt that does not fit is cut and a PromptTruncatedWarning names the rest."""
         if isinstance(prompts, str):  # a bare string would otherwise be tokenized character by character
@@ -352,10 +415,9 @@ class PromptTokenizer:
         out = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids = self.tokenize(prompt)
-            if len(ids) > room:
-                head = prompt if len(prompt) <= 40 else prompt[:40] + "…"  # the text, not its row in [e_∅; e_p]
-                message = (f"prompt {head!r} has {len(ids)} tokens but the text encoder takes {room}; dropped: "
-                           f"{self.decode(ids[room:])!r}")
+            cut = self.truncation(prompt, ids)
+            if cut is not None:
+                message = cut.describe(prompt)
                 # As warnings.warn(stacklevel=2) would, each text once, but with a registry of our own that is
                 # bounded: warnings.warn keeps every distinct text for good, and a service cuts many prompts.
                 if len(_TRUNCATIONS_SHOWN) > 1024:

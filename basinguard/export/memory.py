@@ -1,0 +1,164 @@
+"""Will an export fit in memory? An estimate from the source's parameter counts, checked before any model loads.
+
+An export that runs out of memory is killed by the kernel minutes in, with no message; this says so before it
+starts, naming the estimate, what is available and what to do. The estimate follows the exporter's order
+(`onnx_export._export_graphs`): every torch module is loaded in float32, then each graph in turn is traced
+(its module, the modules not yet exported, and the TorchScript exporter's copies of the weights it constant-folds,
+e.g. every Linear weight transposed for MatMul), then freed, and the exported file is re-saved by onnx and
+validated by ONNX Runtime (its weights once more, at the export's dtype) while the later modules wait. The
+factors below were measured on this machine (benchmarks/full_size.py export, peak RSS by /usr/bin/time -v) and
+round up.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from basinguard.export.errors import ExportError
+
+GIB = 2**30
+# Bytes per parameter while a graph is traced, beyond its float32 module: the exporter's folded copies (float32;
+# float16 export: the module's half copy plus its folded copies, half the size each).
+TRACE_EXTRA = {"float32": 4.0, "float16": 4.0}
+# Bytes per parameter while a saved graph is re-saved and validated (ONNX Runtime's session and its prepacked
+# weights), at the graph's dtype.
+FINISH = {"float32": 8.0, "float16": 4.0}
+BASE = 1.5 * GIB  # interpreter, torch, onnxruntime, activations at the reduced validation size
+# The order the exporter handles the parts in; the VAE's decoder is most of the VAE but the whole VAE is loaded.
+ORDER = ("text_encoder", "text_encoder_2", "unet", "vae")
+_WIDTH = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+          "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _header(path: Path) -> dict:
+    """A safetensors file's JSON header (tensor names → dtype, shape, offsets), without reading the tensors."""
+    try:
+        with path.open("rb") as stream:
+            (size,) = struct.unpack("<Q", stream.read(8))
+            if size > 100 * 2**20:  # a header is kilobytes; anything else is not safetensors
+                raise ValueError("header too large")
+            header = json.loads(stream.read(size))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ExportError(f"cannot read the safetensors header of {path}: {exc}") from None
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _loaded_files(component: Path) -> list[Path]:
+    """The weight files `from_pretrained` loads: the plain ones, else an fp16 variant's."""
+    files = sorted(component.glob("*.safetensors"))
+    plain = [p for p in files if ".fp16." not in p.name]
+    return plain or files
+
+
+def parameter_count(component: Path) -> int:
+    """Number of parameters (elements of every tensor) in a component folder's safetensors weights."""
+    total = 0
+    for path in _loaded_files(component):
+        for entry in _header(path).values():
+            count = 1
+            for dim in entry["shape"]:
+                count *= int(dim)
+            total += count
+    return total
+
+
+@dataclass
+class Estimate:
+    """Peak resident memory of an export, in bytes, and what it is made of."""
+
+    peak: int
+    parameters: dict[str, int]  # per component, in ORDER
+    dtype: str
+    phase: str  # the graph whose export sets the peak
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {count / 1e6:,.0f} M" for name, count in self.parameters.items())
+        return f"{parts} parameters, {self.dtype} export; peak while exporting the {self.phase}"
+
+
+def estimate_export(folder: Path, fp16: bool) -> Estimate:
+    """The export's peak memory from the parameter counts of `folder`'s components (see the module's docstring)."""
+    counts = {name: parameter_count(folder / name) for name in ORDER if (folder / name).is_dir()}
+    dtype = "float16" if fp16 else "float32"
+    peak, phase = 0, ""
+    for k, name in enumerate(counts):
+        waiting = 4 * sum(list(counts.values())[k + 1:])  # float32 modules not yet exported
+        graph_dtype = "float32" if name == "vae" else dtype  # the VAE decoder stays float32 in an fp16 export
+        trace = 4 * counts[name] + TRACE_EXTRA[graph_dtype] * counts[name] + waiting
+        finish = FINISH[graph_dtype] * counts[name] + waiting
+        if max(trace, finish) > peak:
+            peak, phase = int(max(trace, finish)), name
+    return Estimate(int(peak + BASE), counts, dtype, phase)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def _cgroup_room() -> tuple[int, str] | None:
+    """Room left under this process's cgroup memory limits (v2, walking up to the root; else v1), if any."""
+    room: tuple[int, str] | None = None
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    v2 = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+    candidates = []
+    if v2 is not None:
+        folder = Path("/sys/fs/cgroup") / v2.lstrip("/")
+        for level in (folder, *folder.parents):
+            if not str(level).startswith("/sys/fs/cgroup"):
+                break
+            candidates.append((level / "memory.max", level / "memory.current"))
+    candidates.append((Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+                       Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")))
+    for limit_path, usage_path in candidates:
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        if limit is None or usage is None or limit >= 2**60:  # v1 writes a huge number for no limit
+            continue
+        left = max(0, limit - usage)
+        if room is None or left < room[0]:
+            room = (left, f"cgroup limit {limit / GIB:.1f} GiB, {usage / GIB:.1f} GiB used ({limit_path})")
+    return room
+
+
+def available_memory() -> tuple[int, str] | None:
+    """Bytes this process can still take, and where that number comes from: the least of /proc/meminfo's
+    MemAvailable and the room under a cgroup limit. None where neither can be read (not Linux)."""
+    found: list[tuple[int, str]] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append((int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"))
+    except (OSError, ValueError, IndexError):
+        pass
+    room = _cgroup_room()
+    if room is not None:
+        found.append(room)
+    return min(found) if found else None
+
+
+def check_export_memory(folder: Path, fp16: bool, available: tuple[int, str] | None = None) -> Estimate:
+    """Raise ExportError, before anything loads, when the export's estimated peak exceeds the memory available."""
+    estimate = estimate_export(folder, fp16)
+    available = available if available is not None else available_memory()
+    if available is None or estimate.peak <= available[0]:
+        return estimate
+    free, source = available
+    advice = [f"free memory or export on a machine with at least {estimate.peak / GIB:.1f} GiB available"]
+    if not fp16:
+        half = estimate_export(folder, True)
+        if half.peak <= free:
+            advice.append(f"or export with --fp16 (float16 weights, for GPU providers: about {half.peak / GIB:.1f} "
+                          "GiB)")
+    raise ExportError(f"the export would need about {estimate.peak / GIB:.1f} GiB of memory "
+                      f"({estimate.describe()}) but {free / GIB:.1f} GiB is available ({source}); "
+                      f"{', '.join(advice)}; or pass --no-memory-check to try anyway (the kernel may kill it)")
+

@@ -1,0 +1,261 @@
+"""SDXL end to end on a tiny random StableDiffusionXLPipeline (tests/conftest.py): basinguard's export and runtime
+against diffusers' own StableDiffusionXLPipeline in torch, and against Algorithm 1 written here in torch on
+diffusers' modules for the policies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from basinguard.cli import main as cli_main
+from basinguard.runtime.errors import InputError, ModelFolderError
+from basinguard.runtime.guidance import PolicyConfig
+from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+torch.set_num_threads(1)
+
+PROMPTS = ["a red cat on mars", "a blue dog in the sky"]
+NEGATIVES = ["green tree", "night"]
+HEIGHT, WIDTH = 16, 24  # non-square; the tiny model's native size is 16x16
+LEVEL = 1 / 255  # one 8-bit level
+
+
+def latents(n: int, seed: int = 0, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 4, height // 2, width // 2)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def torch_xl(tiny_sdxl_pipeline_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline_dir, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ours_xl(tiny_sdxl_onnx_dir):
+    return Pipeline(tiny_sdxl_onnx_dir, threads=1)
+
+
+def scheduler_class(name: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    return {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler}[name]
+
+
+def with_config(folder: Path, dest: Path, scheduler: dict | None = None, index: dict | None = None) -> Path:
+    """A copy of an exported folder with another scheduler config and/or model_index.json entries."""
+    shutil.copytree(folder, dest)
+    if scheduler is not None:
+        (dest / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler))
+    if index is not None:
+        path = dest / "model_index.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **index}))
+    return dest
+
+
+def reference(pipe, prompts, lat, steps=8, scale=6.0, height=HEIGHT, width=WIDTH, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        return pipe(prompts, latents=torch.from_numpy(lat), num_inference_steps=steps, guidance_scale=scale,
+                    height=height, width=width, output_type="np", **kwargs).images
+
+
+def pixels(gens) -> np.ndarray:
+    return np.stack([g.pixels for g in gens])
+
+
+def test_export_writes_an_sdxl_folder(tiny_sdxl_onnx_dir, ours_xl):
+    manifest = json.loads((tiny_sdxl_onnx_dir / "basinguard.json").read_text())
+    assert manifest["model_family"] == "sdxl"
+    models = manifest["models"]
+    assert set(models) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    unet_inputs = {i["name"]: i for i in models["unet"]["inputs"]}
+    assert list(unet_inputs) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert unet_inputs["encoder_hidden_states"]["shape"] == ["batch_size", 77, 32 + 48]  # both encoders' widths
+    assert unet_inputs["text_embeds"]["shape"] == ["batch_size", 32] and unet_inputs["time_ids"]["shape"][1] == 6
+    outputs_2 = [o["name"] for o in models["text_encoder_2"]["outputs"]]
+    assert outputs_2 == ["text_embeds", "last_hidden_state", *(f"hidden_states.{k}" for k in range(4))]
+    assert [o["name"] for o in models["text_encoder"]["outputs"]][2:] == [f"hidden_states.{k}" for k in range(3)]
+    assert models["vae_decoder"]["dtype"] == "float32"
+    assert {"text_encoder_2", "tokenizer", "tokenizer_2"} <= set(manifest["validation"])
+    # the runtime takes each encoder's penultimate layer, and tokenizer_2 pads with "!" as the source's does
+    assert ours_xl.xl.hidden_outputs == ("hidden_states.1", "hidden_states.2")
+    tokenizer_2 = ours_xl.xl.tokenizers[1]
+    assert tokenizer_2.pad_id == tokenizer_2.tokenizer.token_to_id("!") != ours_xl.tokenizer.pad_id
+    assert ours_xl.folder.family == "sdxl" and ours_xl.folder.force_zeros_for_empty_prompt
+
+
+@pytest.mark.parametrize("negative", [False, True], ids=["no-negative", "negative"])
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpm++2m"])
+def test_matches_diffusers_sdxl_pipeline(tiny_sdxl_onnx_dir, torch_xl, tmp_path, scheduler, negative):
+    """The folder's own scheduler (SDXL ships Euler, leading spacing, steps_offset 1; DDIM and DPM++ 2M from it as
+    diffusers' from_config makes them). DDIM without clip_sample: with it, this random model's trajectories are
+    chaotic (diffusers against itself moves by whole levels for latents 1e-6 apart)."""
+    cls = scheduler_class(scheduler)
+    extra = {"clip_sample": False} if scheduler == "ddim" else {}
+    torch_xl.scheduler = cls.from_config(json.loads((tiny_sdxl_onnx_dir / "scheduler/scheduler_config.json")
+                                                    .read_text()), **extra)
+    folder = with_config(tiny_sdxl_onnx_dir, tmp_path / "model", scheduler=dict(torch_xl.scheduler.config))
+    lat = latents(2)
+    ref = reference(torch_xl, PROMPTS, lat, negative_prompt=NEGATIVES if negative else None)
+    ours = Pipeline(folder, threads=1)
+    gens = ours.generate(PROMPTS, SamplingConfig(steps=8, height=HEIGHT, width=WIDTH, policy=PolicyConfig("cfg", 6.0)),
+                         latents=lat, negative_prompts=NEGATIVES if negative else None)
+    assert gens[0].trace["scheduler"] == scheduler
+    assert np.abs(pixels(gens) - ref).max() <= LEVEL and ref.std() > 0.05
+    trace = gens[0].trace
+    assert trace["model_family"] == "sdxl" and trace["uncond"] == ("negative prompt" if negative else "zeros")
+    assert trace["original_size"] == trace["target_size"] == [HEIGHT, WIDTH] and trace["crops_coords_top_left"] == [0, 0]
+
+
+def test_force_zeros_for_empty_prompt_false_uses_the_empty_prompt(tiny_sdxl_onnx_dir, torch_xl, ours_xl, tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    torch_xl.scheduler = EulerDiscreteScheduler.from_config(
+        json.loads((tiny_sdxl_onnx_dir / "scheduler/scheduler_config.json").read_text()))
+    sampling = SamplingConfig(steps=8, height=HEIGHT, width=WIDTH, policy=PolicyConfig("cfg", 6.0))
+    lat = latents(2, seed=1)
+    folder = with_config(tiny_sdxl_onnx_dir, tmp_path / "model", index={"force_zeros_for_empty_prompt": False})
+    theirs = Pipeline(folder, threads=1)
+    assert not theirs.folder.force_zeros_for_empty_prompt
+    got = theirs.generate(PROMPTS, sampling, latents=lat)
+    torch_xl.register_to_config(force_zeros_for_empty_prompt=False)
+    try:
+        ref = reference(torch_xl, PROMPTS, lat)
+    finally:
+        torch_xl.register_to_config(force_zeros_for_empty_prompt=True)
+    assert np.abs(pixels(got) - ref).max() <= LEVEL and got[0].trace["uncond"] == "empty prompt"
+    zeros = ours_xl.generate(PROMPTS, sampling, latents=lat)  # the same model with force_zeros true
+    assert np.abs(pixels(zeros) - ref).max() > 10 * LEVEL  # the setting changes e_∅, and so the images
+    assert zeros[0].trace["gap"] != got[0].trace["gap"]  # d is measured against the e_∅ used
+
+
+def test_cli_micro_conditioning_matches_diffusers(tiny_sdxl_onnx_dir, torch_xl, tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    torch_xl.scheduler = EulerDiscreteScheduler.from_config(
+        json.loads((tiny_sdxl_onnx_dir / "scheduler/scheduler_config.json").read_text()))
+    lat = latents(1, seed=2)
+    np.save(tmp_path / "lat.npy", lat)
+    micro = {"original_size": (64, 48), "crops_coords_top_left": (4, 8), "target_size": (32, 40)}
+    ref = reference(torch_xl, PROMPTS[:1], lat, **micro)
+    plain = reference(torch_xl, PROMPTS[:1], lat)
+    assert np.abs(ref - plain).max() > 10 * LEVEL  # the time ids matter to this model
+    rc = cli_main(["generate", "--model", str(tiny_sdxl_onnx_dir), "--prompt", PROMPTS[0], "--latents",
+                   str(tmp_path / "lat.npy"), "--steps", "8", "--guidance-scale", "6", "--policy", "cfg",
+                   "--height", str(HEIGHT), "--width", str(WIDTH), "--original-size", "64x48",
+                   "--crops-coords-top-left", "4,8", "--target-size", "32x40", "--threads", "1",
+                   "--out", str(tmp_path / "img.npy"), "--trace", str(tmp_path / "trace.json")])
+    assert rc == 0
+    assert np.abs(np.load(tmp_path / "img.npy")[None] - ref).max() <= LEVEL
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert {k: tuple(trace[k]) for k in micro} == micro
+
+
+def reference_loop_xl(pipe, prompts: list[str], lat: np.ndarray, config: PolicyConfig, steps: int):
+    """Algorithm 1 in torch on diffusers' SDXL modules: e_∅, e_p, pooled and time ids from the pipeline's own
+    encode_prompt and _get_add_time_ids, both branches every step, the rule per sample."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    sched.set_timesteps(steps)
+    n = len(prompts)
+    pre = -config.opposite_scale if config.name.startswith("og-") else config.pre_scale
+    with torch.no_grad():
+        e_p, e_u, pooled_p, pooled_u = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
+        emb, pooled = torch.cat([e_u, e_p]), torch.cat([pooled_u, pooled_p])
+        time_ids = pipe._get_add_time_ids((HEIGHT, WIDTH), (0, 0), (HEIGHT, WIDTH), emb.dtype,
+                                          pipe.text_encoder_2.config.projection_dim).repeat(2 * n, 1)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        x = torch.from_numpy(lat) * sched.init_noise_sigma
+        d_hist: list[list[float]] = [[] for _ in range(n)]
+        switched = [None] * n
+        for i, t in enumerate(sched.timesteps):
+            eps = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+            eps_u, eps_c = eps[:n], eps[n:]
+            scales = []
+            for k in range(n):
+                d_hist[k].append(float((eps_c[k] - eps_u[k]).norm()))
+                if switched[k] is None:
+                    h = d_hist[k]
+                    if config.name.endswith("stp") and int(t) <= config.transition_t:
+                        switched[k] = i
+                    if config.name.endswith("dtp") and i >= 2 and h[i - 2] > h[i - 1] < h[i]:
+                        switched[k] = i
+                scales.append(config.guidance_scale if switched[k] is not None else pre)
+            x = sched.step(eps_u + torch.tensor(scales).view(-1, 1, 1, 1) * (eps_c - eps_u), t, x).prev_sample
+        img = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+    return (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), switched, np.array(d_hist).T
+
+
+@pytest.mark.parametrize("name", ["stp", "dtp", "og-stp", "og-dtp"])
+def test_policies_on_sdxl_follow_algorithm1(tiny_sdxl_onnx_dir, torch_xl, tmp_path, name):
+    """The rules as on SD (tests/test_pipeline.py): the same transition steps, scales, d and images as the reference,
+    with d measured against SDXL's zero e_∅; STP runs the unconditional half alone (batch N) before τ."""
+    from diffusers import DDIMScheduler
+
+    steps, n = 12, 4
+    prompts = [PROMPTS[k % 2] for k in range(n)]
+    lat = latents(n, seed=3)
+    config = PolicyConfig(name, guidance_scale=6.0, transition_t=500, opposite_scale=2.0)
+    ref, switched, ref_d = reference_loop_xl(torch_xl, prompts, lat, config, steps)
+    folder = with_config(tiny_sdxl_onnx_dir, tmp_path / "model", scheduler=dict(
+        DDIMScheduler.from_config(torch_xl.scheduler.config, clip_sample=False).config))
+    ours = Pipeline(folder, threads=1)
+    batches: list[int] = []
+    run = ours.unet.model.run
+    ours.unet.model.run = lambda inputs: (batches.append(len(inputs["sample"])), run(inputs))[1]
+    gens = ours.generate(prompts, SamplingConfig(steps=steps, height=HEIGHT, width=WIDTH, policy=config), latents=lat)
+    assert [g.trace["transition_step"] for g in gens] == switched
+    pre = -2.0 if name.startswith("og-") else 0.0
+    for g, ts in zip(gens, switched):
+        ts = steps if ts is None else ts
+        assert g.trace["scale"] == [pre] * ts + [6.0] * (steps - ts) and g.trace["uncond"] == "zeros"
+    assert np.abs(pixels(gens) - ref).max() <= LEVEL
+    gaps = np.array([[np.nan if v is None else v for v in g.trace["gap"]] for g in gens]).T
+    measured = ~np.isnan(gaps)
+    np.testing.assert_allclose(gaps[measured], ref_d[measured], rtol=1e-3)
+    if name == "stp":  # s_pre = 0: the conditional half is skipped before τ, the SDXL inputs sliced with it
+        assert batches == [n if t > 500 else 2 * n for t in gens[0].trace["timesteps"]]
+        assert not measured[: switched[0]].any() and measured[switched[0]:].all()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "basinguard.cli", *args], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_bad_input_on_sdxl_is_one_clear_line(tiny_sdxl_onnx_dir, tiny_onnx_dir, ours_xl, tmp_path):
+    base = ["generate", "--model", str(tiny_sdxl_onnx_dir), "--prompt", "x", "--steps", "2", "--threads", "1",
+            "--out", str(tmp_path / "o.png")]
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_sdxl_onnx_dir, partial)
+    shutil.rmtree(partial / "text_encoder_2")
+    cases = [
+        (base + ["--height", "18"], "height 18 not allowed: must be a multiple of 4"),
+        (base + ["--original-size", "0x16"], "original_size (0, 16) not allowed: must be (height, width), integers in [1, 16384]"),
+        (base + ["--crops-coords-top-left=-1,0"], "crops_coords_top_left (-1, 0) not allowed: must be (top, left), integers in [0, 16384]"),
+        (base + ["--target-size", "20000x16"], "target_size (20000, 16) not allowed"),
+        (base + ["--original-size", "big"], "expected two integers as AxB or A,B"),
+        (["generate", "--model", str(tiny_onnx_dir), "--prompt", "x", "--target-size", "16x16", "--out",
+          str(tmp_path / "o.png")], "target_size applies to SDXL models only; this model is SD"),
+        (["generate", "--model", str(partial), "--prompt", "x", "--out", str(tmp_path / "o.png")],
+         "is an SDXL model (its UNet takes text_embeds and time_ids) but is missing text_encoder_2/model.onnx"),
+    ]
+    for args, message in cases:
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    with pytest.raises(InputError, match=r"crops_coords_top_left \(0,\) not allowed"):  # the Python API alike
+        ours_xl.generate(["x"], SamplingConfig(steps=2, crops_coords_top_left=(0,)), seeds=[0])
+    with pytest.raises(ModelFolderError, match="missing text_encoder_2/model.onnx"):
+        Pipeline(partial)
