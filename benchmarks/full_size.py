@@ -14,8 +14,8 @@ bpe_simple_vocab_16e6.txt.gz, the file CLIP's vocab.json/merges.txt were made fr
 Every section runs its models in a fresh subprocess, one model at a time, at `--threads` (default 2: torch
 set_num_threads, ONNX Runtime intra_op_num_threads, one inter-op thread), and appends its result to
 `--results` (default benchmarks/results/full_size.json) as soon as it is done, so a crash or a kill loses nothing
-already written. Each record carries the date, versions, machine and the exact command. Peak RSS is the child's
-(`resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` of a fresh process per measurement: the process's own VmHWM).
+already written. Each record carries the date, versions, machine and the exact command. Peak RSS is each measured
+child process's own (`os.wait4`'s ru_maxrss: its VmHWM), one fresh process per measurement.
 
 Goals (issue 17), as ratios within one run: UNet call at batch 2 ≥ 1.5x faster than diffusers-torch and ≥ 1.1x
 faster than optimum's ORT session on the same ONNX file; whole generation dtp/cfg ≤ 1.01 and stp/cfg ≤ 0.8
@@ -32,7 +32,6 @@ import gzip
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -123,23 +122,363 @@ def build(name: str, dest: Path) -> Path:
     return dest
 
 
+# ------------------------------------------------------------------------------------------------ records
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for dist in ("basinguard", "numpy", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "optimum-onnx"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def _machine() -> dict[str, Any]:
+    meminfo = {line.split(":")[0]: line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "mem_total_gib": round(int(meminfo["MemTotal"]) / 2**20, 1),
+            "mem_available_gib_at_start": round(int(meminfo["MemAvailable"]) / 2**20, 1)}
+
+
+def append_record(results: Path, record: dict) -> None:
+    """Add one section's record to the results file at once (atomically), so a later crash loses nothing."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(results.read_text()) if results.is_file() else []
+    records.append({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "command": shlex.join([sys.executable, *sys.argv]), "machine": _machine(),
+                    "versions": _versions(), **record})
+    tmp = results.with_name(results.name + ".tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    tmp.replace(results)
+
+
+def run_measured(command: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> dict[str, Any]:
+    """Run `command` to completion; its wall time, exit status and peak RSS (its own, by wait4)."""
+    start = time.perf_counter()
+    out = log.open("ab") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        if log:
+            out.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"command": shlex.join(command), "returncode": proc.returncode,
+            "wall_s": round(time.perf_counter() - start, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def _size_args(model: str) -> list[str]:
+    return ["--size", str(SIZE_OVERRIDE[model])] if model in SIZE_OVERRIDE else []
+
+
+def _threads_env(threads: int) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def _basinguard() -> list[str]:
+    return [sys.executable, "-m", "basinguard.cli"]
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def section_export(model: str, source: Path, out: Path, args: argparse.Namespace) -> dict:
+    if out.exists():
+        raise SystemExit(f"{out} exists; remove it to export again")
+    result = run_measured([*_basinguard(), "export", str(source), str(out), *args.export_args],
+                          _threads_env(args.threads), args.work / f"export-{model}.log")
+    manifest = json.loads((out / "basinguard.json").read_text()) if result["returncode"] == 0 else {}
+    result["validation_max_abs_diff"] = {k: v.get("max_abs_diff") for k, v in (manifest.get("validation") or {}).items()
+                                         if isinstance(v, dict) and "max_abs_diff" in v}
+    print(f"{model} export: {result['wall_s'] / 60:.1f} min, peak RSS {result['peak_rss_gib']} GiB "
+          f"(exit {result['returncode']})")
+    return result
+
+
+SIZE_OVERRIDE: dict[str, int] = {}  # --size: a smoke test on a small pipeline in a model's place
+
+
+def _size(model: str) -> int:
+    return SIZE_OVERRIDE.get(model) or int(json.loads(CONFIGS.read_text())[model]["size"])
+
+
+def _latents(model: str, seed: int = 0) -> Any:
+    import numpy as np
+
+    side = _size(model) // 8  # every pipeline here has a VAE factor of 8
+    return np.random.default_rng(seed).standard_normal((1, 4, side, side), dtype=np.float32)
+
+
+def diffusers_reference(source: Path, latents_path: Path, steps: int, out: Path, threads: int) -> None:
+    """(run in its own process) diffusers' pipeline with its own scheduler, cfg 7.5, float32 pixels to `out`."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    torch.set_num_threads(threads)
+    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(np.load(latents_path))
+    with torch.inference_mode():
+        images = pipe(PROMPT, latents=latents, num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+                      height=latents.shape[-2] * 8, width=latents.shape[-1] * 8).images
+    np.save(out, np.asarray(images, dtype=np.float32))
+
+
+def section_check(model: str, source: Path, onnx_dir: Path, args: argparse.Namespace) -> dict:
+    """`basinguard generate` against diffusers at the native size: the same latents, prompt, scheduler and scale."""
+    import numpy as np
+
+    work = args.work / f"check-{model}"
+    work.mkdir(parents=True, exist_ok=True)
+    latents = work / "latents.npy"
+    np.save(latents, _latents(model))
+    ours = run_measured([*_basinguard(), "generate", "--model", str(onnx_dir), "--prompt", PROMPT, "--policy", "cfg",
+                         "--guidance-scale", "7.5", "--steps", str(args.steps), "--latents", str(latents),
+                         "--threads", str(args.threads), "--out", str(work / "ours.npy")],
+                        _threads_env(args.threads), work / "generate.log")
+    ref = run_measured([sys.executable, __file__, "_diffusers", "--model", model, "--work", str(args.work),
+                        *_size_args(model),
+                        "--steps", str(args.steps), "--threads", str(args.threads)],
+                       _threads_env(args.threads), work / "diffusers.log")
+    result: dict[str, Any] = {"steps": args.steps, "size": _size(model), "ours": ours, "diffusers": ref}
+    if ours["returncode"] == 0 and ref["returncode"] == 0:
+        got, want = np.load(work / "ours.npy").reshape(-1), np.load(work / "diffusers.npy").reshape(-1)
+        result["max_abs_diff"] = float(np.abs(got - want).max())
+        result["max_8bit_levels"] = int(np.abs(np.round(got * 255) - np.round(want * 255)).max())
+        result["pass"] = result["max_8bit_levels"] <= 1
+    print(f"{model} generate vs diffusers ({args.steps} steps, {_size(model)}^2): "
+          f"max |diff| {result.get('max_abs_diff', float('nan')):.4f} ({result.get('max_8bit_levels')} 8-bit levels); "
+          f"peak RSS ours {ours['peak_rss_gib']} GiB ({ours['wall_s']} s), diffusers {ref['peak_rss_gib']} GiB "
+          f"({ref['wall_s']} s)")
+    return result
+
+
+def _stage_inputs(model: str, onnx_dir: Path) -> dict[str, dict[str, Any]]:
+    """The inputs each stage is timed on: text encoder at batch 2 (the cfg pair), UNet at batch 2 at the native
+    size, VAE decoder at batch 1."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    unet_cfg = json.loads((onnx_dir / "unet/config.json").read_text())
+    side = _size(model) // 8
+    vocab = json.loads((onnx_dir / "text_encoder/config.json").read_text())["vocab_size"]
+    ids = rng.integers(0, vocab - 2, (2, 77), dtype=np.int64)
+    ids[:, 0], ids[:, 10:] = vocab - 2, vocab - 1  # CLIP's <|startoftext|>, then <|endoftext|> as padding
+    unet = {"sample": rng.standard_normal((2, 4, side, side), dtype=np.float32),
+            "timestep": np.full((2,), 500.0, dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, unet_cfg["cross_attention_dim"]), dtype=np.float32)}
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        unet["text_embeds"] = rng.standard_normal((2, 1280), dtype=np.float32)
+        unet["time_ids"] = np.tile(np.array([[_size(model), _size(model), 0, 0, _size(model), _size(model)]],
+                                            dtype=np.float32), (2, 1))
+    return {"text_encoder": {"input_ids": ids}, "unet": unet,
+            "vae_decoder": {"latent_sample": rng.standard_normal((1, 4, side, side), dtype=np.float32)}}
+
+
+def _time_calls(call: Any, repeats: int) -> dict[str, Any]:
+    call()  # warm-up: first-call allocations, ORT's arena
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    seconds.sort()
+    return {"median_s": round(seconds[len(seconds) // 2], 3), "min_s": round(seconds[0], 3), "seconds": seconds}
+
+
+def _stage_call(contender: str, stage: str, source: Path, onnx_dir: Path, feed: dict[str, Any],
+                threads: int) -> tuple[Any, dict[str, Any]]:
+    """One stage's model loaded by `contender`, as a call on `feed`, and what to record about it."""
+    if contender == "ours":
+        from basinguard.engine import load_model
+
+        loaded = load_model(onnx_dir / stage / "model.onnx", "cpu", threads)
+        return (lambda: loaded.run(feed)), {"fused_attention": getattr(loaded, "fused_attention", 0)}
+    if contender == "optimum":
+        import onnxruntime as ort
+
+        # optimum's ORTModel opens each part as ort.InferenceSession(path, session_options); with session_options
+        # given (as benchmarks/compare.py gives them): ORT's defaults, threads pinned, the file as it is (unfused).
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+        session = ort.InferenceSession(str(onnx_dir / stage / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        return (lambda: session.run(None, feed)), {}
+    return _torch_call(stage, source, feed, threads), {}
+
+
+def stage_worker(contender: str, model: str, source: Path, onnx_dir: Path, threads: int, repeats: int,
+                 out: Path) -> None:
+    """(run in its own process, one contender and one model at a time) time each stage's model call."""
+    import gc
+
+    inputs = _stage_inputs(model, onnx_dir)
+    timings: dict[str, Any] = {}
+    for stage in ("text_encoder", "unet", "vae_decoder"):
+        call, extra = _stage_call(contender, stage, source, onnx_dir, inputs[stage], threads)
+        timings[stage] = {**_time_calls(call, repeats), **extra}
+        print(f"  {contender} {stage}: median {timings[stage]['median_s']} s", flush=True)
+        call = None  # one model in memory at a time
+        gc.collect()
+    out.write_text(json.dumps(timings))
+
+
+def _torch_call(stage: str, source: Path, feed: dict[str, Any], threads: int) -> Any:
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.set_num_threads(threads)
+    t = {k: torch.from_numpy(v) for k, v in feed.items()}
+    if stage == "text_encoder":
+        index = json.loads((source / "model_index.json").read_text())
+        module = getattr(transformers, index["text_encoder"][1]).from_pretrained(source / "text_encoder").eval()
+
+        def run() -> Any:
+            return module(input_ids=t["input_ids"])
+    elif stage == "unet":
+        module = UNet2DConditionModel.from_pretrained(source / "unet").eval()
+        added = {"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]} if "time_ids" in t else None
+
+        def run() -> Any:
+            return module(t["sample"], t["timestep"], t["encoder_hidden_states"], added_cond_kwargs=added)
+    else:
+        module = AutoencoderKL.from_pretrained(source / "vae").eval()
+
+        def run() -> Any:
+            return module.decode(t["latent_sample"])
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return run()
+
+    return call
+
+
+def section_stages(model: str, source: Path, onnx_dir: Path, args: argparse.Namespace) -> dict:
+    work = args.work / f"stages-{model}"
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"threads": args.threads, "repeats": args.repeats, "size": _size(model),
+                              "batch": {"text_encoder": 2, "unet": 2, "vae_decoder": 1}}
+    for contender in ("ours", "optimum", "torch"):
+        out = work / f"{contender}.json"
+        run = run_measured([sys.executable, __file__, "_stage", "--model", model, "--work", str(args.work),
+                            *_size_args(model), "--contender", contender, "--threads", str(args.threads),
+                            "--repeats", str(args.repeats)],
+                           _threads_env(args.threads), work / f"{contender}.log")
+        result[contender] = {**(json.loads(out.read_text()) if run["returncode"] == 0 else {}), "run": run}
+    unet = {c: result[c].get("unet", {}).get("median_s") for c in ("ours", "optimum", "torch")}
+    if all(unet.values()):
+        result["unet_vs_torch"] = round(unet["torch"] / unet["ours"], 2)
+        result["unet_vs_optimum"] = round(unet["optimum"] / unet["ours"], 2)
+    print(f"{model} per stage (median s, {args.threads} threads):")
+    for stage in ("text_encoder", "unet", "vae_decoder"):
+        row = {c: result[c].get(stage, {}).get("median_s") for c in ("ours", "optimum", "torch")}
+        print(f"  {stage:13s} ours {row['ours']}  optimum {row['optimum']}  diffusers-torch {row['torch']}")
+    for goal, key in (("unet_vs_torch", "torch"), ("unet_vs_optimum", "optimum")):
+        if goal in result:
+            met = result[goal] >= GOALS[goal]
+            print(f"  UNet speed-up vs {key}: {result[goal]}x (goal >= {GOALS[goal]}x: {'met' if met else 'MISSED'})")
+    return result
+
+
+def policy_worker(model: str, onnx_dir: Path, threads: int, steps: int, rounds: int, out: Path) -> None:
+    """(own process) whole generations at the native size under cfg, stp (τ 500, s_pre 0) and dtp, one pipeline."""
+    from basinguard.runtime.guidance import PolicyConfig
+    from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+
+    pipe = Pipeline(onnx_dir, provider="cpu", threads=threads)
+    policies = {"cfg": PolicyConfig("cfg", guidance_scale=7.5),
+                "stp": PolicyConfig("stp", guidance_scale=7.5, transition_t=500, pre_scale=0.0),
+                "dtp": PolicyConfig("dtp", guidance_scale=7.5, pre_scale=0.0)}
+    latents = _latents(model)
+    times: dict[str, list[float]] = {name: [] for name in policies}
+    transition: dict[str, Any] = {}
+    names = list(policies)
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in names[r % 3:] + names[:r % 3]:  # the order rotated each round
+            start = time.perf_counter()
+            (gen,) = pipe.generate([PROMPT], SamplingConfig(steps=steps, policy=policies[name]), latents=latents)
+            seconds = time.perf_counter() - start
+            if r:
+                times[name].append(seconds)
+            transition[name] = gen.trace["transition_step"]
+            print(f"  {name} round {r}: {seconds:.1f} s", flush=True)
+    out.write_text(json.dumps({"seconds": times, "steps": steps, "rounds": rounds, "transition_step": transition,
+                               "timesteps": [float(t) for t in gen.trace["timesteps"]]}))
+
+
+def section_policies(model: str, source: Path, onnx_dir: Path, args: argparse.Namespace) -> dict:
+    work = args.work / f"policies-{model}"
+    work.mkdir(parents=True, exist_ok=True)
+    run = run_measured([sys.executable, __file__, "_policies", "--model", model, "--work", str(args.work),
+                        *_size_args(model),
+                        "--threads", str(args.threads), "--steps", str(args.steps), "--rounds", str(args.rounds)],
+                       _threads_env(args.threads), work / "policies.log")
+    result: dict[str, Any] = {"run": run, "threads": args.threads, "size": _size(model)}
+    if run["returncode"] == 0:
+        data = json.loads((work / "policies.json").read_text())
+        med = {k: sorted(v)[len(v) // 2] for k, v in data["seconds"].items()}
+        result |= {"steps": data["steps"], "rounds": data["rounds"], "median_s": med, "timesteps": data["timesteps"],
+                   "transition_step": data["transition_step"],
+                   "dtp_over_cfg": round(med["dtp"] / med["cfg"], 3), "stp_over_cfg": round(med["stp"] / med["cfg"], 3)}
+        for goal in ("dtp_over_cfg", "stp_over_cfg"):
+            met = result[goal] <= GOALS[goal]
+            print(f"{model} {goal.replace('_over_', '/')}: {result[goal]} (goal <= {GOALS[goal]}: "
+                  f"{'met' if met else 'MISSED'}); medians {med}")
+    return result
+
+
+SECTIONS = {"export": section_export, "check": section_check, "stages": section_stages, "policies": section_policies}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=("build", "export", "check", "stages", "policies", "all"))
+    parser.add_argument("section", choices=("build", *SECTIONS, "all", "_diffusers", "_stage", "_policies"))
     parser.add_argument("--model", choices=MODELS, required=True)
     parser.add_argument("--work", type=Path, default=Path("/work/fullsize"), help="pipelines and exports go here")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="check and policies: denoising steps")
+    parser.add_argument("--repeats", type=int, default=3, help="stages: timed calls per stage and contender")
+    parser.add_argument("--rounds", type=int, default=1, help="policies: timed rounds (after one warm-up round)")
+    parser.add_argument("--contender", choices=("ours", "optimum", "torch"))
+    parser.add_argument("--export-args", nargs=argparse.REMAINDER, default=[],
+                        help="export: more `basinguard export` flags (e.g. --fp16), last on the line")
+    parser.add_argument("--size", type=int, help="image side (default: the model's native size)")
     args = parser.parse_args()
-    source = args.work / args.model
+    if args.size:
+        SIZE_OVERRIDE[args.model] = args.size
+    source, onnx_dir = args.work / args.model, args.work / f"{args.model}-onnx"
     if args.section == "build":
         if source.exists():
             raise SystemExit(f"{source} exists")
         build(args.model, source)
         print(f"wrote {source}")
+    elif args.section == "_diffusers":
+        work = args.work / f"check-{args.model}"
+        diffusers_reference(source, work / "latents.npy", args.steps, work / "diffusers.npy", args.threads)
+    elif args.section == "_stage":
+        stage_worker(args.contender, args.model, source, onnx_dir, args.threads, args.repeats,
+                     args.work / f"stages-{args.model}" / f"{args.contender}.json")
+    elif args.section == "_policies":
+        policy_worker(args.model, onnx_dir, args.threads, args.steps, args.rounds,
+                      args.work / f"policies-{args.model}" / "policies.json")
+    else:
+        for name in (SECTIONS if args.section == "all" else (args.section,)):
+            if name == "export" and args.section == "all" and onnx_dir.exists():
+                continue  # exported by an earlier run
+            result = SECTIONS[name](args.model, source, onnx_dir, args)
+            append_record(args.results, {"section": name, "model": args.model, **result})
 
 
 if __name__ == "__main__":

@@ -48,15 +48,29 @@ TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "sample_size
              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 8, "norm_num_groups": 32}
 TOL = {"fp32": (1e-3, 1e-2), "fp16": (1e-3, 5e-2)}  # (atol, rtol)
 POLICIES = ("cfg", "og-dtp", "stp")
+# Seconds a TensorRT build may take (a static fp16 plan, profiles N and 2N), generous: NVIDIA's diffusion demo builds
+# an SD1.5 UNet in a few minutes on data-centre GPUs; a build is started only when this much of the budget is left.
+BUILD_S = {"shipped": 90, "tiny": 30, "sd15": 420}
 
 
 class Report:
     """Prints as it goes and keeps everything for the JSON file; a deadline keeps the run inside its budget."""
 
-    def __init__(self, budget_s: float):
+    def __init__(self, budget_s: float, json_path: Path | None = None):
         self.start = time.perf_counter()
         self.deadline = self.start + budget_s
-        self.data: dict = {"sections": {}, "skipped": [], "checks": []}
+        self.json_path = json_path
+        self.data: dict = {"sections": {}, "skipped": [], "checks": [], "finished": False}
+
+    def save(self) -> None:
+        """Write the report so far (atomically): after every check, skip and section, so a run stopped by its
+        time limit still leaves everything it measured."""
+        if self.json_path is not None:
+            from basinguard.files import write_atomic
+
+            self.data["elapsed_s"] = round(time.perf_counter() - self.start, 1)
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.json_path, json.dumps(self.data, indent=1, default=str).encode())
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -67,6 +81,7 @@ class Report:
     def skip(self, what: str, why: str) -> None:
         self.data["skipped"].append({"what": what, "why": why})
         self.say(f"  SKIP {what}: {why}")
+        self.save()
 
     def afford(self, what: str, seconds: float) -> bool:
         if self.left() < seconds:
@@ -85,6 +100,7 @@ class Report:
                                     "finite": finite})
         self.say(f"  {'PASS' if ok else 'FAIL'} {what}: max abs {err:.3g} (limit {limit:.3g}, {precision})"
                  + ("" if finite else "  [non-finite output]"))
+        self.save()
         return ok
 
 
@@ -188,18 +204,22 @@ def shipped_section(r: Report, env: dict, folder: Path, work: Path, n: int, step
 
     r.say(f"== shipped model {folder}")
     out: dict = {"stages": {}, "pipelines": {}}
+    r.data["sections"]["shipped"] = out  # filled in as it goes
     mf = ModelFolder.open(folder)
     f = mf.vae_scale_factor
     latent = (mf.default_size // f, mf.default_size // f)
     batches = {"text_encoder": 2 * n, "unet": 2 * n, "vae_decoder": n}
     plans: dict[str, dict] = {}
-    if env["can_trt"] and r.afford("TensorRT builds (shipped model)", 60):
+    if env["can_trt"]:
         from basinguard.engine.tensorrt import BuildSpec, build_engines
 
         for kind, spec in (("tensorrt", BuildSpec(batch=n)), ("tensorrt+graph", BuildSpec(batch=n, static=True))):
+            if not r.afford(f"{kind} builds (shipped model)", BUILD_S["shipped"]):
+                continue
             t0 = time.perf_counter()
             plans[kind] = {"dir": work / f"engines-shipped-{kind}",
-                           "records": build_engines(folder, spec, cache_dir=work / f"engines-shipped-{kind}",
+                           "records": build_engines(folder, mf.engine_geometry(), spec,
+                                                    cache_dir=work / f"engines-shipped-{kind}",
                                                     log=lambda s: r.say(f"  {s}"))}
             r.say(f"  {kind} plans ready in {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(0)
@@ -367,6 +387,7 @@ def sd_section(r: Report, env: dict, work: Path, device: str, tiny: bool, n: int
     context = (77, config["cross_attention_dim"])
     r.say(f"== {label}, random weights, N={n}, {size}x{size} (latent {latent[0]}x{latent[1]}), {steps} DDIM steps")
     out: dict = {"config": "tiny" if tiny else "sd15", "n": n, "size": size, "steps": steps, "runs": {}}
+    r.data["sections"]["sd"] = out  # filled in as it goes: each save shows what is measured so far
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(device):  # initialise on the device: 860M parameters initialise in seconds there
@@ -446,7 +467,8 @@ def trt_backends(r: Report, onnx_path: Path, n: int, size: int, work: Path, tiny
     """A static TensorRT plan (profiles at N and 2N, one size) run without and with CUDA graphs."""
     from basinguard.engine.tensorrt import BuildSpec, TensorRTModel, build_plan, role_profiles
 
-    if not r.afford("TensorRT build (UNet)", 30 if tiny else 300):
+    # A build cannot be stopped once started: refuse one that would not finish before the deadline.
+    if not r.afford("TensorRT build (UNet)", BUILD_S["tiny" if tiny else "sd15"]):
         return []
     spec = BuildSpec(batch=n, image=(size, size), static=True)
     t0 = time.perf_counter()
@@ -472,6 +494,7 @@ def report_runs(r: Report, kind: str, runs: dict, steps: int) -> None:
     saving = 1 - runs["stp"]["loop_s"] / runs["cfg"]["loop_s"]
     runs["stp_saving_vs_cfg"] = saving
     r.say(f"    STP (pre-scale 0) saves {100 * saving:.1f}% of the loop vs cfg at this size")
+    r.save()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,10 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     size = args.size or (64 if args.tiny else 512)
     steps = args.steps or (4 if args.tiny else 30)
-    r = Report(args.budget_s)
+    r = Report(args.budget_s, args.json)
     args.work.mkdir(parents=True, exist_ok=True)
     env = environment(r, args.device)
     r.data["environment"] = env
+    r.save()
     rc = 0
     if not args.skip_shipped:
         from basinguard.cli import SHIPPED_MODEL
@@ -509,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 r.say(f"  FAIL shipped model section: {exc}\n{traceback.format_exc(limit=4)}")
                 rc = 1
+            r.save()
     if not args.skip_sd:
         if not env["can_torch"]:
             r.skip("SD UNet section", "torch is missing" if not env["torch"] else "torch sees no CUDA device")
@@ -519,12 +544,13 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 r.say(f"  FAIL SD UNet section: {exc}\n{traceback.format_exc(limit=4)}")
                 rc = 1
+            r.save()
     failed = [c["what"] for c in r.data["checks"] if not c["ok"]]
     r.say(f"== done in {time.perf_counter() - r.start:.0f} s: {len(r.data['checks']) - len(failed)}/{len(r.data['checks'])} "
           f"checks passed, {len(r.data['skipped'])} skipped" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    r.data["finished"] = True
+    r.save()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r.data, indent=1, default=str))
         r.say(f"report: {args.json}")
     return 1 if failed or rc else 0
 

@@ -232,7 +232,7 @@ BAD_LINES = [
     '{"prompt": "a dog", ',  # 2 invalid JSON
     "",  # 3 blank: ignored
     '{"negative_prompt": "x"}',  # 4 missing prompt
-    json.dumps({"prompt": "x" * 100}),  # 5 over-long: 100 single-character tokens
+    json.dumps({"prompt": "x" * 100}),  # 5 over-long: 100 single-character tokens (with --long-prompts error)
     '{"prompt": "a cat", "seed": -3}',  # 6 bad value
     '{"prompt": "a cat", "policy": "magic"}',  # 7 bad policy
     '{"prompt": "a cat", "promt": "typo"}',  # 8 unknown field
@@ -246,7 +246,8 @@ def test_bad_lines_stop_or_skip_with_line_numbers(tiny_onnx_dir, tmp_path, capsy
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(BAD_LINES) + "\n")
     out = tmp_path / "out"
-    assert cli_main(batch_args(tiny_onnx_dir, prompts, out)) == 2  # --on-error stop is the default
+    refuse_long = ("--long-prompts", "error")
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, out, *refuse_long)) == 2  # --on-error stop is the default
     err = capsys.readouterr().err
     assert "line 2: invalid JSON" in err and "nothing generated" in err
     for n in (4, 5, 6, 7, 8, 9, 11):
@@ -254,7 +255,7 @@ def test_bad_lines_stop_or_skip_with_line_numbers(tiny_onnx_dir, tmp_path, capsy
     assert "line 1:" not in err and "line 3:" not in err and "line 10:" not in err
     assert not list(out.glob("*.png"))
 
-    assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip")) == 0
+    assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip", *refuse_long)) == 0
     stdout = capsys.readouterr().out
     assert "skipped lines: 8" in stdout
     for n, what in ((2, "invalid JSON"), (4, "missing field 'prompt'"), (5, "100 tokens"), (6, "seed must be >= 0"),
@@ -274,7 +275,7 @@ def test_csv_and_txt_errors_name_their_lines(tiny_onnx_dir, tmp_path):
     assert [(e.line, "guidance_scale" in e.message) for e in parsed.errors] == [(3, True), (5, False)]
     txt = tmp_path / "p.txt"
     txt.write_bytes(b"a cat\n\n" + b"z" * 90 + b"\n\xff\xfe bad\n  a dog  \n")
-    parsed = read_prompts(txt, spec, SamplingConfig(steps=2))
+    parsed = read_prompts(txt, spec, SamplingConfig(steps=2), long_prompts="error")
     assert [(t.line, t.prompt) for t in parsed.tasks] == [(1, "a cat"), (5, "a dog")]
     assert [e.line for e in parsed.errors] == [3, 4]
     txt.write_bytes(b"a cat\ra dog\r\na cow\n")  # old-Mac, Windows and Unix line ends
@@ -554,9 +555,8 @@ def test_second_job_on_the_same_out_dir_is_refused(tiny_onnx_dir, tmp_path, caps
 def test_a_killed_jobs_worker_still_writing_is_waited_for(tmp_path, capsys, monkeypatch):
     """A Ray worker outlives its killed driver by seconds; the next job must not read OUT_DIR before it stops, or
     the worker's last image would be missing from what the new job counts as done."""
-    from basinguard.runtime.batch import prepare_output
-
     from basinguard.runtime import batch
+    from basinguard.runtime.batch import prepare_output
 
     out = tmp_path / "out"
     out.mkdir()

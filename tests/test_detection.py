@@ -159,8 +159,10 @@ def test_cli_detect_prints_scores_and_calibrates(pipe, tmp_path, capsys):
     assert all(e["policy"]["detect_threshold"] == c["threshold"] for e in entries)
     assert [e["flagged"] for e in entries] == [e["detection_score"] > c["threshold"] for e in entries]
     assert "warning" not in capsys.readouterr().err  # same model, size, steps and scheduler
-    # detect scores along plain CFG whatever the policy: a threshold under stp (s_pre 0) still flags there
-    assert cli_main(["detect", str(mem), *common, "--policy", "stp", "--detect-threshold", str(c["threshold"])]) == 0
+    # detect scores along plain CFG whatever the policy: a policy flag would change nothing, so it is refused
+    assert cli_main(["detect", str(mem), *common, "--policy", "stp", "--detect-threshold", str(c["threshold"])]) == 2
+    assert "--policy: detect scores d along plain CFG" in capsys.readouterr().err
+    assert cli_main(["detect", str(mem), *common, "--detect-threshold", str(c["threshold"])]) == 0
     assert [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()[1:]] == [
         "yes" if p > c["threshold"] else "no" for p in pos]
     # generate takes the file too, for --policy auto

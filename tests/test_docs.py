@@ -241,7 +241,7 @@ def checkout(tmp_path: Path) -> Path:
     mirror = tmp_path / "checkout"
     mirror.mkdir()
     for entry in ROOT.iterdir():
-        if entry.name != ".git":
+        if not entry.name.startswith(".") or entry.name == ".venv":  # no caches or VCS state shared with the checkout
             (mirror / entry.name).symlink_to(entry)
     return mirror
 

@@ -154,3 +154,69 @@ def test_corrupt_model_folder_configs_are_model_folder_errors_naming_the_file(tm
     damage(folder)
     with pytest.raises(ModelFolderError, match=message):
         ModelFolder.open(folder)
+
+
+def test_io_binding_keeps_read_only_inputs_on_the_device_and_matches_session_run(tiny_onnx_dir: Path,
+                                                                                 monkeypatch) -> None:
+    """The ORT CUDA path's IO binding, run on the CPU device: read-only arrays (the runtime's conditioning and
+    cached timesteps) are uploaded once and found again by identity; writable ones are copied at every call; every
+    output equals plain `session.run` on the same inputs, including after a read-only input is replaced or a
+    writable one is changed in place."""
+    import onnxruntime as ort
+
+    path = tiny_onnx_dir / "unet" / "model.onnx"
+    plain = OrtModel(path, threads=1)
+    bound = OrtModel(path, threads=1, io_binding=True)
+    assert bound._binding is not None and bound._binding.device == "cpu" and plain._binding is None
+    uploads: list[tuple] = []
+    real = ort.OrtValue.ortvalue_from_numpy
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", lambda value, *a: uploads.append(value.shape) or real(value, *a))
+    rng = np.random.default_rng(3)
+    feed = unet_inputs(plain, 4, rng)
+    cond = feed["encoder_hidden_states"]
+    cond.flags.writeable = False
+    timesteps = []
+    for t in (900.0, 700.0, 500.0):  # as UNetStage makes them: one read-only array per (batch, t)
+        timesteps.append(np.full(4, t, np.float32))
+        timesteps[-1].flags.writeable = False
+
+    def check(inputs: dict[str, np.ndarray]) -> None:
+        np.testing.assert_allclose(bound.run(inputs)["out_sample"], plain.run(inputs)["out_sample"], rtol=1e-5, atol=1e-6)
+
+    for timestep in timesteps:
+        feed["sample"] = rng.standard_normal((4, 4, 8, 8), dtype=np.float32)  # writable: the loop's x
+        check({**feed, "timestep": timestep})
+    assert sorted(uploads) == sorted([cond.shape, (4,), (4,), (4,)])  # the conditioning once, each timestep once
+    check({**feed, "timestep": timesteps[0]})
+    assert len(uploads) == 4  # seen before: nothing uploaded
+
+    other = rng.standard_normal(cond.shape, dtype=np.float32)  # the next generation's conditioning
+    other.flags.writeable = False
+    check({**feed, "encoder_hidden_states": other, "timestep": timesteps[1]})
+    assert uploads[4:] == [cond.shape]
+    writable = cond.copy()
+    check({**feed, "encoder_hidden_states": writable, "timestep": timesteps[1]})
+    writable += 1.0  # changed in place: a writable array is never served from a device copy
+    check({**feed, "encoder_hidden_states": writable, "timestep": timesteps[1]})
+    assert len(uploads) == 5
+
+    as_float64 = np.full(4, 300.0)  # cast by `conform`: cached under the caller's array all the same
+    as_float64.flags.writeable = False
+    check({**feed, "timestep": as_float64})
+    check({**feed, "timestep": as_float64})
+    assert uploads[5:] == [(4,)]
+
+
+def test_io_binding_device_copies_are_bounded(tiny_onnx_dir: Path, monkeypatch) -> None:
+    """Past RESIDENT_BYTES the least recently used device copies are dropped (a long batch job's conditionings),
+    and results stay those of plain `session.run`."""
+    monkeypatch.setattr(ort_backend, "RESIDENT_BYTES", 1)
+    path = tiny_onnx_dir / "unet" / "model.onnx"
+    plain, bound = OrtModel(path, threads=1), OrtModel(path, threads=1, io_binding=True)
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        feed = unet_inputs(plain, 2, rng)
+        for value in feed.values():
+            value.flags.writeable = False
+        np.testing.assert_allclose(bound.run(feed)["out_sample"], plain.run(feed)["out_sample"], rtol=1e-5, atol=1e-6)
+        assert bound._binding is not None and len(bound._binding.resident) == 1

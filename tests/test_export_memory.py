@@ -240,7 +240,7 @@ def test_each_torch_module_is_freed_before_ort_validates_its_export(tiny_sd_pipe
 def test_validated_shapes_are_recorded(tiny_onnx_dir: Path) -> None:
     """The tiny model's latents (8) are under VALIDATION_SIDE: validated at the sizes the specs were built with."""
     manifest = json.loads((tiny_onnx_dir / "basinguard.json").read_text())
-    shapes = [c["inputs"].split(",")[0] for c in manifest["validation"]["unet"]["cases"]]
+    shapes = [c["inputs"].split("), ")[0] + ")" for c in manifest["validation"]["unet"]["cases"]]
     assert shapes == ["sample (2, 4, 8, 10)", "sample (3, 4, 10, 8)"]  # native 8x8, size multiple 2
     got = np.array([c["max_abs_diff"]["out_sample"] for c in manifest["validation"]["unet"]["cases"]])
     assert (got < 1e-4).all()

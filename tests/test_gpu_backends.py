@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import basinguard.engine.plans as plans
 import basinguard.engine.tensorrt as trt_backend
 from basinguard import files
 from basinguard.cli import main as cli_main
@@ -23,7 +24,7 @@ from basinguard.cli import parse_hw
 from basinguard.engine import load_model
 from basinguard.engine.base import EngineError, TensorSpec
 from basinguard.engine.ort import check_active, provider_list, trt_profile_options
-from basinguard.engine.tensorrt import (
+from basinguard.engine.plans import (
     BuildSpec,
     EngineEnv,
     RoleProfile,
@@ -170,7 +171,7 @@ def test_pick_profile_and_merged_profile_for_ort() -> None:
     assert options["trt_profile_max_shapes"] == "sample:4x4x64x64,timestep:4"
     assert trt_profile_options(None) == {}
     with pytest.raises(EngineError, match="outside the TensorRT plan's profiles"):
-        raise trt_backend.out_of_profile("unet", {"sample": (3, 4, 64, 64)}, static, None)
+        raise plans.out_of_profile("unet", {"sample": (3, 4, 64, 64)}, static, None)
 
 
 # ---------------------------------------------------------------------------------------------- plan cache
@@ -198,7 +199,7 @@ def test_onnx_digest_covers_external_data_not_configs_and_is_memoised(tmp_path: 
 def fields_for(onnx_sha: str = "a" * 64, env: EngineEnv = ENV, batch: int = 1, fp16: bool = True) -> dict:
     spec = BuildSpec(batch=batch, fp16=fp16)
     return key_fields("unet", onnx_sha, env, role_profiles("unet", spec, 8, 512, 64),
-                      trt_backend.precision_for("unet", spec), spec)
+                      plans.precision_for("unet", spec), spec)
 
 
 def test_plan_key_changes_with_every_field() -> None:
@@ -210,8 +211,8 @@ def test_plan_key_changes_with_every_field() -> None:
               fields_for(env=EngineEnv(ENV.tensorrt, ENV.gpu, "9.1")), fields_for(batch=2), fields_for(fp16=False)]
     keys = {plan_key(f) for f in others}
     assert base not in keys and len(keys) == len(others)
-    assert trt_backend.precision_for("vae_decoder", BuildSpec()) == {"fp16": False}
-    assert trt_backend.precision_for("vae_decoder", BuildSpec(vae_fp16=True)) == {"fp16": True}
+    assert plans.precision_for("vae_decoder", BuildSpec()) == {"fp16": False}
+    assert plans.precision_for("vae_decoder", BuildSpec(vae_fp16=True)) == {"fp16": True}
 
 
 def test_sidecar_checks_reject_stale_foreign_and_altered_plans(tmp_path: Path) -> None:
@@ -253,7 +254,7 @@ def test_find_plans_orders_static_then_newest_and_says_why_others_are_not(tmp_pa
     static.sidecar["built_at"] = older.sidecar["built_at"]  # built first: still preferred (faster kernels)
     records, why = find_plans(tmp_path, "unet", sha, ENV)
     assert [r.plan for r in records] == [static.plan, newer.plan, older.plan]
-    assert trt_backend.newest_input_profiles(tmp_path, "unet", sha) == static.input_profiles
+    assert plans.newest_input_profiles(tmp_path, "unet", sha) == static.input_profiles
     assert find_plans(tmp_path, "unet", "d" * 64, ENV)[0] == []  # another ONNX file: nothing loads
 
 
@@ -319,7 +320,7 @@ def test_ort_tensorrt_profiles_come_from_this_models_plans_only(tmp_path: Path, 
     import basinguard.engine.ort as ort_backend
 
     shared = tmp_path / "engines"
-    monkeypatch.setenv(trt_backend.ENGINE_DIR_ENV, str(shared))
+    monkeypatch.setenv(plans.ENGINE_DIR_ENV, str(shared))
     monkeypatch.setattr(trt_backend, "native_problem", lambda: "tensorrt is not installed")
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
     made: list[dict | None] = []
@@ -333,7 +334,7 @@ def test_ort_tensorrt_profiles_come_from_this_models_plans_only(tmp_path: Path, 
     assert theirs.sidecar["built_at"] >= mine.sidecar["built_at"]
     load_model(ours, "tensorrt")
     assert made[-1] == {ehs: ((1, 77, 8), (2, 77, 8), (2, 77, 8))}
-    assert trt_backend.newest_input_profiles(shared, "unet", onnx_digest(ours)) == mine.input_profiles
+    assert plans.newest_input_profiles(shared, "unet", onnx_digest(ours)) == mine.input_profiles
     mine.plan.with_suffix(".json").unlink()  # only the other model's plans: no profile rather than a wrong one
     load_model(ours, "tensorrt")
     assert made[-1] is None
@@ -373,6 +374,35 @@ def test_build_plan_reuses_valid_plans_and_rebuilds_stale_ones(tmp_path: Path, m
     assert len(builds) == 5
 
 
+def test_fp16_conversion_keeps_float32_io_and_the_results(tmp_path: Path, ort_session) -> None:
+    """An fp32 export built as an fp16 plan: converted by ONNX Runtime's float16 converter (weights in external
+    data, as a full-size UNet's are), float32 inputs and outputs, nodes in an order onnx.checker (and TensorRT's
+    parser) accepts, and outputs within float16 rounding of the float32 model's."""
+    import onnx
+
+    source = tiny_unet_onnx(tmp_path / "onnx" / "unet" / "model.onnx")
+    model = onnx.load(str(source))
+    for init in model.graph.initializer:  # the weights as raw bytes, which is what goes to external data
+        if init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init), init.name))
+    onnx.save(model, str(source), save_as_external_data=True, location="model.onnx_data", size_threshold=0)
+    assert source.with_name("model.onnx_data").is_file() and trt_backend.float_dtype(source) == "float32"
+    logs: list[str] = []
+    half = trt_backend.fp16_onnx(source, tmp_path / "cache" / "fp16" / "unet", logs.append)
+    assert trt_backend.float_dtype(half) == "float16" and len(logs) == 1
+    assert trt_backend.fp16_onnx(source, tmp_path / "cache" / "fp16" / "unet", logs.append) == half and len(logs) == 1
+    onnx.checker.check_model(str(half))
+    session = ort_session(half)
+    assert {i.type for i in session.get_inputs()} == {"tensor(float)"} == {o.type for o in session.get_outputs()}
+    rng = np.random.default_rng(5)
+    feed = {"sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32), "timestep": np.full(2, 500.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 8)).astype(np.float32)}
+    got = session.run(None, feed)[0]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, tiny_reference(feed), rtol=2e-3, atol=2e-3)
+    assert not np.array_equal(got, ort_session(source).run(None, feed)[0])  # really computed in float16
+
+
 # ---------------------------------------------------------------------------------------------- messages
 
 
@@ -401,8 +431,9 @@ def test_choose_backend() -> None:
     assert choose_backend("tensorrt is not installed", None, ort_tensorrt=True) == "ort"
     assert choose_backend(None, "no valid TensorRT plan", ort_tensorrt=True) == "ort"
     with pytest.raises(EngineError) as err:
-        choose_backend("tensorrt is not installed (pip install 'basinguard[tensorrt]')", None, ort_tensorrt=False)
-    assert "basinguard[tensorrt]" in str(err.value) and "onnxruntime-gpu" in str(err.value)
+        choose_backend(f"tensorrt is not installed; {trt_backend.INSTALL_HINT}", None, ort_tensorrt=False)
+    assert "basinguard[tensorrt-cu12]" in str(err.value) and "basinguard[tensorrt-cu13]" in str(err.value)
+    assert "onnxruntime-gpu" in str(err.value) and "onnxruntime-gpu" in str(err.value)
     with pytest.raises(EngineError, match="build-engines"):
         choose_backend(None, "no valid TensorRT plan for unet; build them with `basinguard build-engines X`", False)
 
@@ -422,7 +453,7 @@ def test_provider_tensorrt_without_any_backend_names_what_to_install(tmp_path: P
     with pytest.raises(EngineError) as err:
         load_model(model, "tensorrt")
     text = str(err.value)
-    assert "basinguard[tensorrt]" in text and "onnxruntime-gpu" in text and "TensorrtExecutionProvider" in text
+    assert "basinguard[tensorrt-cu12]" in text and "onnxruntime-gpu" in text and "TensorrtExecutionProvider" in text
 
 
 def test_selection_prefers_a_valid_native_plan_then_ort_tensorrt(tmp_path: Path, monkeypatch) -> None:
@@ -441,7 +472,7 @@ def test_selection_prefers_a_valid_native_plan_then_ort_tensorrt(tmp_path: Path,
     monkeypatch.setattr(ort_backend, "OrtModel", lambda path, provider, threads, trt_profile: made.append(
         ("ort", provider, trt_profile)))
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.delenv(trt_backend.ENGINE_DIR_ENV, raising=False)
+    monkeypatch.delenv(plans.ENGINE_DIR_ENV, raising=False)
     cache = folder / "tensorrt"
 
     with pytest.warns(UserWarning, match="no valid TensorRT plan for unet"):
@@ -472,7 +503,7 @@ def test_ort_provider_options(monkeypatch, tmp_path: Path) -> None:
 
     assert provider_list("cpu") == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        with pytest.raises(EngineError, match=r"needs CUDAExecutionProvider.*lacks.*basinguard\[gpu\]"):
+        with pytest.raises(EngineError, match=r"needs CUDAExecutionProvider.*lacks.*basinguard\[gpu-cu12\]"):
             provider_list("cuda")
     with pytest.raises(EngineError, match="unknown provider"):
         provider_list("rocm")
@@ -607,7 +638,7 @@ def test_cli_build_engines_validates_then_names_the_missing_package(tmp_path: Pa
     if trt_backend.native_problem() is None:
         pytest.skip("tensorrt is installed here")
     assert cli_main(["build-engines", str(folder), "--batch", "2", "--static"]) == 2
-    assert "basinguard[tensorrt]" in capsys.readouterr().err
+    assert "basinguard[tensorrt-cu12]" in capsys.readouterr().err
     assert not (folder / "tensorrt").exists()
 
 
@@ -662,6 +693,30 @@ def test_gpu_check_runs_the_torch_path_on_cpu(tmp_path: Path) -> None:
     assert all(runs[p]["finite"] and runs[p]["d2h_ms_per_call"] >= 0 for p in gpu_check.POLICIES)
     assert [c["ok"] for c in data["checks"]] == [True]  # torch eager vs ORT-CPU on the exported tiny UNet
     assert {s["what"] for s in data["skipped"]} >= {"ORT-CUDA", "TensorRT"}
+    assert data["finished"] is True
+
+
+def test_gpu_check_keeps_what_it_measured_when_stopped(tmp_path: Path, monkeypatch) -> None:
+    """The report is written after every check, skip and section: a run killed by its time limit (here: a section
+    that never returns) leaves its JSON, unfinished; a build that cannot finish in the time left is not started."""
+    sys.path.insert(0, str(BENCH))
+    import gpu_check
+
+    def stopped_section(r, *args) -> dict:
+        r.check("first check", np.ones(3), np.ones(3), "fp32")
+        raise KeyboardInterrupt  # as the shell's timeout stops the process: nothing after this runs
+
+    monkeypatch.setattr(gpu_check, "sd_section", stopped_section)
+    monkeypatch.setattr(gpu_check, "environment", lambda r, device: {"can_torch": True})
+    report = tmp_path / "report.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--device", "cpu", "--skip-shipped", "--json", str(report), "--work", str(tmp_path / "w")])
+    data = json.loads(report.read_text())
+    assert data["finished"] is False and [c["what"] for c in data["checks"]] == ["first check"]
+    assert data["environment"] == {"can_torch": True}
+    r = gpu_check.Report(budget_s=60, json_path=report)
+    assert not r.afford("TensorRT build (UNet)", gpu_check.BUILD_S["sd15"])
+    assert "needs ~420 s" in json.loads(report.read_text())["skipped"][0]["why"]
 
 
 # ---------------------------------------------------------------------------------------- GPU (TensorRT)

@@ -395,10 +395,14 @@ def test_an_unsupported_scheduler_config_points_to_scheduler(tiny_onnx_dir, tmp_
     shutil.copytree(tiny_onnx_dir, model)
     config_path = model / "scheduler/scheduler_config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}))
+    config_path.write_text(json.dumps({**config, "_class_name": "DPMSolverMultistepScheduler",
+                                       "algorithm_type": "sde-dpmsolver++"}))
     proc = run_cli("generate", "--model", str(model), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o.png"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "use_karras_sigmas=True is not supported" in proc.stderr and "--scheduler ddim|euler|pndm" in proc.stderr
+    assert "algorithm_type='sde-dpmsolver++' is not supported" in proc.stderr
+    # every name the hint offers runs this config, and DPM++'s Karras twin (the same class) is not offered
+    hint = proc.stderr.split("--scheduler ")[-1].split()[0].split("|")
+    assert hint == ["ddim", "euler", "euler-karras", "euler-a", "pndm", "unipc", "unipc-karras"], proc.stderr
     proc = run_cli("generate", "--model", str(model), "--prompt", "x", "--steps", "2", "--scheduler", "ddim",
                    "--out", str(tmp_path / "o.png"))
     assert proc.returncode == 0, proc.stderr  # as the hint says

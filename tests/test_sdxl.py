@@ -259,3 +259,118 @@ def test_bad_input_on_sdxl_is_one_clear_line(tiny_sdxl_onnx_dir, tiny_onnx_dir, 
         ours_xl.generate(["x"], SamplingConfig(steps=2, crops_coords_top_left=(0,)), seeds=[0])
     with pytest.raises(ModelFolderError, match="missing text_encoder_2/model.onnx"):
         Pipeline(partial)
+
+
+def test_optimum_sdxl_export_loads_as_it_is(tiny_sdxl_pipeline_dir, ours_xl, tmp_path):
+    """optimum-cli's SDXL folder (hidden_states.K outputs, a scalar timestep, vae_encoder/ beside) runs as ours."""
+    pytest.importorskip("optimum.exporters.onnx")
+    out = tmp_path / "optimum"
+    proc = subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--task",
+                           "text-to-image", "--model", str(tiny_sdxl_pipeline_dir), str(out)], capture_output=True,
+                          text=True, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = Pipeline(out, threads=1)
+    assert theirs.folder.family == "sdxl" and theirs.unet.model.inputs["timestep"].rank == 0
+    for name in ("cfg", "og-dtp"):
+        sampling = SamplingConfig(steps=6, height=HEIGHT, width=WIDTH, policy=PolicyConfig(name))
+        a = ours_xl.generate(PROMPTS, sampling, seeds=[5, 6], negative_prompts=["", NEGATIVES[1]])
+        b = theirs.generate(PROMPTS, sampling, seeds=[5, 6], negative_prompts=["", NEGATIVES[1]])
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1e-4
+        assert [g.trace["uncond"] for g in b] == ["zeros", "negative prompt"]
+        assert [g.trace["transition_step"] for g in a] == [g.trace["transition_step"] for g in b]
+
+
+def test_batch_on_sdxl_lines_carry_micro_conditioning(tiny_sdxl_onnx_dir, ours_xl, tmp_path, capsys):
+    from PIL import Image
+
+    lines = tmp_path / "p.jsonl"
+    records = [{"prompt": PROMPTS[0], "seed": 1},
+               {"prompt": PROMPTS[1], "seed": 2, "negative_prompt": "night", "original_size": [64, 48],
+                "crops_coords_top_left": [4, 8]},
+               {"prompt": PROMPTS[1], "crops_coords_top_left": [-1, 0]}]
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "batch"
+    args = ["batch", str(lines), str(out), "--model", str(tiny_sdxl_onnx_dir), "--threads", "1", "--steps", "4",
+            "--no-progress", "--on-error", "skip"]
+    assert cli_main([*args, "--target-size", "32x32"]) == 0
+    assert "line 3: crops_coords_top_left (-1, 0) not allowed" in capsys.readouterr().err
+    entries = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [e["uncond"] for e in entries] == ["zeros", "negative prompt"]
+    assert [e["original_size"] for e in entries] == [[16, 16], [64, 48]]
+    assert [e["crops_coords_top_left"] for e in entries] == [[0, 0], [4, 8]]
+    assert all(e["target_size"] == [32, 32] and e["model_family"] == "sdxl" for e in entries)
+    for e, record in zip(entries, records):  # each PNG is the image the Python API makes with the line's settings
+        sampling = SamplingConfig(steps=4, target_size=(32, 32), **{k: tuple(record[k]) for k in
+                                  ("original_size", "crops_coords_top_left") if k in record})
+        want = ours_xl.generate([record["prompt"]], sampling, seeds=[record["seed"]],
+                                negative_prompts=[record.get("negative_prompt", "")])[0]
+        with Image.open(out / e["file"]) as im:
+            got = np.asarray(im.convert("RGB"), dtype=np.int16)
+        assert np.abs(got - np.asarray(want.to_pil(), dtype=np.int16)).max() <= 1
+    # resuming is the same job only with the same micro-conditioning
+    assert cli_main([*args, "--target-size", "16x16"]) == 2
+    assert "with a different target_size than this job" in capsys.readouterr().err
+
+
+def test_detect_and_auto_on_sdxl(tiny_sdxl_onnx_dir, ours_xl, tmp_path, capsys):
+    """Scores are d at step 0 against the e_∅ generate uses (zeros here); calibrations record the family, which e_∅
+    and the time ids, and a run with other time ids is warned about."""
+    common = ["--model", str(tiny_sdxl_onnx_dir), "--threads", "1", "--steps", "4"]
+    mem, normal = tmp_path / "mem.txt", tmp_path / "normal.txt"
+    mem.write_text(PROMPTS[0] + "\n")
+    normal.write_text("a green tree\na big castle at night\n")
+    assert cli_main(["detect", str(mem), *common]) == 0
+    score = float(capsys.readouterr().out.splitlines()[1].split("\t")[1])
+    gen = ours_xl.generate([PROMPTS[0]], SamplingConfig(steps=4, policy=PolicyConfig("cfg")), seeds=[0])[0]
+    assert score == pytest.approx(gen.trace["gap"][0], rel=1e-4) and gen.trace["uncond"] == "zeros"
+    calib = tmp_path / "calib.json"
+    assert cli_main(["detect", "--calibrate", "--memorized", str(mem), "--normal", str(normal), "--out", str(calib),
+                     *common]) == 0
+    c = json.loads(calib.read_text())
+    assert (c["model_family"], c["uncond"], c["original_size"], c["target_size"]) == ("sdxl", ["zeros"], [16, 16],
+                                                                                   [16, 16])
+    capsys.readouterr()
+    for extra, warned in (([], False), (["--original-size", "32x32"], True)):
+        assert cli_main(["generate", "--prompt", PROMPTS[0], *common, "--policy", "auto", "--detect-calibration",
+                         str(calib), "--out", str(tmp_path / "g.png"), "--trace", str(tmp_path / "g.json"),
+                         *extra]) == 0
+        assert ("original_size [16, 16] (here [32, 32])" in capsys.readouterr().err) == warned
+    trace = json.loads((tmp_path / "g.json").read_text())
+    assert trace["policy"]["name"] == "auto" and trace["detection_score"] == pytest.approx(trace["gap"][0])
+
+
+def test_vae_latent_statistics_decode_as_diffusers(tiny_sdxl_onnx_dir, torch_xl, tmp_path):
+    """An SDXL VAE config with latents_mean and latents_std: diffusers' SDXL pipeline decodes x * std / scaling +
+    mean; the same folder without them decodes x / scaling."""
+    from diffusers import EulerDiscreteScheduler
+
+    torch_xl.scheduler = EulerDiscreteScheduler.from_config(
+        json.loads((tiny_sdxl_onnx_dir / "scheduler/scheduler_config.json").read_text()))
+    stats = {"latents_mean": [0.5, -0.25, 0.1, 0.0], "latents_std": [2.0, 0.5, 1.5, 1.0]}
+    folder = with_config(tiny_sdxl_onnx_dir, tmp_path / "model")
+    config_path = folder / "vae_decoder/config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **stats}))
+    lat = latents(1, seed=4)
+    torch_xl.vae.register_to_config(**stats)
+    try:
+        ref = reference(torch_xl, PROMPTS[:1], lat, steps=4)
+    finally:
+        torch_xl.vae.register_to_config(latents_mean=None, latents_std=None)
+    sampling = SamplingConfig(steps=4, height=HEIGHT, width=WIDTH, policy=PolicyConfig("cfg", 6.0))
+    got = Pipeline(folder, threads=1).generate(PROMPTS[:1], sampling, latents=lat)
+    assert np.abs(pixels(got) - ref).max() <= LEVEL
+    assert np.abs(pixels(Pipeline(tiny_sdxl_onnx_dir, threads=1).generate(PROMPTS[:1], sampling, latents=lat))
+                  - ref).max() > 10 * LEVEL
+
+
+def test_fp16_export_keeps_sizes_and_the_vae_in_float32(tiny_sdxl_pipeline_dir, tmp_path):
+    """time_ids are pixel counts (float16 rounds 2049 to 2048); the VAE stays float32 (force_upcast: SDXL's VAE
+    overflows in float16)."""
+    from basinguard.export.onnx_export import export_pipeline
+
+    manifest = export_pipeline(tiny_sdxl_pipeline_dir, tmp_path / "fp16", fp16=True, validate=False, log=lambda _: None)
+    models = manifest["models"]
+    dtypes = {i["name"]: i["dtype"] for i in models["unet"]["inputs"]}
+    assert dtypes == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16",
+                      "text_embeds": "float16", "time_ids": "float32"}
+    assert models["text_encoder_2"]["dtype"] == "float16" and models["vae_decoder"]["dtype"] == "float32"

@@ -55,8 +55,10 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 LABELS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "ort-tensorrt"}
 _INSTALL = {  # what a provider that fails to start usually lacks
-    "CUDAExecutionProvider": "the CUDA 12 and cuDNN 9 libraries (the nvidia-*-cu12 pip wheels, or a CUDA torch; "
-                             "onnxruntime.preload_dlls() finds either) or a visible GPU (nvidia-smi, CUDA_VISIBLE_DEVICES)",
+    "CUDAExecutionProvider": "the CUDA and cuDNN 9 libraries of the CUDA major this onnxruntime-gpu was built for "
+                             "(pip install 'basinguard[gpu-cu12]' or 'basinguard[gpu-cu13]', matching the driver's "
+                             "CUDA in nvidia-smi; or a CUDA torch: onnxruntime.preload_dlls() finds either) or a "
+                             "visible GPU (nvidia-smi, CUDA_VISIBLE_DEVICES)",
     "TensorrtExecutionProvider": "TensorRT's libraries (pip install tensorrt, the major version this onnxruntime-gpu "
                                  "was built for) on the library path, besides CUDA and cuDNN",
 }
@@ -84,8 +86,11 @@ def provider_list(provider: str, cache_dir: Path | None = None, *, fp16: bool = 
     wanted = PROVIDERS[provider]
     available = ort.get_available_providers()
     if wanted[0] not in available:
-        extra = {"cpu": "onnxruntime", "cuda": "basinguard[gpu] (onnxruntime-gpu)",
-                 "tensorrt": "basinguard[tensorrt] for the native TensorRT backend, or onnxruntime-gpu for its TensorRT EP"}
+        gpu_sets = "for the driver's CUDA major (nvidia-smi): CUDA 12 or 13"
+        extra = {"cpu": "onnxruntime",
+                 "cuda": f"'basinguard[gpu-cu12]' or 'basinguard[gpu-cu13]' (onnxruntime-gpu {gpu_sets})",
+                 "tensorrt": f"'basinguard[tensorrt-cu12]' or 'basinguard[tensorrt-cu13]' for the native TensorRT backend "
+                             f"({gpu_sets}), or onnxruntime-gpu for its TensorRT EP"}
         raise EngineError(f"provider {provider!r} needs {wanted[0]}, which this onnxruntime build lacks "
                           f"(it has: {', '.join(available)}); install {extra[provider]}")
     providers: list = []
@@ -210,7 +215,7 @@ class OrtModel:
             raise EngineError(f"model file not found: {path}")
         cache = None
         if provider == "tensorrt":  # next to the native plans (ONNX_DIR/tensorrt or $BASINGUARD_ENGINE_DIR)
-            from basinguard.engine.tensorrt import engine_dir
+            from basinguard.engine.plans import engine_dir
 
             cache = engine_dir(path.parent.parent) / "ort-tensorrt" / path.parent.name
         fp16 = path.parent.name != "vae_decoder"

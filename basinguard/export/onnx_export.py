@@ -330,7 +330,8 @@ def _check_lengths(tokenizers: dict[str, dict], models: TorchModels) -> None:
         encoder = "text_encoder" + name.removeprefix("tokenizer")
         positions = getattr(models, encoder).config.max_position_embeddings
         if tokenizer["max_length"] != positions:
-            raise ExportError(f"{name} pads to {tokenizer['max_length']} tokens but {encoder} takes {positions} "
+            what = "the text encoder" if encoder == "text_encoder" else encoder
+            raise ExportError(f"the {name} pads to {tokenizer['max_length']} tokens but {what} takes {positions} "
                               f"(max_position_embeddings); fix {name}/tokenizer_config.json's model_max_length")
 
 

@@ -6,7 +6,8 @@ Prompt files (chosen by extension)
   .csv    a header row naming the fields, then one record a row (empty cells count as absent).
   Fields: `prompt` (required), `negative_prompt`, `seed`, `num_images`, and per-line overrides of the job's
   sampling settings: `policy`, `guidance_scale`, `transition_t`, `pre_scale`, `opposite_scale`, `mitigation`,
-  `detect_threshold`, `latest_transition_t`, `steps`, `scheduler`.
+  `detect_threshold`, `latest_transition_t`, `steps`, `scheduler`, and for SDXL models `original_size`,
+  `crops_coords_top_left`, `target_size` (two integers: [A, B] in JSON, "AxB" in CSV).
   Prompt text, from any format: surrounding whitespace and byte-order marks are dropped (`prompt_text`); an empty
   prompt is a bad line. A prompt longer than the text encoder takes is cut, as diffusers cuts it, with a warning
   naming its line and the dropped words, recorded in its manifest line (`truncation`); `long_prompts="error"`
@@ -78,11 +79,12 @@ MAX_IMAGES_PER_LINE = 10_000  # a typo guard: num_images beyond this is almost s
 POLICY_FIELDS = {"policy": "name", "guidance_scale": "guidance_scale", "transition_t": "transition_t",
                  "pre_scale": "pre_scale", "opposite_scale": "opposite_scale", "mitigation": "mitigation",
                  "detect_threshold": "detect_threshold", "latest_transition_t": "latest_transition_t"}
-SAMPLING_FIELDS = ("steps", "scheduler")
+SAMPLING_FIELDS = ("steps", "scheduler", *MICRO_CONDITIONING)
 FIELD_TYPES: dict[str, type] = {
     "prompt": str, "negative_prompt": str, "seed": int, "num_images": int,
     "policy": str, "guidance_scale": float, "transition_t": int, "pre_scale": float, "opposite_scale": float,
     "mitigation": str, "detect_threshold": float, "latest_transition_t": int, "steps": int, "scheduler": str,
+    **dict.fromkeys(MICRO_CONDITIONING, tuple),  # SDXL's (height, width) / (top, left) pairs, in pixels
 }
 
 
@@ -252,6 +254,7 @@ def _csv_records(path: Path, data: bytes) -> Iterator[tuple[int, dict[str, Any] 
 
 
 _CSV_INTEGER = re.compile(r"[+-]?[0-9]+")
+_CSV_PAIR = re.compile(r"([+-]?[0-9]+)\s*[xX]\s*([+-]?[0-9]+)")
 _CSV_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -262,6 +265,11 @@ def _csv_cell(name: str, text: str) -> Any:
     if want is str:
         return text
     text = text.strip()
+    if want is tuple:  # "AxB": the model checks the range
+        pair = _CSV_PAIR.fullmatch(text)
+        if pair is None:
+            raise ValueError(f"field {name!r} must be two integers as AxB, got {text!r}")
+        return [int(pair[1]), int(pair[2])]
     if not (_CSV_INTEGER if want is int else _CSV_NUMBER).fullmatch(text):
         raise ValueError(f"field {name!r} must be {'an integer' if want is int else 'a number'}, got {text!r}")
     return int(text) if want is int else float(text)
@@ -286,6 +294,11 @@ def _typed(name: str, value: Any) -> Any:
         except UnicodeEncodeError:  # a lone surrogate escape ("\\ud800"): it could never be written to the manifest
             raise ValueError(f"field {name!r} is not valid Unicode (a lone surrogate escape)") from None
         return value
+    if want is tuple:
+        if not isinstance(value, list) or len(value) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"field {name!r} must be two integers [A, B], got {json.dumps(value)}")
+        return tuple(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or (want is int and not isinstance(value, int)):
         raise ValueError(f"field {name!r} must be {'an integer' if want is int else 'a number'}, got {json.dumps(value)}")
     if want is float and not math.isfinite(value):
@@ -401,10 +414,14 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     except BaseException:
-        # Folders this job made, if nothing but the lock is in them; never at the cost of the error being raised.
+        # Folders this job made, if nothing but the lock (and a manifest with no line: the first batch failed) is in
+        # them; never at the cost of the error being raised.
         with suppress(OSError):
-            if made and [p.name for p in out_dir.iterdir()] == [LOCK]:
-                (out_dir / LOCK).unlink()
+            names = {p.name for p in out_dir.iterdir()}
+            if made and LOCK in names and names <= {LOCK, MANIFEST} and (
+                    MANIFEST not in names or (out_dir / MANIFEST).stat().st_size == 0):
+                for name in names:
+                    (out_dir / name).unlink()
                 for folder in made:
                     folder.rmdir()  # fails, and stops, at the first one that is not empty
         raise

@@ -10,12 +10,14 @@ from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from basinguard.files import digest_memo, file_digests
 from basinguard.runtime.errors import InputError, ModelFolderError
 from basinguard.runtime.schedulers import InvalidConfig, check_config
 
 if TYPE_CHECKING:
-    from basinguard.engine.tensorrt import ModelGeometry
+    from basinguard.engine.plans import ModelGeometry
 
 REQUIRED = ("text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx", "tokenizer",
             "scheduler/scheduler_config.json")
@@ -49,10 +51,10 @@ def read_json(path: Path) -> dict:
 _DEFAULT_TYPES: dict[str, type | tuple[type, ...]] = {
     "policy": str, "mitigation": str, "scheduler": str, "steps": int, "transition_t": int,
     "guidance_scale": (int, float), "pre_scale": (int, float), "opposite_scale": (int, float),
-    "detect_threshold": (int, float),
+    "detect_threshold": (int, float), "latest_transition_t": int,
 }
-# null: the model's own scheduler, the usual default (opposite_scale: λ)
-_MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale")
+# null: the model's own scheduler, the usual default (opposite_scale: λ; latest_transition_t: no fallback)
+_MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale", "latest_transition_t")
 
 
 def _positive_int(value: object, what: str, path: Path, most: int | None = None) -> int:
@@ -103,7 +105,8 @@ class ModelFolder:
                                        "pipeline with `basinguard export SRC OUT`)")
         # Read every config value used later once now: a corrupt one is reported at open, naming its file.
         _ = (folder.default_image, folder.size_multiple, folder.latent_channels, folder.num_train_timesteps,
-             folder.sampling_defaults, folder.latent_scaling, folder.force_zeros_for_empty_prompt)
+             folder.sampling_defaults, folder.latent_scaling, folder.force_zeros_for_empty_prompt,
+             folder.latent_statistics)
         where = path / "scheduler/scheduler_config.json"
         try:  # here, naming the file, rather than as a traceback or NaN image at the first step
             check_config(folder.scheduler_config)
@@ -146,6 +149,25 @@ class ModelFolder:
         return float(scale), float(shift)
 
     @property
+    def latent_statistics(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """SDXL VAEs that state per-channel latents_mean and latents_std: (mean, std), each (C, 1, 1), and diffusers'
+        SDXL pipeline decodes latents * std / scaling + mean instead; None where not both are set, or for SD (whose
+        pipeline ignores them)."""
+        where = self.path / "vae_decoder/config.json"
+        mean, std = self.vae_config.get("latents_mean"), self.vae_config.get("latents_std")
+        if self.family != "sdxl" or mean is None or std is None:
+            return None
+        stats = []
+        for name, value in (("latents_mean", mean), ("latents_std", std)):
+            ok = isinstance(value, list) and len(value) == self.latent_channels and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            if not ok:
+                raise ModelFolderError(f"corrupt config {where}: {name} must be {self.latent_channels} finite numbers "
+                                       f"(one per latent channel), not {value!r}")
+            stats.append(np.asarray(value, np.float32).reshape(-1, 1, 1))
+        return stats[0], stats[1]
+
+    @property
     def latent_channels(self) -> int:
         return _positive_int(self.unet_config.get("in_channels", 4), "in_channels", self.path / "unet/config.json",
                              MAX_LATENT_CHANNELS)
@@ -179,7 +201,7 @@ class ModelFolder:
     def engine_geometry(self) -> ModelGeometry:
         """What TensorRT profiles need from this folder (`basinguard build-engines`): the VAE factor, native size,
         size multiple and the tokenizer's length (CLIP's 77 where its config gives no usable one)."""
-        from basinguard.engine.tensorrt import DEFAULT_SEQ_LEN, ModelGeometry
+        from basinguard.engine.plans import DEFAULT_SEQ_LEN, ModelGeometry
 
         seq_len, cfg = DEFAULT_SEQ_LEN, self.path / "tokenizer" / "tokenizer_config.json"
         try:

@@ -163,6 +163,15 @@ def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np
     return x, gap, scale
 
 
+def _builds(config: dict, name: str, steps: int) -> bool:
+    """Whether scheduler `name` can be built from `config` (for the hint after an unsupported one)."""
+    try:
+        make_scheduler(config, steps, name)
+    except ValueError:
+        return False
+    return True
+
+
 def check_finite(values: np.ndarray, stage: str) -> None:
     if not np.isfinite(values).all():
         raise EngineError(f"{stage} produced NaN or infinite values; no image is written (with fp16 models, "
@@ -196,6 +205,15 @@ MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")  
 SDXL_UNET_INPUTS = ("text_embeds", "time_ids")  # an SDXL UNet's conditioning beside encoder_hidden_states
 
 
+def load_tokenizer(folder: Path, encoder_folder: Path, encoder: LoadedModel) -> PromptTokenizer:
+    """A tokenizer folder for the text encoder loaded from `encoder_folder`, padding to the length it takes."""
+    tokenizer = PromptTokenizer.from_folder(folder, text_encoder_length(encoder_folder))
+    width = getattr(encoder.inputs.get("input_ids"), "shape", (None,))[-1]
+    if isinstance(width, int) and width > 0 and width != tokenizer.max_length:  # a fixed ONNX input
+        tokenizer = PromptTokenizer.from_folder(folder, width, exact=True)
+    return tokenizer
+
+
 def penultimate_output(model: LoadedModel, path: Path) -> str:
     """The name of a text encoder's hidden_states[-2] output (optimum's names: hidden_states.0 … .L), the layer
     diffusers' SDXL pipeline takes when clip_skip is unset."""
@@ -224,7 +242,7 @@ class SDXLText:
         if "text_embeds" not in encoder_2.outputs:
             raise ModelFolderError(f"{path} has no text_embeds output (SDXL's second text encoder is a "
                                    "CLIPTextModelWithProjection)")
-        tokenizer_2 = PromptTokenizer.from_folder(folder.path / "tokenizer_2")
+        tokenizer_2 = load_tokenizer(folder.path / "tokenizer_2", folder.path / "text_encoder_2", encoder_2)
         if tokenizer_2.max_length != tokenizer.max_length:  # the two encoders' states are joined token by token
             raise ModelFolderError(f"{folder.path}: tokenizer pads to {tokenizer.max_length} tokens but tokenizer_2 "
                                    f"to {tokenizer_2.max_length}; their model_max_length must agree")
@@ -249,12 +267,9 @@ class Pipeline:
         self.folder = ModelFolder.open(folder)
         self.provider = provider
         self.timer = StageTimer()
-        self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer",
-                                                     text_encoder_length(self.folder.path / "text_encoder"))
         self.text_encoder = load_model(self.folder.path / "text_encoder/model.onnx", provider, threads)
-        width = getattr(self.text_encoder.inputs.get("input_ids"), "shape", (None,))[-1]
-        if isinstance(width, int) and width > 0 and width != self.tokenizer.max_length:  # a fixed ONNX input
-            self.tokenizer = PromptTokenizer.from_folder(self.folder.path / "tokenizer", width, exact=True)
+        self.tokenizer = load_tokenizer(self.folder.path / "tokenizer", self.folder.path / "text_encoder",
+                                        self.text_encoder)
         self.unet = UNetStage(load_model(self.folder.path / "unet/model.onnx", provider, threads, static_shapes), self.timer)
         self.vae_decoder = load_model(self.folder.path / "vae_decoder/model.onnx", provider, threads)
         outs = self.text_encoder.outputs
@@ -328,7 +343,11 @@ class Pipeline:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents → float32 images (N, H, W, 3) in [0, 1], with the VAE's own scaling (and shift)."""
         scaling, shift = self.folder.latent_scaling
-        z = latents / np.float32(scaling) + np.float32(shift)
+        stats = self.folder.latent_statistics
+        if stats is None:
+            z = latents / np.float32(scaling) + np.float32(shift)
+        else:  # an SDXL VAE with per-channel statistics, as diffusers' SDXL pipeline decodes it
+            z = latents * stats[1] / np.float32(scaling) + stats[0]
         with self.timer("vae"):
             img = self.vae_decoder.run({"latent_sample": z})["sample"].astype(np.float32, copy=False)
         f = self.folder.vae_scale_factor
@@ -363,8 +382,10 @@ class Pipeline:
         try:
             return make_scheduler(self.folder.scheduler_config, sampling.steps, sampling.scheduler, noise)
         except UnsupportedConfig as exc:
-            raise InputError(f"{exc}; another scheduler may run this model: --scheduler "
-                             f"{'|'.join(k for k in SCHEDULERS if k != sampling.scheduler)}") from None
+            runnable = [k for k in SCHEDULERS if k != sampling.scheduler and _builds(self.folder.scheduler_config, k, sampling.steps)]
+            hint = f"another scheduler runs this model: --scheduler {'|'.join(runnable)}" if runnable else (
+                "no scheduler here runs this config")
+            raise InputError(f"{exc}; {hint}") from None
         except ValueError as exc:  # steps out of range, unknown scheduler: the scheduler names the range
             raise InputError(str(exc)) from None
 

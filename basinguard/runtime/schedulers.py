@@ -377,25 +377,28 @@ def _repeated_sigmas(config: Mapping[str, Any], n: int) -> str | None:
     return None
 
 
-def _multistep_sigmas(sched: Scheduler, config: Mapping[str, Any], cosine_truncates: bool) -> tuple[np.ndarray, np.ndarray]:
+def _multistep_sigmas(sched: Scheduler, config: Mapping[str, Any], unipc: bool) -> tuple[np.ndarray, np.ndarray]:
     """Timesteps (int64) and the n + 1 VE sigmas of DPM-Solver++ / UniPC (the last one 0 or sigma_min).
 
     Without Karras sigmas: the spaced timesteps and the train sigmas there. With them: the rho = 7 schedule between
     the train table's ends, and each sigma's timestep rounded, except that DPM-Solver++ on the cosine schedule
-    truncates it (diffusers skips its round() there and casts to int64)."""
+    truncates it (diffusers skips its round() there and casts to int64); UniPC's sigma_min final sigma is then
+    the schedule's own last one (sigma_max itself at one step), DPM-Solver++'s the table's first."""
     n_train, n = sched.num_train_timesteps, sched.num_inference_steps
     ac = sched.alphas_cumprod
     sigma_train = np.sqrt((1 - ac) / ac)  # VE-style sigma; alpha_t = 1/sqrt(1+s^2), sigma_t = s * alpha_t
     if config.get("use_karras_sigmas"):
         s = _karras_sigmas(config, sigma_train[0], sigma_train[-1], n)
         t = _sigma_to_t(s, sigma_train)
-        timesteps = np.trunc(t) if cosine_truncates and config.get("beta_schedule") == "squaredcos_cap_v2" else t.round()
+        timesteps = np.trunc(t) if not unipc and config.get("beta_schedule") == "squaredcos_cap_v2" else t.round()
     else:
         spacing, offset = sched._spacing(config, "linspace")
         timesteps = _multistep_timesteps(spacing, n_train, n, offset)
         # np.interp clamps, so a "leading" + steps_offset timestep of num_train_timesteps reuses the last sigma
         s = np.interp(timesteps, np.arange(n_train), sigma_train)
-    last = sigma_train[0] if config.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
+    last = 0.0
+    if config.get("final_sigmas_type", "zero") == "sigma_min":
+        last = s[-1] if unipc and config.get("use_karras_sigmas") else sigma_train[0]
     return timesteps.astype(np.int64), np.append(s, last)
 
 
@@ -426,7 +429,7 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def __init__(self, config: Mapping[str, Any], num_inference_steps: int) -> None:
         super().__init__(config, num_inference_steps)
-        self.timesteps, s = _multistep_sigmas(self, config, cosine_truncates=True)
+        self.timesteps, s = _multistep_sigmas(self, config, unipc=False)
         self.alpha_t = 1.0 / np.sqrt(s**2 + 1.0)
         self.sigma_t = s * self.alpha_t
         with np.errstate(divide="ignore"):  # a final sigma of 0 gives lambda = +inf; only first-order uses it
@@ -657,7 +660,7 @@ class UniPCMultistepScheduler(Scheduler):
 
     def __init__(self, config: Mapping[str, Any], num_inference_steps: int) -> None:
         super().__init__(config, num_inference_steps)
-        self.timesteps, s = _multistep_sigmas(self, config, cosine_truncates=False)
+        self.timesteps, s = _multistep_sigmas(self, config, unipc=True)
         steps = len(self.timesteps)
         alpha = 1.0 / np.sqrt(s**2 + 1.0)
         sigma = s * alpha
