@@ -549,16 +549,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("onnx_dir", metavar="ONNX_DIR")
     r.add_argument("--cache-dir", help="where plans live (default: $BASINGUARD_ENGINE_DIR, else ONNX_DIR/tensorrt); "
                    "generate/batch look in $BASINGUARD_ENGINE_DIR, so set it to this directory when running")
-    r.add_argument("--batch", type=int, default=1, help="images per call N: the UNet profile spans N..2N")
-    r.add_argument("--min-batch", type=int, default=None, help="smallest UNet batch (default N; 1 serves batch "
-                   "jobs' smaller tail batches)")
+    r.add_argument("--batch", type=int, default=1, help="images per call N: the UNet profile spans 1..2N (static: N and 2N)")
+    r.add_argument("--min-batch", type=int, default=None, help="smallest UNet batch (default: 1 for a dynamic plan, "
+                   "serving batch jobs' smaller tail batches; N for a static one)")
     r.add_argument("--image-size", type=parse_hw, default=None, metavar="HxW", help="size the kernels are tuned for "
                    "(default: the model's native size)")
     r.add_argument("--min-image-size", type=parse_hw, default=None, metavar="HxW", help="default: --image-size")
     r.add_argument("--max-image-size", type=parse_hw, default=None, metavar="HxW", help="default: --image-size")
     r.add_argument("--static", action="store_true", help="fixed shapes, one profile per batch size (N, 2N): faster, "
                    "and BASINGUARD_CUDA_GRAPH=1 then captures CUDA graphs")
-    r.add_argument("--fp32", action="store_true", help="no fp16 anywhere (default: fp16 text encoder and UNet)")
+    r.add_argument("--fp32", action="store_true", help="no fp16 conversion (default: fp16 text encoder and "
+                   "UNet; an fp32 export is converted to fp16 first). An `export --fp16` folder builds fp16 either way: "
+                   "TensorRT builds the graph's own types")
     r.add_argument("--vae-fp16", action="store_true", help="fp16 VAE decoder too (may overflow to NaN)")
     r.add_argument("--models", nargs="+", choices=("text_encoder", "unet", "vae_decoder"),
                    default=["text_encoder", "unet", "vae_decoder"])

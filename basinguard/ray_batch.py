@@ -53,7 +53,7 @@ from basinguard.runtime.batch import (
     warn_other_engines,
     write_batch,
 )
-from basinguard.runtime.model_folder import model_identity
+from basinguard.runtime.model_folder import ModelFolder, model_identity
 
 LOCAL = "local"  # `--ray` without an address
 # The labels a provider's images carry (the driver loads no model to ask): tensorrt is native or ONNX Runtime's EP.
@@ -148,7 +148,8 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
     with output_lock(job.out_dir):
         done, lost = prepare_output(job.out_dir)
         identity = model_identity(model)
-        check_same_job(parsed.tasks, done, job.out_dir, identity)
+        check_same_job(parsed.tasks, done, job.out_dir, identity,
+                       ModelFolder.open(model).scheduler_config.get("prediction_type", "epsilon"))
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if not pending:

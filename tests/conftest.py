@@ -174,23 +174,18 @@ def tiny_switching_onnx_dir(tiny_switching_sd_pipeline_dir: Path, tmp_path_facto
     return out
 
 
-def build_tiny_sdxl_pipeline(dest: Path, force_zeros_for_empty_prompt: bool = True) -> Path:
+def build_tiny_sdxl_pipeline(dest: Path) -> Path:
     """Write a tiny random StableDiffusionXLPipeline (safetensors) to `dest`, shaped as SDXL base is: two text
     encoders of different widths (32 and 48) whose penultimate states the UNet takes side by side (cross-attention
     80), the second with a projection (pooled text_embeds, 32) and a tokenizer padding with "!", time_ids
     micro-conditioning (6 x 8 + 32 = 80 added embedding inputs), Euler with "leading" spacing and steps_offset 1,
-    and a VAE with force_upcast. Latents are half the image size; sides are multiples of 4."""
+    force_zeros_for_empty_prompt, and a VAE with force_upcast. Latents are half the image size; sides are multiples
+    of 4."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=80, norm_num_groups=32)
     vae = AutoencoderKL(
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=16,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -207,14 +202,27 @@ def build_tiny_sdxl_pipeline(dest: Path, force_zeros_for_empty_prompt: bool = Tr
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
         hidden_size=48, intermediate_size=53, num_hidden_layers=3, num_attention_heads=4, projection_dim=32,
         hidden_act="gelu", pad_token_id=tokenizer_2.pad_token_id, **common))
-    for module in (unet, vae, text_encoder, text_encoder_2):
+    for module in (vae, text_encoder, text_encoder_2):
         _perturb(module)
+    # As tests/conftest.py's switching SD UNet: the resnets take the time embedding as scale and shift, amplified
+    # 10x, so that d has local minima and DTP's samples switch at their own steps (seed 5 and 10x found by a small
+    # search; tests/test_sdxl.py asserts the switches).
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=80, norm_num_groups=32, resnet_time_scale_shift="scale_shift")
+    _perturb(unet)
+    with torch.no_grad():
+        unet.time_embedding.linear_2.weight.mul_(10.0)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1, interpolation_type="linear",
                                        num_train_timesteps=1000)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+                                     add_watermarker=False)
     pipe.save_pretrained(dest, safe_serialization=True)
     return dest
 

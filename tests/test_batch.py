@@ -306,7 +306,7 @@ def test_each_bad_line_is_reported_even_when_an_earlier_one_had_the_same_values(
     assert cli_main(batch_args(tiny_onnx_dir, prompts, out, "--on-error", "skip")) == 0
     stdout = capsys.readouterr().out
     assert "skipped lines: 12" in stdout
-    for n, what in ((2, "num_inference_steps"), (3, "num_inference_steps"), (4, "unknown scheduler"),
+    for n, what in ((2, "steps (--steps) must be in [1, "), (3, "steps (--steps) must be in [1, "), (4, "unknown scheduler"),
                     (5, "unknown scheduler"), (6, "not og-stp"), (7, "not cfg"), (8, "not og-dtp"),
                     (9, "not valid Unicode"), (10, "field transition_t applies to stp and og-stp only, not dtp"),
                     (11, "field opposite_scale applies to og-stp and og-dtp only, not stp"),

@@ -106,3 +106,34 @@ def test_calibrations_record_the_space_and_old_ones_are_refused_on_v_models(v_fo
     other.write_text(json.dumps({**made, "gap_space": "v"}))
     with pytest.raises(BasinguardError, match="calibrate again"):
         load_calibration(other, model=tiny_onnx_dir)
+
+
+def _strip_gap_space(out: Path) -> None:
+    """Rewrite a finished job's manifest as a release before d was in ε space wrote it: no gap_space."""
+    path = out / "manifest.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in e.items() if k != "gap_space"}) + "\n" for e in entries))
+
+
+@pytest.mark.parametrize("v_model", [False, True])
+def test_a_batch_job_from_before_eps_space_resumes_only_on_epsilon_models(v_model, v_folder, tiny_onnx_dir, tmp_path,
+                                                                          capsys):
+    from basinguard.cli import main as cli_main
+
+    model = v_folder if v_model else tiny_onnx_dir
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    out = tmp_path / "out"
+    argv = ["batch", "--model", str(model), str(prompts), str(out), "--threads", "1", "--steps", "3",
+            "--images-per-prompt", "2", "--no-progress", "--policy", "dtp"]
+    assert cli_main(argv) == 0
+    assert all(json.loads(x)["gap_space"] == "epsilon" for x in (out / "manifest.jsonl").read_text().splitlines())
+    _strip_gap_space(out)
+    (out / "manifest.jsonl").write_text((out / "manifest.jsonl").read_text().splitlines()[0] + "\n")  # one image left
+    capsys.readouterr()
+    code = cli_main(argv)
+    err = capsys.readouterr().err
+    if v_model:  # its switch steps were found on another d: refused, naming the image and why
+        assert code == 2 and "measured on the UNet's raw output" in err and "000001-000" in err, err
+    else:  # an epsilon model's d was the ε gap all along
+        assert code == 0, err

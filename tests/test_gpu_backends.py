@@ -1,8 +1,9 @@
 """GPU backends: what is decided on the CPU is tested everywhere; what runs on a GPU is tested where one is.
 
-CPU-side (always): profile ranges, ONNX hashing, plan keys, sidecar checks (stale / foreign / altered plans),
-the rebuild decision, backend selection and fallbacks, ORT provider options, error messages, the CLI, and the
-benchmark's torch adapter with a tiny UNet. GPU-side (skipped without tensorrt + a CUDA device): building,
+CPU-side (always): profile ranges, ONNX hashing, plan keys, sidecar checks (stale / foreign / altered plans, hashes
+from the memo), the rebuild decision, the fp16 conversion of an fp32 export, which plan covers a call, backend
+selection and fallbacks, TensorRT's refusals as EngineErrors (fakes that raise where TensorRT raises), ORT provider
+options, error messages, the CLI, and the GPU check (torch path with a tiny UNet, its incremental report). GPU-side (skipped without tensorrt + a CUDA device): building,
 loading and running plans, dynamic and static, with CUDA graphs, against ONNX Runtime on CPU.
 """
 
@@ -591,6 +592,45 @@ def test_polygraphy_failures_are_engine_errors() -> None:
     for kind in (PolygraphyException, RuntimeError):
         with pytest.raises(EngineError, match=r"unet: TensorRT failed on unet-abc.plan: `execute_async_v3\(\)` failed"):
             model._call(fail, kind)
+    model._closed = True
+
+
+def test_tensorrt_model_switches_profiles_only_when_needed_and_owns_its_outputs() -> None:
+    """TensorRTModel over a fake TrtRunner with polygraphy's calling conventions: set_profile(index), and infer()
+    returning host arrays it reuses at the next call. A static plan with profiles at batch 2 and 4 (STP's N and
+    2N): the profile is switched when the batch changes, not at every call; a returned array is not overwritten
+    by the next call; a batch no profile holds is refused before TensorRT sees it."""
+
+    class Runner:
+        def __init__(self) -> None:
+            self.profiles: list[int] = []
+            self.buffer = np.zeros(0, np.float32)
+
+        def set_profile(self, index: int) -> None:
+            self.profiles.append(index)
+
+        def infer(self, feed_dict: dict, check_inputs: bool = True) -> dict:
+            self.buffer = np.resize(self.buffer, feed_dict["sample"].shape)
+            np.multiply(feed_dict["sample"], 2, out=self.buffer)
+            return {"out_sample": self.buffer}
+
+    model = object.__new__(trt_backend.TensorRTModel)
+    model.name, model.plan_path, model._graphs, model._closed, model._profile = "unet", Path("u.plan"), None, False, 0
+    model._runner = runner = Runner()
+    spec = TensorSpec("sample", np.dtype(np.float32), (None, 4))
+    model.inputs, model.outputs = {"sample": spec}, {"out_sample": spec}
+    model._profiles = [{"sample": ((2, 4), (2, 4), (2, 4))}, {"sample": ((4, 4), (4, 4), (4, 4))}]
+    first = model.run({"sample": np.ones((2, 4), np.float32)})["out_sample"]
+    model.run({"sample": np.ones((2, 4), np.float32)})
+    guided = model.run({"sample": np.full((4, 4), 3.0, np.float32)})["out_sample"]
+    model.run({"sample": np.ones((4, 4), np.float64)})  # cast to the plan's float32 on the way
+    model.run({"sample": np.ones((2, 4), np.float32)})
+    assert runner.profiles == [1, 0]  # profile 0 is active at start: switched at 2 -> 4 and back
+    np.testing.assert_array_equal(first, np.full((2, 4), 2.0))
+    np.testing.assert_array_equal(guided, np.full((4, 4), 6.0))
+    with pytest.raises(EngineError, match=r"input shapes \(sample \(3, 4\)\) are outside the TensorRT plan's profiles"):
+        model.run({"sample": np.ones((3, 4), np.float32)})
+    assert runner.profiles == [1, 0]
     model._closed = True
 
 

@@ -61,7 +61,7 @@ from basinguard.runtime.detection import calibration_warnings
 from basinguard.runtime.guidance import make_policy, setting_problem
 from basinguard.runtime.model_folder import ModelFolder, accepted_model_ids, model_identity, names_this_model
 from basinguard.runtime.pipeline import MICRO_CONDITIONING, Generation, Pipeline, SamplingConfig
-from basinguard.runtime.schedulers import Scheduler
+from basinguard.runtime.schedulers import GAP_SPACE, Scheduler
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning, text_encoder_length
 
 MANIFEST = "manifest.jsonl"
@@ -528,7 +528,7 @@ class ManifestWriter:
 
 # What resuming and the summary need of a finished entry; the rest (traces) stays on disk.
 _KEPT = ("id", "line", "index", "prompt", "negative_prompt", "seed", "policy", "scheduler", "steps", "height", "width",
-         "model", "flagged", "transition_step", "engine", *MICRO_CONDITIONING)
+         "model", "flagged", "transition_step", "engine", "gap_space", *MICRO_CONDITIONING)
 
 
 def slim(entry: dict) -> dict:
@@ -594,10 +594,16 @@ def forget(out_dir: Path, lost: set[str]) -> None:
           file=sys.stderr)
 
 
-def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: Path, model: dict) -> None:
+def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: Path, model: dict,
+                   prediction_type: str = "epsilon") -> None:
     """Refuse to mix jobs: an image id already in the manifest must describe the same image, made by the same
-    model (`model_identity`)."""
+    model (`model_identity`), with d in the same units."""
     ids = accepted_model_ids(model)
+    raw_d = next((e for e in done.values() if e.get("gap_space") != GAP_SPACE), None)
+    if raw_d is not None and prediction_type != "epsilon":  # ε models: the raw gap was the ε gap all along
+        raise BatchError(f"{out_dir / MANIFEST} already has image {raw_d['id']}, whose d (switch steps, flags) was "
+                         f"measured on the UNet's raw output, before d was measured in ε space; on this "
+                         f"{prediction_type} model the two differ: use a new OUT_DIR")
     other_model = next((e for e in done.values() if not names_this_model(e.get("model"), ids)), None)
     if other_model is not None:  # even where no image id overlaps: one OUT_DIR, one model
         raise BatchError(f"{out_dir / MANIFEST} already has image {other_model['id']} made by a different model (its "
@@ -844,7 +850,8 @@ def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline], checke
         done, lost = prepare_output(job.out_dir)
         pipe = pipeline if isinstance(pipeline, Pipeline) else pipeline()
         model = model_identity(pipe.folder.path)
-        check_same_job(parsed.tasks, done, job.out_dir, model)
+        check_same_job(parsed.tasks, done, job.out_dir, model,
+                       pipe.folder.scheduler_config.get("prediction_type", "epsilon"))
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if pending:

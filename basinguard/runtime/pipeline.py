@@ -282,12 +282,6 @@ class Pipeline:
                 raise ModelFolderError(f"{self.folder.path / 'unet/model.onnx'} lacks input(s) {', '.join(missing)} "
                                        "that an SDXL UNet takes (has " + ", ".join(self.unet.model.inputs) + ")")
 
-    def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
-        ids = self.tokenizer.encode(list(prompts))
-        with self.timer("text_encoder"):
-            out = self.text_encoder.run({"input_ids": ids})[self._text_output]
-        return out.astype(np.float32, copy=False)
-
     def uncond_kinds(self, negative_prompts: Sequence[str]) -> list[str]:
         """Which e_∅ each image's unconditional branch gets: its negative prompt's encoding, else zeros (SDXL with
         force_zeros_for_empty_prompt, as diffusers' pipeline without a negative prompt) or the empty prompt's."""
@@ -298,20 +292,19 @@ class Pipeline:
                      sampling: SamplingConfig) -> Conditioning:
         """The UNet's conditioning for N images, [e_∅; e_p] (`uncond_kinds` says which e_∅), at a resolved
         sampling; one text-encoder call per encoder."""
-        if self.xl is None:
-            return Conditioning.of({"encoder_hidden_states": self.encode_text([*negative_prompts, *prompts])})
+        if self.xl is None:  # SD: the text encoder's last hidden state
+            ids = self.tokenizer.encode([*negative_prompts, *prompts])
+            with self.timer("text_encoder"):
+                e = self.text_encoder.run({"input_ids": ids})[self._text_output]
+            return Conditioning.of({"encoder_hidden_states": e.astype(np.float32, copy=False)})
         n = len(prompts)
-        zeros = [kind == "zeros" for kind in self.uncond_kinds(negative_prompts)]
-        texts = [neg for neg, zero in zip(negative_prompts, zeros) if not zero] + list(prompts)  # zeros need no encoding
-        with self.timer("text_encoder"):
-            hidden, pooled = self.xl.encode(texts)
-        rows = np.cumsum([not zero for zero in zeros]) - 1  # row k of e_∅ in `texts`, where it was encoded
+        encoded = [k for k, kind in enumerate(self.uncond_kinds(negative_prompts)) if kind != "zeros"]
+        with self.timer("text_encoder"):  # zero rows need no encoding
+            hidden, pooled = self.xl.encode([negative_prompts[k] for k in encoded] + list(prompts))
         pair_hidden = np.zeros((2 * n, *hidden.shape[1:]), np.float32)
         pair_pooled = np.zeros((2 * n, *pooled.shape[1:]), np.float32)
-        for k in range(n):
-            if not zeros[k]:
-                pair_hidden[k], pair_pooled[k] = hidden[rows[k]], pooled[rows[k]]
-        pair_hidden[n:], pair_pooled[n:] = hidden[-n:], pooled[-n:]
+        pair_hidden[encoded], pair_pooled[encoded] = hidden[:len(encoded)], pooled[:len(encoded)]
+        pair_hidden[n:], pair_pooled[n:] = hidden[len(encoded):], pooled[len(encoded):]
         # diffusers' _get_add_time_ids: original size + crop top-left + target size, the same for both halves
         time_ids = [*sampling.original_size, *sampling.crops_coords_top_left, *sampling.target_size]
         return Conditioning.of({"encoder_hidden_states": pair_hidden, "text_embeds": pair_pooled,
