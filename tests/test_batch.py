@@ -165,12 +165,21 @@ def test_packing_fills_every_unet_call_but_the_tail(pipe, tmp_path, monkeypatch)
     assert sizes == [8] * (3 * 4) + [6] * 4  # batches 4, 4, 4, 3 at 2N each
 
 
-def test_batched_images_equal_each_image_alone(pipe, tmp_path):
+@pytest.fixture(scope="module")
+def switching_pipe(tiny_switching_onnx_dir: Path) -> Pipeline:
+    """The tiny model whose d has local minima (conftest): DTP switches there, at each sample's own step."""
+    return Pipeline(tiny_switching_onnx_dir, threads=1)
+
+
+def test_batched_images_equal_each_image_alone(switching_pipe, tmp_path):
+    """Packed across prompt lines, samples that switch at different steps (og-dtp on the switching model: found
+    [18, never, 2, 2] and [4, 18]) make the images, traces and PNGs each makes alone."""
+    pipe = switching_pipe
     prompts = tmp_path / "p.jsonl"
     lines = [{"prompt": WORDS[0], "seed": 11, "num_images": 2}, {"prompt": WORDS[1], "num_images": 3},
              {"prompt": WORDS[2], "negative_prompt": "a blue sky", "seed": 5}]
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    sampling = SamplingConfig(steps=6, policy=PolicyConfig("og-dtp", guidance_scale=5.0, opposite_scale=2.0))
+    sampling = SamplingConfig(steps=STEPS, policy=PolicyConfig("og-dtp", guidance_scale=5.0, opposite_scale=2.0))
     tasks = read_prompts(prompts, pipe, sampling, base_seed=3).tasks
     batches = pack(tasks, 4)
     assert [len(b) for b in batches] == [4, 2] and len({t.line for t in batches[0]}) == 2  # across prompt lines
@@ -178,8 +187,11 @@ def test_batched_images_equal_each_image_alone(pipe, tmp_path):
     run_batch(BatchJob(prompts, out, sampling, batch_size=4, seed=3, progress=False), pipe)
     for batch in batches:
         gens, _ = generate_batch(pipe, batch)
+        switched = [g.trace["transition_step"] for g in gens]
+        assert len(set(switched)) > 1, switched  # one batch, several transition steps
         for task, gen in zip(batch, gens, strict=True):
             alone = pipe.generate([task.prompt], sampling, seeds=[task.seed], negative_prompts=[task.negative_prompt])[0]
+            assert gen.trace["transition_step"] == alone.trace["transition_step"]
             assert np.abs(gen.pixels - alone.pixels).max() <= 1e-4
             np.testing.assert_allclose(gen.trace["gap"], alone.trace["gap"], rtol=1e-4)
             assert np.abs(pixels(out / task.file) - np.asarray(alone.to_pil(), np.int16)).max() <= 1

@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from basinguard.evaluation import (
+    AttributeClassifier,
     EdgeDescriptor,
     OnnxEmbedder,
     attribute_alignment,
@@ -166,6 +167,28 @@ def test_onnx_embedder_runs_the_model_on_normalised_nchw_input(tmp_path: Path) -
     want = want.reshape(2, -1)
     np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
     assert OnnxEmbedder(path, threads=1).mean.tolist() == pytest.approx([0.485, 0.456, 0.406])  # ImageNet's
+
+
+def test_attribute_classifier_feeds_minus_one_to_one_nchw_and_returns_sigmoid_probabilities(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((3 * 2 * 4, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["features"]), helper.make_node("MatMul", ["features", "w"], ["logits"])],
+        "classifier", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 2, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 5]),
+         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 24])],
+        [numpy_helper.from_array(weight, "w")])
+    path = tmp_path / "attributes.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    images = rng.random((3, 2, 4, 3), dtype=np.float32)  # (N, H, W, 3) in [0, 1]
+    probabilities, features = AttributeClassifier(path, threads=1)(images)
+    for n in range(3):
+        x = [2 * images[n, i, j, c] - 1 for c in range(3) for i in range(2) for j in range(4)]  # C, H, W order
+        np.testing.assert_allclose(features[n], x, atol=1e-6)
+        logits = np.array(x) @ weight
+        np.testing.assert_allclose(probabilities[n], [1 / (1 + np.exp(-v)) for v in logits], atol=1e-6)
 
 
 def test_edge_descriptor_matches_a_2d_convolution_reference() -> None:

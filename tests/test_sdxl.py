@@ -47,9 +47,10 @@ def ours_xl(tiny_sdxl_onnx_dir):
 
 
 def scheduler_class(name: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-    return {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler}[name]
+    return {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler,
+            "pndm": PNDMScheduler}[name]
 
 
 def with_config(folder: Path, dest: Path, scheduler: dict | None = None, index: dict | None = None) -> Path:
@@ -95,7 +96,7 @@ def test_export_writes_an_sdxl_folder(tiny_sdxl_onnx_dir, ours_xl):
 
 
 @pytest.mark.parametrize("negative", [False, True], ids=["no-negative", "negative"])
-@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpm++2m", "pndm"])
 def test_matches_diffusers_sdxl_pipeline(tiny_sdxl_onnx_dir, torch_xl, tmp_path, scheduler, negative):
     """The folder's own scheduler (SDXL ships Euler, leading spacing, steps_offset 1; DDIM and DPM++ 2M from it as
     diffusers' from_config makes them). DDIM without clip_sample: with it, this random model's trajectories are
@@ -376,3 +377,46 @@ def test_fp16_export_keeps_sizes_and_the_vae_in_float32(tiny_sdxl_pipeline_dir, 
     assert dtypes == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16",
                       "text_embeds": "float16", "time_ids": "float32"}
     assert models["text_encoder_2"]["dtype"] == "float16" and models["vae_decoder"]["dtype"] == "float32"
+
+
+def test_conditioning_is_one_read_only_mapping_with_uncond_views(ours_xl):
+    """What the loop gets (`denoise`'s contract): every UNet input besides sample and timestep, [uncond; cond] at 2N,
+    read-only, with the uncond halves as views; an empty negative prompt is zeros (force_zeros_for_empty_prompt)."""
+    sampling = ours_xl.resolve(SamplingConfig(steps=2))
+    cond = ours_xl.conditioning(PROMPTS, ["", "night"], sampling)
+    assert list(cond.pair) == ["encoder_hidden_states", "text_embeds", "time_ids"]
+    for name, value in cond.pair.items():
+        assert len(value) == 4 and not value.flags.writeable and value.dtype == np.float32
+        assert len(cond.uncond[name]) == 2 and np.shares_memory(cond.uncond[name], value)
+    for name in ("encoder_hidden_states", "text_embeds"):
+        assert not cond.pair[name][0].any() and cond.pair[name][1].any() and cond.pair[name][2:].any()
+    np.testing.assert_array_equal(cond.pair["time_ids"], [[16, 16, 0, 0, 16, 16]] * 4)
+
+
+def test_a_mixed_batch_makes_each_image_as_alone(ours_xl):
+    """Zeros for one image's e_∅ and a negative prompt for another's, in one batch: each image as made alone."""
+    sampling = SamplingConfig(steps=4, height=HEIGHT, width=WIDTH, policy=PolicyConfig("dtp"))
+    negatives = ["", NEGATIVES[1]]
+    both = ours_xl.generate(PROMPTS, sampling, seeds=[3, 4], negative_prompts=negatives)
+    for k, g in enumerate(both):
+        alone = ours_xl.generate([PROMPTS[k]], sampling, seeds=[3 + k], negative_prompts=[negatives[k]])[0]
+        assert np.abs(alone.pixels - g.pixels).max() <= 1e-4 and alone.trace["uncond"] == g.trace["uncond"]
+        np.testing.assert_allclose(alone.trace["gap"], g.trace["gap"], rtol=1e-4)
+
+
+def test_export_refuses_an_incomplete_sdxl_source_in_one_line(tiny_sdxl_pipeline_dir, tmp_path):
+    from basinguard.export.onnx_export import ExportError, export_pipeline
+
+    no_tokenizer_2 = tmp_path / "no_tokenizer_2"
+    shutil.copytree(tiny_sdxl_pipeline_dir, no_tokenizer_2)
+    shutil.rmtree(no_tokenizer_2 / "tokenizer_2")
+    refiner = tmp_path / "refiner"  # an SDXL refiner's index: no first text encoder
+    shutil.copytree(tiny_sdxl_pipeline_dir, refiner)
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
+    for src, message in ((no_tokenizer_2, "is an SDXL pipeline but is missing tokenizer_2"),
+                         (refiner, r"has no first text encoder \(an SDXL refiner\?\)")):
+        with pytest.raises(ExportError, match=message) as caught:
+            export_pipeline(src, tmp_path / "out", log=lambda _: None)
+        assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
