@@ -562,8 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "UNet; an fp32 export is converted to fp16 first). An `export --fp16` folder builds fp16 either way: "
                    "TensorRT builds the graph's own types")
     r.add_argument("--vae-fp16", action="store_true", help="fp16 VAE decoder too (may overflow to NaN)")
-    r.add_argument("--models", nargs="+", choices=("text_encoder", "unet", "vae_decoder"),
-                   default=["text_encoder", "unet", "vae_decoder"])
+    r.add_argument("--models", nargs="+", choices=("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
+                   default=None, help="default: every one the folder has (text_encoder_2: SDXL's)")
     r.add_argument("--workspace-mib", type=int, default=None, help="cap on the builder's scratch GPU memory")
     r.add_argument("--opt-level", type=int, default=None, help="builder optimization level 0-5 (TensorRT's default 3)")
     r.add_argument("--force", action="store_true", help="rebuild even when a valid cached plan exists")

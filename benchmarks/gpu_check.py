@@ -12,11 +12,13 @@ Sections (each skipped, with the reason printed, when its backend is not install
    diffusers the same network from benchmarks/sd_unet.py): torch eager on the device driven by basinguard's
    NumPy loop (denoise + DDIM + a policy) through benchmarks/torch_adapter.py: per step the UNet, the host
    round trip of its inputs and output, the policy, the scheduler; the batch-N saving of STP. When ORT-CUDA
-   or TensorRT is installed: ONNX export, both checked against ORT-CPU and timed (TensorRT with and without
-   CUDA graphs) with cfg and og-dtp.
+   or TensorRT is installed: ONNX export, both checked against ORT-CPU and timed (ORT-CUDA with its IO
+   binding and with plain session.run; TensorRT with and without CUDA graphs) with cfg, og-dtp and stp.
 
 Tolerances (max |candidate - ORT-CPU| <= atol + rtol * max |ORT-CPU|): fp32/TF32 backends rtol 1e-2,
-fp16 backends rtol 5e-2; atol 1e-3. Writes a JSON report to --json (default $OUT/gpu_check.json if $OUT is set).
+fp16 backends rtol 5e-2; atol 1e-3. Writes a JSON report to --json (default $OUT/gpu_check.json if $OUT is set)
+after every check, skip and section ("finished": false until the end), so a run stopped by its time limit keeps
+what it measured; a TensorRT build is started only when its estimated time (BUILD_S) is left in the budget.
 """
 
 from __future__ import annotations
@@ -160,8 +162,8 @@ def environment(r: Report, device: str) -> dict:
     if device == "cuda" and not env.get("gpu"):
         r.skip("GPU backends", "torch sees no CUDA device")
     if not env["can_ort_cuda"]:
-        r.skip("ORT-CUDA", "onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)"
-               if device == "cuda" else "--device cpu")
+        r.skip("ORT-CUDA", "onnxruntime has no CUDAExecutionProvider here (pip install 'basinguard[gpu-cu12]' or "
+               "'basinguard[gpu-cu13]', the driver's CUDA major)" if device == "cuda" else "--device cpu")
     if not env["can_trt"]:
         r.skip("TensorRT", env["tensorrt_native"] if device == "cuda" else "--device cpu")
     return env
@@ -428,7 +430,10 @@ def sd_section(r: Report, env: dict, work: Path, device: str, tiny: bool, n: int
     backends: list[tuple[str, Callable[[], LoadedModel]]] = [("torch eager", lambda: eager)]
     if ref is not None:
         if env["can_ort_cuda"]:
+            # IO binding (read-only conditioning and timesteps kept on the GPU, only ε copied back) against plain
+            # session.run (every input copied in, the output copied back, at every call): the binding's saving.
             backends.append(("ort-cuda", lambda: OrtModel(onnx_path, "cuda")))
+            backends.append(("ort-cuda session.run", lambda: OrtModel(onnx_path, "cuda", io_binding=False)))
         if env["can_trt"]:
             backends += trt_backends(r, onnx_path, n, size, work, tiny)
     for kind, make in backends:
@@ -437,7 +442,7 @@ def sd_section(r: Report, env: dict, work: Path, device: str, tiny: bool, n: int
         try:
             model = make()
             if kind != "torch eager" and ref is not None and feed is not None:
-                precision = "fp32" if kind == "ort-cuda" else "fp16"
+                precision = "fp32" if kind.startswith("ort-cuda") else "fp16"
                 r.check(f"{label} {kind} vs ort-cpu", model.run(feed)["out_sample"], ref, precision)
             sample = {"sample": np.zeros((n, 4, *latent), np.float32), "timestep": np.full(n, 500.0, np.float32),
                       "encoder_hidden_states": np.zeros((n, *context), np.float32)}

@@ -49,10 +49,9 @@ def test_auc_matches_pairwise_count_with_ties():
         assert roc_auc(pos, neg) == pytest.approx(pairwise_auc(pos, neg), abs=1e-12)
     assert roc_auc([3, 4], [1, 2]) == 1.0 and roc_auc([1, 2], [3, 4]) == 0.0 and roc_auc([2, 2], [2]) == 0.5
     assert roc_auc([1, 3], [2]) == 0.5  # one pair won, one lost
-    with pytest.raises(ValueError):
-        roc_auc([], [1.0])
-    with pytest.raises(ValueError):
-        roc_auc([np.nan], [1.0])
+    for pos, neg, which in (([], [1.0], "positive"), ([np.nan], [1.0], "positive"), ([1.0], [np.inf], "negative")):
+        with pytest.raises(ValueError, match=f"{which} scores must be a non-empty set of finite numbers"):
+            roc_auc(pos, neg)
 
 
 def test_tpr_at_fpr_hand_computed_and_brute_force():

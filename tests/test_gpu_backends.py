@@ -261,7 +261,7 @@ def test_find_plans_orders_static_then_newest_and_says_why_others_are_not(tmp_pa
 
 def test_plan_hashes_come_from_the_memo_until_the_plan_changes(tmp_path: Path, monkeypatch) -> None:
     """Every load checks each plan's hash; a multi-GB plan is read again only when its size/mtime/inode change."""
-    monkeypatch.setattr(files, "digest_memo", lambda: None)  # the memo beside the plans
+    monkeypatch.setattr(plans, "digest_memo", lambda: None)  # no user cache: the memo beside the plans
     fields = fields_for()
     record = store_plan(tmp_path, fields, b"plan-bytes", [], tmp_path / "m.onnx")
     calls: list[Path] = []
@@ -269,6 +269,7 @@ def test_plan_hashes_come_from_the_memo_until_the_plan_changes(tmp_path: Path, m
     monkeypatch.setattr(files, "sha256_file", lambda p: calls.append(p) or real(p))
     sidecar = record.plan.with_suffix(".json")
     assert verify_plan(sidecar, fields)[1] is None and calls == [record.plan]  # first check: hashed once
+    assert (tmp_path / "digests.json").is_file()
     assert verify_plan(sidecar, fields)[1] is None and calls == [record.plan]  # then from the memo
     record.plan.write_bytes(b"plan-bytez")  # same size, new content (and mtime): hashed again, and rejected
     assert "truncated or altered" in verify_plan(sidecar, fields)[1] and calls == [record.plan] * 2
@@ -402,6 +403,28 @@ def test_fp16_conversion_keeps_float32_io_and_the_results(tmp_path: Path, ort_se
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, tiny_reference(feed), rtol=2e-3, atol=2e-3)
     assert not np.array_equal(got, ort_session(source).run(None, feed)[0])  # really computed in float16
+
+
+def test_build_engines_builds_the_models_the_folder_has(tmp_path: Path, monkeypatch) -> None:
+    """SD folders have three models, SDXL ones also text_encoder_2 (profiled as the first text encoder: [e_∅; e_p]
+    at 2N prompts); the geometry comes from the folder (`ModelFolder.engine_geometry`, not read by the engine)."""
+    from basinguard.runtime.model_folder import ModelFolder
+
+    folder = fake_folder(tmp_path / "model")
+    built: list[tuple[str, list]] = []
+    monkeypatch.setattr(trt_backend, "engine_env", lambda: ENV)
+    monkeypatch.setattr(trt_backend, "_serialize", lambda onnx_path, role, profiles, spec, timing_cache: (
+        built.append((role, [p.batch for p in profiles])) or b"plan", []))
+    geometry = ModelFolder.open(folder).engine_geometry()
+    assert (geometry.vae_factor, geometry.native, geometry.multiple, geometry.seq_len) == (8, (512, 512), 64, 77)
+    spec = BuildSpec(batch=2, fp16=False)
+    assert list(trt_backend.build_engines(folder, geometry, spec, log=lambda _: None)) == ["text_encoder", "unet", "vae_decoder"]
+    tiny_unet_onnx(folder / "text_encoder_2" / "model.onnx")
+    records = trt_backend.build_engines(folder, geometry, spec, log=lambda _: None)
+    assert list(records) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    assert built == [("text_encoder", [(1, 4, 4)]), ("unet", [(1, 4, 4)]), ("vae_decoder", [(1, 2, 2)]),
+                     ("text_encoder_2", [(1, 4, 4)])]  # the second run: the other three from the cache
+    assert all(r.plan.parent == folder / "tensorrt" for r in records.values())
 
 
 # ---------------------------------------------------------------------------------------------- messages

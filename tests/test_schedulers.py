@@ -390,8 +390,15 @@ def test_unsupported_options_are_named(name: str, key: str, value: Any) -> None:
 
 def test_options_of_other_classes_are_ignored() -> None:
     # from_config semantics: DDIM's thresholding means nothing to Euler, PNDM's skip_prk_steps nothing to DDIM.
-    make_scheduler({**SD15, "thresholding": True, "rescale_betas_zero_snr": True}, 10, "pndm")
-    make_scheduler({**SD15, "thresholding": True, "skip_prk_steps": False}, 10, "euler")
+    # Ignored means: the same schedule and the same step as without them, while the class that reads them refuses.
+    x = np.random.default_rng(0).standard_normal((1, 4, 2, 2)).astype(np.float32)
+    for extra, name, reader in (({"thresholding": True, "rescale_betas_zero_snr": True}, "pndm", "ddim"),
+                                ({"thresholding": True, "skip_prk_steps": False}, "euler", "ddim")):
+        given, plain = make_scheduler({**SD15, **extra}, 10, name), make_scheduler(SD15, 10, name)
+        np.testing.assert_array_equal(given.timesteps, plain.timesteps)
+        np.testing.assert_array_equal(given.step(x, 0, x), plain.step(x, 0, x))
+        with pytest.raises(ValueError, match="thresholding=True is not supported"):
+            make_scheduler({**SD15, **extra}, 10, reader)
 
 
 @pytest.mark.parametrize("name", ["dpm++2m", "pndm", "unipc", "euler-a"])

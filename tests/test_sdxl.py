@@ -98,11 +98,11 @@ def test_export_writes_an_sdxl_folder(tiny_sdxl_onnx_dir, ours_xl):
 @pytest.mark.parametrize("negative", [False, True], ids=["no-negative", "negative"])
 @pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpm++2m", "pndm"])
 def test_matches_diffusers_sdxl_pipeline(tiny_sdxl_onnx_dir, torch_xl, tmp_path, scheduler, negative):
-    """The folder's own scheduler (SDXL ships Euler, leading spacing, steps_offset 1; DDIM and DPM++ 2M from it as
-    diffusers' from_config makes them). DDIM without clip_sample: with it, this random model's trajectories are
-    chaotic (diffusers against itself moves by whole levels for latents 1e-6 apart)."""
+    """The folder's own scheduler (SDXL ships Euler, leading spacing, steps_offset 1; the others from it as diffusers'
+    from_config makes them). DDIM without clip_sample: with it, this random model's trajectories are chaotic
+    (diffusers against itself moves by whole levels for latents 1e-6 apart); PNDM as SD 1.x ships it (no PRK)."""
     cls = scheduler_class(scheduler)
-    extra = {"clip_sample": False} if scheduler == "ddim" else {}
+    extra = {"ddim": {"clip_sample": False}, "pndm": {"skip_prk_steps": True}}.get(scheduler, {})
     torch_xl.scheduler = cls.from_config(json.loads((tiny_sdxl_onnx_dir / "scheduler/scheduler_config.json")
                                                     .read_text()), **extra)
     folder = with_config(tiny_sdxl_onnx_dir, tmp_path / "model", scheduler=dict(torch_xl.scheduler.config))

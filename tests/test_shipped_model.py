@@ -57,12 +57,17 @@ def test_cfg_copies_and_mitigation_escapes_yet_guides(shipped):
     assert mitigated.mean() < 0.5 * cfg.mean(), (cfg.mean(), mitigated.mean())
 
     # A policy that never turned guidance on would pass the above. The mitigation's scale is λ from its transition
-    # step on (stp: the first step with t <= τ, read off the trace's own timesteps)...
-    assert defaults["mitigation"] == "stp", "the checks below are written for the shipped model's stp"
+    # step on, that step found by hand: stp, the first step with t <= τ in the trace's own timesteps; dtp, the first
+    # local minimum d[i-2] > d[i-1] < d[i] of its own d...
+    pre = -mitigation.opposite if mitigation.name.startswith("og-") else mitigation.pre_scale
     for g in mitigated_gens:
-        ts = next(i for i, t in enumerate(g.trace["timesteps"]) if t <= defaults["transition_t"])
-        assert 0 < ts < len(g.trace["timesteps"]) - 1 and g.trace["transition_step"] == ts
-        assert g.trace["scale"] == [0.0] * ts + [lam] * (len(g.trace["timesteps"]) - ts)
+        timesteps, gap = g.trace["timesteps"], g.trace["gap"]
+        if mitigation.name.endswith("stp"):
+            ts = next((i for i, t in enumerate(timesteps) if t <= mitigation.transition_t), None)
+        else:
+            ts = next((i for i in range(2, len(gap)) if gap[i - 2] > gap[i - 1] < gap[i]), None)
+        assert ts is not None and 0 < ts < len(timesteps) - 1 and g.trace["transition_step"] == ts, g.trace["prompt"]
+        assert g.trace["scale"] == [pre] * ts + [lam] * (len(timesteps) - ts)
     # ...and it shows in the images: each differs from the unguided (s = 0 throughout) image of its seed, and the
     # caption's colours cover the images as they do under CFG, not as they do unguided. Measured: colour alignment
     # s = 0 0.344, stp 0.844, cfg 0.969; mean |Δpixel| to the unguided image 0.03-0.28 per image.

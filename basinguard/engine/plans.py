@@ -30,7 +30,7 @@ from basinguard.files import digest_memo, file_digests, write_atomic
 
 ENGINE_DIR_ENV = "BASINGUARD_ENGINE_DIR"  # where plans live; default: ONNX_DIR/tensorrt
 PLAN_FORMAT = 2  # bump when the profile rules, the build or the sidecar change: old plans then no longer match
-ROLES = ("text_encoder", "unet", "vae_decoder")
+ROLES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # text_encoder_2: SDXL's second encoder
 DEFAULT_SEQ_LEN = 77  # CLIP's context, when the tokenizer config does not give a usable one
 # Fields that must equal this machine's and this ONNX file's for a plan to load (the rest only name the build).
 ENV_FIELDS = ("format", "onnx_sha256", "tensorrt", "gpu", "compute_capability")
@@ -132,13 +132,13 @@ def role_profiles(role: str, spec: BuildSpec, vae_factor: int, native: int | HW,
     spec.validate()
     n = spec.batch
     lo, opt, hi = resolve_sizes(spec, native, multiple)
-    latent = None if role == "text_encoder" else tuple((h // vae_factor, w // vae_factor) for h, w in (lo, opt, hi))
+    text = role.startswith("text_encoder")
+    latent = None if text else tuple((h // vae_factor, w // vae_factor) for h, w in (lo, opt, hi))
     if spec.static:
         latent = None if latent is None else (latent[1],) * 3
-        batches = {"text_encoder": [2 * n], "unet": sorted({spec.min_batch or n, n, 2 * n}), "vae_decoder": [n]}[role]
+        batches = [2 * n] if text else {"unet": sorted({spec.min_batch or n, n, 2 * n}), "vae_decoder": [n]}[role]
         return [RoleProfile((b, b, b), latent, seq_len) for b in batches]  # type: ignore[arg-type]
-    batch = {"text_encoder": (1, 2 * n, 2 * n), "unet": (spec.min_batch or 1, 2 * n, 2 * n),
-             "vae_decoder": (1, n, n)}[role]
+    batch = (1, 2 * n, 2 * n) if text else {"unet": (spec.min_batch or 1, 2 * n, 2 * n), "vae_decoder": (1, n, n)}[role]
     return [RoleProfile(batch, latent, seq_len)]  # type: ignore[arg-type]
 
 

@@ -327,13 +327,15 @@ def build_plan(onnx_path: Path, role: str, profiles: Sequence[RoleProfile], spec
 
 
 def build_engines(onnx_dir: Path, geometry: ModelGeometry, spec: BuildSpec | None = None,
-                  cache_dir: Path | None = None, roles: Sequence[str] = ROLES, *, force: bool = False,
+                  cache_dir: Path | None = None, roles: Sequence[str] | None = None, *, force: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, PlanRecord]:
     """Plans for the models of an exported folder (`basinguard build-engines`, `export --tensorrt`); `geometry`:
-    the folder's (`ModelFolder.engine_geometry()`)."""
+    the folder's (`ModelFolder.engine_geometry()`); `roles`: default, every model of ROLES the folder has."""
     spec = spec or BuildSpec()
     onnx_dir = Path(onnx_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else engine_dir(onnx_dir)
+    if roles is None:
+        roles = [r for r in ROLES if (onnx_dir / r / "model.onnx").is_file()]
     unknown = [r for r in roles if r not in ROLES]
     if unknown:
         raise EngineError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}")

@@ -1,7 +1,9 @@
 """prompt → tokens → embeddings → loop (UNet, policy, scheduler) → VAE → image + trace.
 
-One object per stage (text encoder, UNet, VAE decoder) as NVIDIA's TensorRT demo does, with a
+One object per stage (text encoder(s), UNet, VAE decoder) as NVIDIA's TensorRT demo does, with a
 per-stage timing table; the denoising loop is `denoise`, Algorithm 1 of Jain et al. over any scheduler.
+A model family's conditioning (SD: text embeddings; SDXL: two encoders' states, pooled text, size ids)
+reaches the loop as one `Conditioning`, so the loop is the same for every family.
 """
 
 from __future__ import annotations
