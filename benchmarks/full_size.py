@@ -3,9 +3,10 @@
     python benchmarks/full_size.py build  --model sd21-768v [--work /work/fullsize]
     python benchmarks/full_size.py export --model sd21-768v [--work ...]       # `basinguard export`, peak RSS
     python benchmarks/full_size.py check  --model sd21-768v [--steps 3]        # generate vs diffusers, peak RSS
+    python benchmarks/full_size.py memory --model sd21-768v                    # loaded RSS vs weights on disk
     python benchmarks/full_size.py stages --model sd21-768v [--repeats 3]      # per stage: ours/diffusers/optimum
     python benchmarks/full_size.py policies --model sd21-768v [--steps 4]      # whole generations: cfg, stp, dtp
-    python benchmarks/full_size.py all    --model sd21-768v                    # the four in order
+    python benchmarks/full_size.py all    --model sd21-768v                    # export .. policies in order
 
 Pipelines are built from the published configs in `full_size_configs.json` (beside this script) with random
 weights (the classes' own initialisation, seed 0), CLIP's real BPE vocabulary (open_clip_torch's
@@ -231,6 +232,30 @@ def diffusers_reference(source: Path, latents_path: Path, steps: int, out: Path,
     np.save(out, np.asarray(images, dtype=np.float32))
 
 
+def _status_gib(key: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return round(int(line.split()[1]) / 2**20, 2)
+
+
+def memory_worker(onnx_dir: Path, threads: int, out: Path) -> None:
+    """(own process) RSS once the pipeline is loaded, against the weights on disk, and after one denoising step;
+    whether the UNet's fused-attention graph was reused (not rewritten) by this load."""
+    from basinguard.runtime.guidance import PolicyConfig
+    from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+
+    fused = onnx_dir / "unet/model.fused.onnx"
+    before = fused.stat().st_mtime_ns if fused.is_file() else None
+    weights = sum(p.stat().st_size for part in ("text_encoder", "unet", "vae_decoder")
+                  for p in (onnx_dir / part).iterdir() if p.name in ("model.onnx", "model.onnx_data"))
+    pipe = Pipeline(onnx_dir, provider="cpu", threads=threads)
+    loaded = {"rss_after_load_gib": _status_gib("VmRSS"), "peak_during_load_gib": _status_gib("VmHWM")}
+    pipe.generate([PROMPT], SamplingConfig(steps=1, policy=PolicyConfig("cfg", guidance_scale=7.5)), seeds=[0])
+    out.write_text(json.dumps({"weights_on_disk_gib": round(weights / 2**30, 2), **loaded,
+                               "peak_after_one_step_gib": _status_gib("VmHWM"),
+                               "fused_unet_reused": before is not None and fused.stat().st_mtime_ns == before,
+                               "fused_attention": {"unet": pipe.unet.model.fused_attention}}))
+
+
 def section_check(model: str, source: Path, onnx_dir: Path, args: argparse.Namespace) -> dict:
     """`basinguard generate` against diffusers at the native size: the same latents, prompt, scheduler and scale."""
     import numpy as np
@@ -257,6 +282,20 @@ def section_check(model: str, source: Path, onnx_dir: Path, args: argparse.Names
           f"max |diff| {result.get('max_abs_diff', float('nan')):.4f} ({result.get('max_8bit_levels')} 8-bit levels); "
           f"peak RSS ours {ours['peak_rss_gib']} GiB ({ours['wall_s']} s), diffusers {ref['peak_rss_gib']} GiB "
           f"({ref['wall_s']} s)")
+    return result
+
+
+def section_memory(model: str, source: Path, onnx_dir: Path, args: argparse.Namespace) -> dict:
+    """Ours loaded: RSS against the weights on disk (held once?), the fused UNet graph reused, one step's peak."""
+    work = args.work / f"check-{model}"
+    work.mkdir(parents=True, exist_ok=True)
+    run = run_measured([sys.executable, __file__, "_memory", "--model", model, "--work", str(args.work),
+                        "--threads", str(args.threads)], _threads_env(args.threads), work / "memory.log")
+    result = {**(json.loads((work / "memory.json").read_text()) if run["returncode"] == 0 else {}), "run": run}
+    print(f"{model} loaded: {result.get('rss_after_load_gib')} GiB RSS for {result.get('weights_on_disk_gib')} GiB "
+          f"of weights on disk (peak while loading {result.get('peak_during_load_gib')} GiB); after one step at "
+          f"{_size(model)}^2: {result.get('peak_after_one_step_gib')} GiB; fused UNet graph reused: "
+          f"{result.get('fused_unet_reused')}")
     return result
 
 
@@ -381,10 +420,16 @@ def section_stages(model: str, source: Path, onnx_dir: Path, args: argparse.Name
     for stage in ("text_encoder", "unet", "vae_decoder"):
         row = {c: result[c].get(stage, {}).get("median_s") for c in ("ours", "optimum", "torch")}
         print(f"  {stage:13s} ours {row['ours']}  optimum {row['optimum']}  diffusers-torch {row['torch']}")
+    fused = result["ours"].get("unet", {}).get("fused_attention", 0)
     for goal, key in (("unet_vs_torch", "torch"), ("unet_vs_optimum", "optimum")):
         if goal in result:
             met = result[goal] >= GOALS[goal]
-            print(f"  UNet speed-up vs {key}: {result[goal]}x (goal >= {GOALS[goal]}x: {'met' if met else 'MISSED'})")
+            why = "" if met else (f"; the same ONNX weights and ORT kernels but {fused} attentions fused in ours"
+                                  if key == "optimum" else "")
+            print(f"  UNet speed-up vs {key}: {result[goal]}x (goal >= {GOALS[goal]}x: {'met' if met else 'MISSED'}"
+                  f"{why}; per-call spread min..median: ours {result['ours']['unet']['min_s']}.."
+                  f"{result['ours']['unet']['median_s']} s, {key} {result[key]['unet']['min_s']}.."
+                  f"{result[key]['unet']['median_s']} s)")
     return result
 
 
@@ -399,18 +444,22 @@ def policy_worker(model: str, onnx_dir: Path, threads: int, steps: int, rounds: 
                 "dtp": PolicyConfig("dtp", guidance_scale=7.5, pre_scale=0.0)}
     latents = _latents(model)
     times: dict[str, list[float]] = {name: [] for name in policies}
+    stages: dict[str, list[dict[str, float]]] = {name: [] for name in policies}
     transition: dict[str, Any] = {}
     names = list(policies)
     for r in range(rounds + 1):  # round 0 warms up
         for name in names[r % 3:] + names[:r % 3]:  # the order rotated each round
+            pipe.timer.reset()
             start = time.perf_counter()
             (gen,) = pipe.generate([PROMPT], SamplingConfig(steps=steps, policy=policies[name]), latents=latents)
             seconds = time.perf_counter() - start
             if r:
                 times[name].append(seconds)
+                stages[name].append({k: round(v, 3) for k, v in pipe.timer.summary().items()})
             transition[name] = gen.trace["transition_step"]
-            print(f"  {name} round {r}: {seconds:.1f} s", flush=True)
-    out.write_text(json.dumps({"seconds": times, "steps": steps, "rounds": rounds, "transition_step": transition,
+            print(f"  {name} round {r}: {seconds:.1f} s {stages[name][-1] if r else ''}", flush=True)
+    out.write_text(json.dumps({"seconds": times, "stage_seconds": stages, "steps": steps, "rounds": rounds,
+                               "transition_step": transition,
                                "timesteps": [float(t) for t in gen.trace["timesteps"]]}))
 
 
@@ -428,14 +477,26 @@ def section_policies(model: str, source: Path, onnx_dir: Path, args: argparse.Na
         result |= {"steps": data["steps"], "rounds": data["rounds"], "median_s": med, "timesteps": data["timesteps"],
                    "transition_step": data["transition_step"],
                    "dtp_over_cfg": round(med["dtp"] / med["cfg"], 3), "stp_over_cfg": round(med["stp"] / med["cfg"], 3)}
+        result["stage_seconds"] = data["stage_seconds"]
+        # What stp can save: the steps with t > τ run the UNet at batch N instead of 2N; text encoder and VAE
+        # times are the same for every policy. The bound assumes a UNet call's time is proportional to its batch.
+        above = sum(t > 500 for t in data["timesteps"])
+        unet_share = data["stage_seconds"]["cfg"][0].get("unet", 0.0) / med["cfg"]
+        result["stp_bound"] = round(1 - unet_share * above / (2 * len(data["timesteps"])), 3)
+        result["steps_above_tau"] = above
         for goal in ("dtp_over_cfg", "stp_over_cfg"):
             met = result[goal] <= GOALS[goal]
+            why = ""
+            if goal == "stp_over_cfg" and not met:
+                why = (f"; {above} of {len(data['timesteps'])} steps have t > 500 and the UNet is {unet_share:.0%} "
+                       f"of cfg's time, so halving those calls gives at best {result['stp_bound']}")
             print(f"{model} {goal.replace('_over_', '/')}: {result[goal]} (goal <= {GOALS[goal]}: "
-                  f"{'met' if met else 'MISSED'}); medians {med}")
+                  f"{'met' if met else 'MISSED'}{why}); medians {med}")
     return result
 
 
-SECTIONS = {"export": section_export, "check": section_check, "stages": section_stages, "policies": section_policies}
+SECTIONS = {"export": section_export, "check": section_check, "memory": section_memory, "stages": section_stages,
+            "policies": section_policies}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -443,7 +504,7 @@ SECTIONS = {"export": section_export, "check": section_check, "stages": section_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=("build", *SECTIONS, "all", "_diffusers", "_stage", "_policies"))
+    parser.add_argument("section", choices=("build", *SECTIONS, "all", "_diffusers", "_stage", "_policies", "_memory"))
     parser.add_argument("--model", choices=MODELS, required=True)
     parser.add_argument("--work", type=Path, default=Path("/work/fullsize"), help="pipelines and exports go here")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
@@ -467,6 +528,8 @@ def main() -> None:
     elif args.section == "_diffusers":
         work = args.work / f"check-{args.model}"
         diffusers_reference(source, work / "latents.npy", args.steps, work / "diffusers.npy", args.threads)
+    elif args.section == "_memory":
+        memory_worker(onnx_dir, args.threads, args.work / f"check-{args.model}" / "memory.json")
     elif args.section == "_stage":
         stage_worker(args.contender, args.model, source, onnx_dir, args.threads, args.repeats,
                      args.work / f"stages-{args.model}" / f"{args.contender}.json")

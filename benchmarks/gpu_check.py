@@ -213,7 +213,8 @@ def shipped_section(r: Report, env: dict, folder: Path, work: Path, n: int, step
     batches = {"text_encoder": 2 * n, "unet": 2 * n, "vae_decoder": n}
     plans: dict[str, dict] = {}
     if env["can_trt"]:
-        from basinguard.engine.tensorrt import BuildSpec, build_engines
+        from basinguard.engine.plans import BuildSpec
+        from basinguard.engine.tensorrt import build_engines
 
         for kind, spec in (("tensorrt", BuildSpec(batch=n)), ("tensorrt+graph", BuildSpec(batch=n, static=True))):
             if not r.afford(f"{kind} builds (shipped model)", BUILD_S["shipped"]):
@@ -470,7 +471,8 @@ def sd_section(r: Report, env: dict, work: Path, device: str, tiny: bool, n: int
 
 def trt_backends(r: Report, onnx_path: Path, n: int, size: int, work: Path, tiny: bool) -> list:
     """A static TensorRT plan (profiles at N and 2N, one size) run without and with CUDA graphs."""
-    from basinguard.engine.tensorrt import BuildSpec, TensorRTModel, build_plan, role_profiles
+    from basinguard.engine.plans import BuildSpec, role_profiles
+    from basinguard.engine.tensorrt import TensorRTModel, build_plan
 
     # A build cannot be stopped once started: refuse one that would not finish before the deadline.
     if not r.afford("TensorRT build (UNet)", BUILD_S["tiny" if tiny else "sd15"]):

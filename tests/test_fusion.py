@@ -158,8 +158,8 @@ def test_external_data_model_is_fused_beside_it(tiny_onnx_dir: Path, tmp_path: P
     np.testing.assert_allclose(fast.run(feed)["out_sample"], plain.run(feed)["out_sample"], rtol=1e-5, atol=1e-5)
 
     # the fused cache is not part of the model: the TensorRT plan key (a hash of the model's files) ignores it
+    from basinguard.engine.base import onnx_files as model_files
     from basinguard.engine.tensorrt import onnx_digest
-    from basinguard.engine.tensorrt import onnx_files as model_files
 
     assert [p.name for p in model_files(folder / "model.onnx")] == ["model.onnx", "model.onnx_data"]
     without = onnx_digest(folder / "model.onnx")

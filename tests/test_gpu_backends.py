@@ -795,7 +795,7 @@ def _gpu_ready() -> bool:
     return True
 
 
-gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs tensorrt, cuda-python and a CUDA device")
+gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs tensorrt, polygraphy, cuda-python and a CUDA device")
 
 
 @gpu

@@ -89,7 +89,7 @@ def test_export_writes_an_sdxl_folder(tiny_sdxl_onnx_dir, ours_xl):
     assert models["vae_decoder"]["dtype"] == "float32"
     assert {"text_encoder_2", "tokenizer", "tokenizer_2"} <= set(manifest["validation"])
     # the runtime takes each encoder's penultimate layer, and tokenizer_2 pads with "!" as the source's does
-    assert ours_xl.xl.hidden_outputs == ("hidden_states.1", "hidden_states.2")
+    assert ours_xl.xl.hidden_outputs() == ("hidden_states.1", "hidden_states.2")
     tokenizer_2 = ours_xl.xl.tokenizers[1]
     assert tokenizer_2.pad_id == tokenizer_2.tokenizer.token_to_id("!") != ours_xl.tokenizer.pad_id
     assert ours_xl.folder.family == "sdxl" and ours_xl.folder.force_zeros_for_empty_prompt
@@ -420,3 +420,23 @@ def test_export_refuses_an_incomplete_sdxl_source_in_one_line(tiny_sdxl_pipeline
             export_pipeline(src, tmp_path / "out", log=lambda _: None)
         assert "\n" not in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["dpm++2m-karras", "euler-karras", "unipc", "unipc-karras", "euler-a"])
+def test_the_other_samplers_run_sdxl_as_diffusers(tiny_sdxl_onnx_dir, torch_xl, ours_xl, name):
+    """Each sampler by name (--scheduler), built from SDXL's own Euler config as diffusers' from_config builds it.
+    Euler ancestral draws step noise: its images are compared with the rule, not with diffusers' generator."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    sampling = SamplingConfig(steps=8, scheduler=name, height=HEIGHT, width=WIDTH, policy=PolicyConfig("cfg", 6.0))
+    lat = latents(2, seed=5)
+    gens = ours_xl.generate(PROMPTS, sampling, latents=lat)
+    if name == "euler-a":
+        alone = ours_xl.generate(PROMPTS[1:], sampling, latents=lat[1:])[0]  # its noise is its own, not its batch's
+        assert np.abs(alone.pixels - gens[1].pixels).max() <= 1e-4
+        return
+    cls = {"dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+           "unipc": UniPCMultistepScheduler}[name.removesuffix("-karras")]
+    config = json.loads((tiny_sdxl_onnx_dir / "scheduler/scheduler_config.json").read_text())
+    torch_xl.scheduler = cls.from_config(config, use_karras_sigmas=name.endswith("-karras"))
+    assert np.abs(pixels(gens) - reference(torch_xl, PROMPTS, lat)).max() <= LEVEL

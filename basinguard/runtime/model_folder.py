@@ -259,6 +259,20 @@ class ModelFolder:
             out[name] = (int(pair[0]), int(pair[1]))
         return out
 
+    def check_clip_skip(self, clip_skip: object) -> None:
+        """clip_skip (SDXL only) skips layers back from the penultimate one: at most one fewer than the shallower
+        text encoder has (text_encoder*/config.json's num_hidden_layers)."""
+        if clip_skip is None:
+            return
+        if self.family != "sdxl":
+            raise InputError("clip_skip applies to SDXL models only here; this model is SD")
+        layers = min(_positive_int(read_json(self.path / part / "config.json").get("num_hidden_layers"),
+                                   "num_hidden_layers", self.path / part / "config.json")
+                     for part in ("text_encoder", "text_encoder_2"))
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, Integral) or not 0 <= clip_skip <= layers - 1:
+            raise InputError(f"clip_skip {clip_skip!r} not allowed: must be an integer in [0, {layers - 1}] for this "
+                             f"model (layers skipped back from the penultimate one of {layers})")
+
     def check_size(self, height: int, width: int) -> None:
         m = self.size_multiple
         for side, value in (("height", height), ("width", width)):

@@ -89,6 +89,8 @@ class SamplingConfig:
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
+    # SDXL: each text encoder's hidden_states[-(clip_skip + 2)], as diffusers' clip_skip; None: the penultimate layer
+    clip_skip: int | None = None
 
 
 @dataclass
@@ -204,6 +206,14 @@ class UNetStage:
 
 
 MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")  # SDXL's time_ids, in this order
+SDXL_SETTINGS = (*MICRO_CONDITIONING, "clip_skip")  # the sampling settings only SDXL models take
+
+
+def sdxl_record(sampling: SamplingConfig) -> dict[str, object]:
+    """SDXL's settings of a resolved sampling as traces, manifests and calibrations record them (pairs as lists);
+    None for an SD sampling, which has none."""
+    values = {name: getattr(sampling, name) for name in SDXL_SETTINGS}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}
 SDXL_UNET_INPUTS = ("text_embeds", "time_ids")  # an SDXL UNet's conditioning beside encoder_hidden_states
 
 
@@ -216,25 +226,30 @@ def load_tokenizer(folder: Path, encoder_folder: Path, encoder: LoadedModel) -> 
     return tokenizer
 
 
-def penultimate_output(model: LoadedModel, path: Path) -> str:
-    """The name of a text encoder's hidden_states[-2] output (optimum's names: hidden_states.0 … .L), the layer
-    diffusers' SDXL pipeline takes when clip_skip is unset."""
+def hidden_state_outputs(model: LoadedModel, path: Path) -> list[str]:
+    """A text encoder's hidden_states.0 … .L outputs (optimum's names), in layer order: SDXL takes one of them."""
     layers = sorted(int(name.rsplit(".", 1)[1]) for name in model.outputs if re.fullmatch(r"hidden_states\.\d+", name))
     if len(layers) < 2:
         raise ModelFolderError(f"{path} has no hidden_states.K outputs (SDXL takes each text encoder's penultimate "
                                "layer); export the pipeline with `basinguard export` or optimum's exporter")
-    return f"hidden_states.{layers[-2]}"
+    return [f"hidden_states.{k}" for k in layers]
 
 
 @dataclass
 class SDXLText:
     """SDXL's two tokenizers and text encoders, as diffusers' StableDiffusionXLPipeline.encode_prompt uses them
-    (prompt_2 = prompt): encoder_hidden_states is both encoders' penultimate hidden states side by side, text_embeds
-    the second encoder's pooled, projected output."""
+    (prompt_2 = prompt): encoder_hidden_states is both encoders' penultimate hidden states side by side (or earlier
+    ones with clip_skip), text_embeds the second encoder's pooled, projected output."""
 
     tokenizers: tuple[PromptTokenizer, PromptTokenizer]
     encoders: tuple[LoadedModel, LoadedModel]
-    hidden_outputs: tuple[str, str]
+    hidden_layers: tuple[list[str], list[str]]  # each encoder's hidden-state outputs (`hidden_state_outputs`)
+
+    def hidden_outputs(self, clip_skip: int | None = None) -> tuple[str, str]:
+        """The outputs diffusers takes: hidden_states[-(clip_skip + 2)], the penultimate layer when clip_skip is unset
+        ("2" because SDXL always indexes from the penultimate layer)."""
+        back = 2 + (clip_skip or 0)
+        return self.hidden_layers[0][-back], self.hidden_layers[1][-back]
 
     @classmethod
     def load(cls, folder: ModelFolder, tokenizer: PromptTokenizer, text_encoder: LoadedModel, provider: str,
@@ -248,14 +263,15 @@ class SDXLText:
         if tokenizer_2.max_length != tokenizer.max_length:  # the two encoders' states are joined token by token
             raise ModelFolderError(f"{folder.path}: tokenizer pads to {tokenizer.max_length} tokens but tokenizer_2 "
                                    f"to {tokenizer_2.max_length}; their model_max_length must agree")
-        hidden = (penultimate_output(text_encoder, folder.path / "text_encoder/model.onnx"),
-                  penultimate_output(encoder_2, path))
+        hidden = (hidden_state_outputs(text_encoder, folder.path / "text_encoder/model.onnx"),
+                  hidden_state_outputs(encoder_2, path))
         return cls((tokenizer, tokenizer_2), (text_encoder, encoder_2), hidden)
 
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: Sequence[str], clip_skip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(encoder_hidden_states, text_embeds) of `texts`, float32."""
         hidden, out = [], {}
-        for tokenizer, encoder, name in zip(self.tokenizers, self.encoders, self.hidden_outputs, strict=True):
+        outputs = self.hidden_outputs(clip_skip)
+        for tokenizer, encoder, name in zip(self.tokenizers, self.encoders, outputs, strict=True):
             out = encoder.run({"input_ids": tokenizer.encode(list(texts))})
             hidden.append(out[name].astype(np.float32, copy=False))
         return np.concatenate(hidden, axis=-1), out["text_embeds"].astype(np.float32, copy=False)
@@ -302,7 +318,7 @@ class Pipeline:
         n = len(prompts)
         encoded = [k for k, kind in enumerate(self.uncond_kinds(negative_prompts)) if kind != "zeros"]
         with self.timer("text_encoder"):  # zero rows need no encoding
-            hidden, pooled = self.xl.encode([negative_prompts[k] for k in encoded] + list(prompts))
+            hidden, pooled = self.xl.encode([negative_prompts[k] for k in encoded] + list(prompts), sampling.clip_skip)
         pair_hidden = np.zeros((2 * n, *hidden.shape[1:]), np.float32)
         pair_pooled = np.zeros((2 * n, *pooled.shape[1:]), np.float32)
         pair_hidden[encoded], pair_pooled[encoded] = hidden[:len(encoded)], pooled[:len(encoded)]
@@ -370,6 +386,7 @@ class Pipeline:
             raise InputError(f"{exc}; choose one with --scheduler") from None
         micro = self.folder.micro_conditioning(height, width, sampling.original_size, sampling.crops_coords_top_left,
                                                sampling.target_size)
+        self.folder.check_clip_skip(sampling.clip_skip)
         return replace(sampling, height=height, width=width, scheduler=scheduler, **micro)
 
     def make_scheduler(self, sampling: SamplingConfig, noise: Sequence[np.random.Generator] | None = None) -> Scheduler:
@@ -439,7 +456,7 @@ class Pipeline:
             "detection_score": None if score is None else float(score[k]),
             "model_family": self.folder.family,
             "uncond": self.uncond_kinds(negative_prompts[k:k + 1])[0],  # which e_∅: d is measured against it
-            **({name: list(getattr(sampling, name)) for name in MICRO_CONDITIONING} if self.xl is not None else {}),
+            **(sdxl_record(sampling) if self.xl is not None else {}),
             # prompts cut to the text encoder's length (as diffusers cuts them): what was dropped, else null
             "truncation": {name: cut.record() for name, text in (("prompt", prompts[k]),
                                                                  ("negative_prompt", negative_prompts[k]))
