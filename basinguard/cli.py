@@ -115,6 +115,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="SDXL micro-conditioning: the crop's top-left corner in pixels (default: 0,0)")
     p.add_argument("--target-size", type=parse_pair, default=None, metavar="HxW",
                    help="SDXL micro-conditioning: the size aimed at (default: the image's own size)")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="SDXL: text encoder layers skipped back from the penultimate one, as diffusers' clip_skip "
+                   "(default: none)")
 
 
 def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> SamplingConfig
@@ -143,7 +146,7 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> Sampling
     return SamplingConfig(steps=pick("steps"), scheduler=pick("scheduler"), height=args.height, width=args.width,
                           policy=policy, original_size=getattr(args, "original_size", None),
                           crops_coords_top_left=getattr(args, "crops_coords_top_left", None),
-                          target_size=getattr(args, "target_size", None))
+                          target_size=getattr(args, "target_size", None), clip_skip=getattr(args, "clip_skip", None))
 
 
 def read_latents(path: str, num_images: int) -> np.ndarray:
@@ -409,7 +412,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     from basinguard.runtime.batch import check_settings, quiet_truncation, read_prompts
     from basinguard.runtime.detection import calibrate, calibration_warnings, detection_scores
     from basinguard.runtime.model_folder import accepted_model_ids, model_identity
-    from basinguard.runtime.pipeline import MICRO_CONDITIONING, Pipeline
+    from basinguard.runtime.pipeline import Pipeline, sdxl_record
 
     # d is scored along plain CFG whatever the policy (`detection_scores`): a policy setting would change nothing.
     ignored = [flag for flag in DETECT_IGNORES if getattr(args, flag[2:].replace("-", "_")) is not None]
@@ -498,7 +501,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
                # which e_∅ d was measured against ("zeros": SDXL's force_zeros_for_empty_prompt), and SDXL's time_ids
                "model_family": pipe.folder.family,
                "uncond": sorted(set(pipe.uncond_kinds([t.negative_prompt for t in (*memorized, *normal)]))),
-               **{name: list(value) for name in MICRO_CONDITIONING if (value := getattr(resolved, name)) is not None}}
+               **(sdxl_record(resolved) if pipe.folder.family == "sdxl" else {})}
     write_atomic(calibration_out, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     if result["auc"] < USEFUL_AUC:  # written all the same (a user may want to look), but not without a word
         print(f"basinguard detect: warning: AUC {result['auc']:.2f}: these scores hardly separate {args.memorized} "

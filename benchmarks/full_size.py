@@ -18,6 +18,16 @@ set_num_threads, ONNX Runtime intra_op_num_threads, one inter-op thread), and ap
 already written. Each record carries the date, versions, machine and the exact command. Peak RSS is each measured
 child process's own (`os.wait4`'s ru_maxrss: its VmHWM), one fresh process per measurement.
 
+check: `basinguard generate` (cfg 7.5, the model's own scheduler) against diffusers' pipeline on the same latents
+and prompt, float32 pixels compared in 8-bit levels. stages: the text encoder at batch 2, the UNet at batch 2 at
+the native size and the VAE decoder at batch 1, timed per call (one warm-up, then --repeats) for ours
+(`basinguard.engine.load_model`: the fused-attention graph), optimum (the file opened as optimum's ORTModel opens
+it: ort.InferenceSession with ORT's default options, threads pinned; unfused) and diffusers-torch (the
+diffusers/transformers module, float32). Contenders run one after another, each in its own process (three
+full-size UNets at once would not fit beside the other jobs on this machine), so drift between them is not
+cancelled as benchmarks/compare.py's alternation does; min and median are recorded. policies: whole generations
+at the native size, cfg, stp (τ = 500, s_pre = 0) and dtp (s_pre = 0), in one process, the order rotated per round.
+
 Goals (issue 17), as ratios within one run: UNet call at batch 2 ≥ 1.5x faster than diffusers-torch and ≥ 1.1x
 faster than optimum's ORT session on the same ONNX file; whole generation dtp/cfg ≤ 1.01 and stp/cfg ≤ 0.8
 (τ = 500: before it the UNet runs at batch N instead of 2N). Where one is missed, the printed table says by how

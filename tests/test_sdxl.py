@@ -249,6 +249,9 @@ def test_bad_input_on_sdxl_is_one_clear_line(tiny_sdxl_onnx_dir, tiny_onnx_dir, 
         (base + ["--crops-coords-top-left=-1,0"], "crops_coords_top_left (-1, 0) not allowed: must be (top, left), integers in [0, 16384]"),
         (base + ["--target-size", "20000x16"], "target_size (20000, 16) not allowed"),
         (base + ["--original-size", "big"], "expected two integers as AxB or A,B"),
+        (base + ["--clip-skip", "5"], "clip_skip 5 not allowed: must be an integer in [0, 1] for this model"),
+        (["generate", "--model", str(tiny_onnx_dir), "--prompt", "x", "--clip-skip", "1", "--out",
+          str(tmp_path / "o.png")], "clip_skip applies to SDXL models only here; this model is SD"),
         (["generate", "--model", str(tiny_onnx_dir), "--prompt", "x", "--target-size", "16x16", "--out",
           str(tmp_path / "o.png")], "target_size applies to SDXL models only; this model is SD"),
         (["generate", "--model", str(partial), "--prompt", "x", "--out", str(tmp_path / "o.png")],
@@ -440,3 +443,27 @@ def test_the_other_samplers_run_sdxl_as_diffusers(tiny_sdxl_onnx_dir, torch_xl, 
     config = json.loads((tiny_sdxl_onnx_dir / "scheduler/scheduler_config.json").read_text())
     torch_xl.scheduler = cls.from_config(config, use_karras_sigmas=name.endswith("-karras"))
     assert np.abs(pixels(gens) - reference(torch_xl, PROMPTS, lat)).max() <= LEVEL
+
+
+def test_clip_skip_matches_diffusers(tiny_sdxl_onnx_dir, torch_xl, ours_xl, tmp_path):
+    """clip_skip as diffusers' SDXL pipeline applies it: hidden_states[-(clip_skip + 2)] of both encoders for the
+    prompts, the penultimate layer for negative prompts; a batch line may set it, and the range is the model's."""
+    from diffusers import EulerDiscreteScheduler
+
+    torch_xl.scheduler = EulerDiscreteScheduler.from_config(
+        json.loads((tiny_sdxl_onnx_dir / "scheduler/scheduler_config.json").read_text()))
+    lat = latents(2, seed=6)
+    ref = reference(torch_xl, PROMPTS, lat, steps=6, clip_skip=1, negative_prompt=NEGATIVES)
+    assert np.abs(ref - reference(torch_xl, PROMPTS, lat, steps=6, negative_prompt=NEGATIVES)).max() > 10 * LEVEL
+    sampling = SamplingConfig(steps=6, height=HEIGHT, width=WIDTH, policy=PolicyConfig("cfg", 6.0), clip_skip=1)
+    gens = ours_xl.generate(PROMPTS, sampling, latents=lat, negative_prompts=NEGATIVES)
+    assert np.abs(pixels(gens) - ref).max() <= LEVEL and gens[0].trace["clip_skip"] == 1
+    with pytest.raises(InputError, match=r"clip_skip 2 not allowed: must be an integer in \[0, 1\]"):
+        ours_xl.resolve(SamplingConfig(clip_skip=2))  # text_encoder has 2 layers
+    lines = tmp_path / "p.jsonl"
+    lines.write_text(json.dumps({"prompt": PROMPTS[0], "seed": 7, "clip_skip": 1}) + "\n")
+    out = tmp_path / "batch"
+    assert cli_main(["batch", str(lines), str(out), "--model", str(tiny_sdxl_onnx_dir), "--threads", "1", "--steps",
+                     "4", "--no-progress"]) == 0
+    entry = json.loads((out / "manifest.jsonl").read_text())
+    assert entry["clip_skip"] == 1 and entry["uncond"] == "zeros"

@@ -7,7 +7,7 @@ Prompt files (chosen by extension)
   Fields: `prompt` (required), `negative_prompt`, `seed`, `num_images`, and per-line overrides of the job's
   sampling settings: `policy`, `guidance_scale`, `transition_t`, `pre_scale`, `opposite_scale`, `mitigation`,
   `detect_threshold`, `latest_transition_t`, `steps`, `scheduler`, and for SDXL models `original_size`,
-  `crops_coords_top_left`, `target_size` (two integers: [A, B] in JSON, "AxB" in CSV).
+  `crops_coords_top_left`, `target_size` (two integers: [A, B] in JSON, "AxB" in CSV) and `clip_skip`.
   Prompt text, from any format: surrounding whitespace and byte-order marks are dropped (`prompt_text`); an empty
   prompt is a bad line. A prompt longer than the text encoder takes is cut, as diffusers cuts it, with a warning
   naming its line and the dropped words, recorded in its manifest line (`truncation`); `long_prompts="error"`
@@ -60,7 +60,14 @@ from basinguard.files import fsync_dir, lock_held, temporary_files, write_atomic
 from basinguard.runtime.detection import calibration_warnings
 from basinguard.runtime.guidance import make_policy, setting_problem
 from basinguard.runtime.model_folder import ModelFolder, accepted_model_ids, model_identity, names_this_model
-from basinguard.runtime.pipeline import MICRO_CONDITIONING, Generation, Pipeline, SamplingConfig
+from basinguard.runtime.pipeline import (
+    MICRO_CONDITIONING,
+    SDXL_SETTINGS,
+    Generation,
+    Pipeline,
+    SamplingConfig,
+    sdxl_record,
+)
 from basinguard.runtime.schedulers import GAP_SPACE, Scheduler
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning, text_encoder_length
 
@@ -79,12 +86,13 @@ MAX_IMAGES_PER_LINE = 10_000  # a typo guard: num_images beyond this is almost s
 POLICY_FIELDS = {"policy": "name", "guidance_scale": "guidance_scale", "transition_t": "transition_t",
                  "pre_scale": "pre_scale", "opposite_scale": "opposite_scale", "mitigation": "mitigation",
                  "detect_threshold": "detect_threshold", "latest_transition_t": "latest_transition_t"}
-SAMPLING_FIELDS = ("steps", "scheduler", *MICRO_CONDITIONING)
+SAMPLING_FIELDS = ("steps", "scheduler", *SDXL_SETTINGS)
 FIELD_TYPES: dict[str, type] = {
     "prompt": str, "negative_prompt": str, "seed": int, "num_images": int,
     "policy": str, "guidance_scale": float, "transition_t": int, "pre_scale": float, "opposite_scale": float,
     "mitigation": str, "detect_threshold": float, "latest_transition_t": int, "steps": int, "scheduler": str,
     **dict.fromkeys(MICRO_CONDITIONING, tuple),  # SDXL's (height, width) / (top, left) pairs, in pixels
+    "clip_skip": int,
 }
 
 
@@ -528,7 +536,7 @@ class ManifestWriter:
 
 # What resuming and the summary need of a finished entry; the rest (traces) stays on disk.
 _KEPT = ("id", "line", "index", "prompt", "negative_prompt", "seed", "policy", "scheduler", "steps", "height", "width",
-         "model", "flagged", "transition_step", "engine", "gap_space", *MICRO_CONDITIONING)
+         "model", "flagged", "transition_step", "engine", "gap_space", *SDXL_SETTINGS)
 
 
 def slim(entry: dict) -> dict:
@@ -617,9 +625,8 @@ def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: P
                 "steps": task.sampling.steps, "height": task.sampling.height, "width": task.sampling.width,
                 # its `flagged` was decided with this threshold: another one would leave stale flags
                 "detect_threshold": task.sampling.policy.detect_threshold,
-                # SDXL's time_ids (None, as an SD entry has none)
-                **{name: None if (value := getattr(task.sampling, name)) is None else list(value)
-                   for name in MICRO_CONDITIONING}}
+                # SDXL's time_ids and clip_skip (None, as an SD entry has none)
+                **sdxl_record(task.sampling)}
         diff = [k for k, v in want.items() if (k in entry or k != "detect_threshold") and entry.get(k) != v]
         if diff:
             raise BatchError(f"{out_dir / MANIFEST} already has image {task.id} (line {task.line}) with a different "

@@ -23,7 +23,7 @@ import numpy as np
 from basinguard.errors import BasinguardError
 from basinguard.runtime.guidance import PolicyConfig, make_policy
 from basinguard.runtime.model_folder import ModelFolder, names_this_model
-from basinguard.runtime.pipeline import MICRO_CONDITIONING, Pipeline, SamplingConfig, denoise
+from basinguard.runtime.pipeline import Pipeline, SamplingConfig, denoise, sdxl_record
 from basinguard.runtime.schedulers import GAP_SPACE, Scheduler, step_noise
 
 
@@ -154,9 +154,7 @@ def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_ids: set[s
     older file lacks are not compared."""
     here = {"steps": sampling.steps, "scheduler": sampling.scheduler, "height": sampling.height,
             "width": sampling.width}
-    for name in MICRO_CONDITIONING:  # SDXL's time_ids condition the UNet as the size does
-        if getattr(sampling, name) is not None:
-            here[name] = list(getattr(sampling, name))
+    here |= sdxl_record(sampling)  # SDXL's time ids and clip_skip condition the UNet as the size does
     if calib.get("detect_steps", 1) > 1:  # past step 0 the trajectory is CFG's at λ
         here["guidance_scale"] = sampling.policy.guidance_scale
     differ = [f"{name} {calib[name]} (here {value})" for name, value in here.items()

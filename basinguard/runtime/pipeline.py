@@ -89,7 +89,8 @@ class SamplingConfig:
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
-    # SDXL: each text encoder's hidden_states[-(clip_skip + 2)], as diffusers' clip_skip; None: the penultimate layer
+    # SDXL: each text encoder's hidden_states[-(clip_skip + 2)] for the prompts (negative prompts keep the penultimate
+    # layer), as diffusers' clip_skip; None: the penultimate layer
     clip_skip: int | None = None
 
 
@@ -267,13 +268,18 @@ class SDXLText:
                   hidden_state_outputs(encoder_2, path))
         return cls((tokenizer, tokenizer_2), (text_encoder, encoder_2), hidden)
 
-    def encode(self, texts: Sequence[str], clip_skip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(encoder_hidden_states, text_embeds) of `texts`, float32."""
+    def encode(self, texts: Sequence[str], clip_skip: int | None = None,
+               skip_from: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(encoder_hidden_states, text_embeds) of `texts`, float32; clip_skip applies to rows from `skip_from` on, the
+        prompts: diffusers' SDXL pipeline encodes negative prompts from the penultimate layer whatever clip_skip is."""
         hidden, out = [], {}
-        outputs = self.hidden_outputs(clip_skip)
-        for tokenizer, encoder, name in zip(self.tokenizers, self.encoders, outputs, strict=True):
+        outputs = zip(self.hidden_outputs(), self.hidden_outputs(clip_skip), strict=True)
+        for tokenizer, encoder, (penultimate, skipped) in zip(self.tokenizers, self.encoders, outputs, strict=True):
             out = encoder.run({"input_ids": tokenizer.encode(list(texts))})
-            hidden.append(out[name].astype(np.float32, copy=False))
+            states = out[penultimate]
+            if skipped != penultimate:
+                states = np.concatenate([states[:skip_from], out[skipped][skip_from:]])
+            hidden.append(states.astype(np.float32, copy=False))
         return np.concatenate(hidden, axis=-1), out["text_embeds"].astype(np.float32, copy=False)
 
 
@@ -318,7 +324,8 @@ class Pipeline:
         n = len(prompts)
         encoded = [k for k, kind in enumerate(self.uncond_kinds(negative_prompts)) if kind != "zeros"]
         with self.timer("text_encoder"):  # zero rows need no encoding
-            hidden, pooled = self.xl.encode([negative_prompts[k] for k in encoded] + list(prompts), sampling.clip_skip)
+            hidden, pooled = self.xl.encode([negative_prompts[k] for k in encoded] + list(prompts), sampling.clip_skip,
+                                            skip_from=len(encoded))
         pair_hidden = np.zeros((2 * n, *hidden.shape[1:]), np.float32)
         pair_pooled = np.zeros((2 * n, *pooled.shape[1:]), np.float32)
         pair_hidden[encoded], pair_pooled[encoded] = hidden[:len(encoded)], pooled[:len(encoded)]
