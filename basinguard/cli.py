@@ -19,7 +19,7 @@ from basinguard.runtime.guidance import POLICY_NAMES, PolicyConfig, setting_prob
 from basinguard.runtime.schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
-    from basinguard.runtime.pipeline import Generation
+    from basinguard.runtime.pipeline import Generation, SamplingConfig
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
 SCHEDULER_CHOICES = tuple(SCHEDULERS)
@@ -120,8 +120,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    "(default: none)")
 
 
-def sampling_from_args(args: argparse.Namespace, defaults: dict):  # -> SamplingConfig
-    from basinguard.runtime.guidance import PolicyConfig
+def sampling_from_args(args: argparse.Namespace, defaults: dict) -> SamplingConfig:
     from basinguard.runtime.pipeline import SamplingConfig
 
     d = {**FALLBACK_DEFAULTS, **defaults}
@@ -207,8 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
             cut = checker.tokenizer.truncation(text)
             if cut is not None:
-                raise BasinguardError(f"{flag} has {cut.tokens} tokens; the text encoder takes at most {cut.kept} "
-                                      "(--long-prompts error; the default truncates as diffusers does)")
+                raise BasinguardError(cut.refusal(flag))
     sampling = sampling_from_args(args, checker.folder.sampling_defaults)
     if args.detect_threshold is not None and sampling.policy.name != "auto":  # batch and detect flag with it
         flag = "--detect-calibration" if calib is not None else "--detect-threshold"
@@ -307,13 +305,17 @@ def cmd_export(args: argparse.Namespace) -> None:
         build_engines(Path(args.out), ModelFolder.open(Path(args.out)).engine_geometry())
 
 
+def _integers(text: str) -> list[int]:
+    """The integers of 'A', 'AxB' or 'A,B' (any count); [] where a part is not an integer."""
+    try:
+        return [int(part) for part in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        return []
+
+
 def parse_pair(text: str) -> tuple[int, int]:
     """'AxB' or 'A,B' → (A, B), integers; the model checks the range (SDXL micro-conditioning)."""
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
+    values = _integers(text)
     if len(values) != 2:
         raise argparse.ArgumentTypeError(f"expected two integers as AxB or A,B, e.g. 1024x1024 (got {text!r})")
     return (values[0], values[1])
@@ -321,11 +323,7 @@ def parse_pair(text: str) -> tuple[int, int]:
 
 def parse_hw(text: str) -> tuple[int, int]:
     """'512' or 'HxW' ('512x768') → (height, width) in pixels."""
-    parts = text.lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
+    values = _integers(text)
     if len(values) not in (1, 2) or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected SIZE or HxW in pixels, e.g. 512 or 512x768 (got {text!r})")
     return (values[0], values[-1])
@@ -410,7 +408,12 @@ def _negative_prompt_record(negative_prompts: list[str]) -> bool | str:
 
 def cmd_detect(args: argparse.Namespace) -> None:
     from basinguard.runtime.batch import check_settings, quiet_truncation, read_prompts
-    from basinguard.runtime.detection import calibrate, calibration_warnings, detection_scores
+    from basinguard.runtime.detection import (
+        calibrate,
+        calibration_mismatch,
+        calibration_warnings,
+        detection_scores,
+    )
     from basinguard.runtime.model_folder import accepted_model_ids, model_identity
     from basinguard.runtime.pipeline import Pipeline, sdxl_record
 
@@ -447,6 +450,10 @@ def cmd_detect(args: argparse.Namespace) -> None:
     sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
     resolved = check_settings(sampling, pipe)
     seeds = [args.seed + k for k in range(args.seeds)]
+    # How a calibration's scores are made, as it records them: one setting, so every line scored must be at it.
+    recorded = {"detect_steps": args.detect_steps, "steps": resolved.steps, "scheduler": resolved.scheduler,
+                "height": resolved.height, "width": resolved.width, "guidance_scale": resolved.policy.guidance_scale,
+                **(sdxl_record(resolved) if pipe.folder.family == "sdxl" else {})}
 
     def score_file(path: str):  # -> (the first image task of each usable line, its score)
         parsed = read_prompts(Path(path), pipe, sampling, long_prompts=args.long_prompts)
@@ -459,6 +466,13 @@ def cmd_detect(args: argparse.Namespace) -> None:
         first = [t for t in parsed.tasks if t.index == 0]  # one score per line; num_images does not apply
         if not first:
             raise BasinguardError(f"{path} has no usable prompt")
+        for t in first if args.calibrate else []:  # a line's own steps, size... would make the record lie
+            names = [d.split(" ", 1)[0] for d in calibration_mismatch(recorded, t.sampling, set())]
+            if names:
+                flags = ", ".join(f"{name} {recorded[name]}" for name in names)
+                raise BasinguardError(f"{path} line {t.line} sets its own {', '.join(names)}; a calibration records "
+                                      f"one setting for all its prompts (the flags': {flags}): give it as a flag, or "
+                                      "calibrate prompts of other settings apart")
         if calib is not None:
             settings = [(t.line, t.sampling, t.negative_prompt) for t in first]
             for warning in calibration_warnings(Path(args.detect_calibration), calib, settings,
@@ -494,14 +508,12 @@ def cmd_detect(args: argparse.Namespace) -> None:
         result = calibrate(pos, neg, fpr=args.fpr)
     except ValueError as exc:
         raise BasinguardError(str(exc)) from None
-    result |= {"detect_steps": args.detect_steps, "seeds": args.seeds, "seed": args.seed, "steps": resolved.steps,
-               "scheduler": resolved.scheduler, "height": resolved.height, "width": resolved.width, "guidance_scale": resolved.policy.guidance_scale,
+    result |= recorded | {"seeds": args.seeds, "seed": args.seed,
                "memorized_file": str(args.memorized), "normal_file": str(args.normal), "model": identity,
                "negative_prompts": _negative_prompt_record([t.negative_prompt for t in (*memorized, *normal)]),
-               # which e_∅ d was measured against ("zeros": SDXL's force_zeros_for_empty_prompt), and SDXL's time_ids
+               # which e_∅ d was measured against ("zeros": SDXL's force_zeros_for_empty_prompt)
                "model_family": pipe.folder.family,
-               "uncond": sorted(set(pipe.uncond_kinds([t.negative_prompt for t in (*memorized, *normal)]))),
-               **(sdxl_record(resolved) if pipe.folder.family == "sdxl" else {})}
+               "uncond": sorted(set(pipe.uncond_kinds([t.negative_prompt for t in (*memorized, *normal)])))}
     write_atomic(calibration_out, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     if result["auc"] < USEFUL_AUC:  # written all the same (a user may want to look), but not without a word
         print(f"basinguard detect: warning: AUC {result['auc']:.2f}: these scores hardly separate {args.memorized} "

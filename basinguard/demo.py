@@ -78,20 +78,25 @@ def save_grid(images: list[np.ndarray], path: Path, scale: int = 3) -> None:
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
+def demo_settings(defaults: dict) -> tuple[PolicyConfig, SamplingConfig]:
+    """The policy settings (each demo policy replaces the name) and sampling the demo runs: the model's sampling
+    defaults where it has them."""
+    base = PolicyConfig(guidance_scale=defaults.get("guidance_scale", 7.5), transition_t=defaults.get("transition_t", 500),
+                        opposite_scale=defaults.get("opposite_scale"))
+    return base, SamplingConfig(steps=defaults.get("steps", 50), scheduler=defaults.get("scheduler"))
+
+
 def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", threads: int | None = None,
              log=print) -> Path:
     if seeds < 1:
         raise BasinguardError(f"--seeds must be >= 1 (got {seeds})")
     pipe = Pipeline(folder, provider=provider, threads=threads)
-    defaults = pipe.folder.sampling_defaults
     rows, train_images, others = load_memorization(pipe.folder.path)
     descriptor = EdgeDescriptor()
     train_desc = descriptor(train_images)
     attributes_path = pipe.folder.path / "memorization" / "attributes.json"
     attributes = json.loads(attributes_path.read_text()) if attributes_path.exists() else None
-    base = PolicyConfig(guidance_scale=defaults.get("guidance_scale", 7.5), transition_t=defaults.get("transition_t", 500),
-                        opposite_scale=defaults.get("opposite_scale"))
-    sampling = SamplingConfig(steps=defaults.get("steps", 50), scheduler=defaults.get("scheduler"))
+    base, sampling = demo_settings(pipe.folder.sampling_defaults)
     out.mkdir(parents=True, exist_ok=True)
     cases = [("duplicated training caption", rows[0]["caption"], 0), ("novel caption", others[0], None)]
     sections, table = [], []

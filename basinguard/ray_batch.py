@@ -25,12 +25,11 @@ If an actor dies the job stops with Ray's error; run it again with the same argu
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from basinguard.errors import BasinguardError
+from basinguard.errors import BasinguardError, first_line
 from basinguard.runtime.batch import (
     MANIFEST,
     BatchJob,
@@ -109,12 +108,6 @@ def shard_by_line(tasks: Sequence[ImageTask], workers: int) -> list[list[ImageTa
     return shards
 
 
-def _first_line(exc: BaseException) -> str:
-    """Ray's messages are multi-line and coloured: their first line, without the colour codes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def worker_slots(nodes: Sequence[dict], cpus: int, provider: str) -> int:
     """How many workers (`cpus` CPUs each, and one GPU each off the CPU provider) the cluster's live nodes hold at
     once (`ray.nodes()`). Ray places an actor on one node, so this counts per node, not over the cluster's total."""
@@ -148,8 +141,7 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
     with output_lock(job.out_dir):
         done, lost = prepare_output(job.out_dir)
         identity = model_identity(model)
-        check_same_job(parsed.tasks, done, job.out_dir, identity,
-                       ModelFolder.open(model).scheduler_config.get("prediction_type", "epsilon"))
+        check_same_job(parsed.tasks, done, job.out_dir, identity, ModelFolder.open(model).prediction_type)
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if not pending:
@@ -161,7 +153,7 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
                          log_to_driver=False)
             except (ConnectionError, ValueError, RuntimeError) as exc:  # no cluster there; ray:// without ray[client]
                 where = "a local Ray instance" if address == LOCAL else f"Ray at {address}"
-                raise BasinguardError(f"cannot start or join {where}: {_first_line(exc)}") from None
+                raise BasinguardError(f"cannot start or join {where}: {first_line(exc)}") from None
         cpus = threads or 1
         slots = worker_slots(ray.nodes(), cpus, provider)
         shards = [s for s in shard_by_line(pending, workers or max(1, slots)) if s]
@@ -186,7 +178,7 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
                 raise exc.cause from None  # reported as the same failure of a local job would be
             raise  # a bug: keep the worker's traceback
         except ray.exceptions.RayActorError as exc:
-            raise BasinguardError(f"a Ray worker died: {_first_line(exc)}") from None
+            raise BasinguardError(f"a Ray worker died: {first_line(exc)}") from None
         finally:
             for actor in actors:
                 ray.kill(actor)  # a stopped job must not keep writing into OUT_DIR

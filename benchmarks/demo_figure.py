@@ -18,19 +18,15 @@ import numpy as np
 from PIL import Image
 
 from basinguard.cli import SHIPPED_MODEL
-from basinguard.demo import COLOURS, DEMO_POLICIES, load_memorization, run_demo
-from basinguard.runtime.guidance import PolicyConfig
-from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+from basinguard.demo import COLOURS, DEMO_POLICIES, demo_settings, load_memorization, run_demo
+from basinguard.runtime.pipeline import Pipeline
 
 
 def seed0_traces(folder: Path, caption: str, threads: int | None) -> dict[str, dict]:
-    """Seed 0's trace under each demo policy, with the settings run_demo takes from the model's defaults (an image
+    """Seed 0's trace under each demo policy, at the demo's settings (`demo_settings`; an image
     depends only on its prompt, seed and settings, so these are the demo's seed-0 generations)."""
     pipe = Pipeline(folder, threads=threads)
-    defaults = pipe.folder.sampling_defaults
-    base = PolicyConfig(guidance_scale=defaults.get("guidance_scale", 7.5), transition_t=defaults.get("transition_t", 500),
-                        opposite_scale=defaults.get("opposite_scale"))
-    sampling = SamplingConfig(steps=defaults.get("steps", 50), scheduler=defaults.get("scheduler"))
+    base, sampling = demo_settings(pipe.folder.sampling_defaults)
     return {name: pipe.generate([caption], replace(sampling, policy=replace(base, name=name)), seeds=[0])[0].trace
             for name in DEMO_POLICIES}
 

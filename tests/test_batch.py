@@ -618,8 +618,8 @@ def start_isolated_ray(ray, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_ray_resources_and_errors_are_one_line(tiny_onnx_dir, tmp_path, capsys, monkeypatch):
-    from basinguard.errors import BasinguardError
-    from basinguard.ray_batch import BatchWorker, _first_line, check_resources, worker_slots
+    from basinguard.errors import BasinguardError, first_line
+    from basinguard.ray_batch import BatchWorker, check_resources, worker_slots
 
     # Ray places each actor on one node: slots count per node (3 + 3 CPUs hold two 2-CPU workers, not three).
     nodes = [{"Alive": True, "Resources": {"CPU": 3.0}}, {"Alive": True, "Resources": {"CPU": 3.0, "GPU": 1.0}},
@@ -638,7 +638,7 @@ def test_ray_resources_and_errors_are_one_line(tiny_onnx_dir, tmp_path, capsys, 
     with pytest.raises(BasinguardError, match="no-model"):
         broken.run([])
     broken.close()
-    assert _first_line(RuntimeError("\x1b[36mray::BatchWorker.run()\x1b[39m (pid=1)\n  File ...")) == (
+    assert first_line(RuntimeError("\x1b[36mray::BatchWorker.run()\x1b[39m (pid=1)\n  File ...")) == (
         "ray::BatchWorker.run() (pid=1)")
 
     ray = pytest.importorskip("ray")

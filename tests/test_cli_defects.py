@@ -1,5 +1,5 @@
-"""The CLI as a hostile new user tries it (issue 20, section 3) and long prompts and file permissions (issue 17, items
-4 and 5): each test reproduces a reported defect and checks what happens now."""
+"""The CLI as a hostile new user tries it, long prompts and file permissions: each test reproduces a defect a user
+met and checks what happens now."""
 
 from __future__ import annotations
 
@@ -535,3 +535,25 @@ def test_a_job_whose_first_batch_fails_leaves_no_out_dir(tiny_onnx_dir, tmp_path
     out = tmp_path / "new" / "out"
     assert cli_main(batch_args(model, prompts, out)) == 2
     assert "scale factor of 4" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+# Config fields out of range: each was met by a user as an error blaming a flag not given ("height 200000 not
+# allowed"), an empty range ("a multiple of 1048576 in [1048576, 4096]"), numpy warnings then "NaN ... export in
+# fp32", a silent image (Karras from sigma 5 up to 1), or an error naming no file.
+@pytest.mark.parametrize(("part", "changes", "field"), [
+    ("unet/config.json", {"sample_size": 100_000}, "sample_size"),
+    ("vae_decoder/config.json", {"block_out_channels": [32] * 20}, "block_out_channels"),
+    ("unet/config.json", {"block_out_channels": [32] * 20}, "block_out_channels"),
+    ("scheduler/scheduler_config.json", {"num_train_timesteps": 10**7}, "num_train_timesteps"),
+    ("scheduler/scheduler_config.json", {"use_karras_sigmas": True, "sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
+    ("scheduler/scheduler_config.json", {"prediction_type": "sample"}, "prediction_type"),
+], ids=["sample_size", "vae-levels", "unet-levels", "alphas-underflow", "karras-ends", "prediction-type"])
+def test_a_config_field_out_of_range_is_one_line_naming_file_and_field(tiny_onnx_dir, tmp_path, capsys, part, changes,
+                                                                        field):
+    model = copy_model(tiny_onnx_dir, tmp_path / "model")
+    edit_json(model / part, **changes)
+    out = tmp_path / "o.png"
+    assert cli_main(generate_args(model, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(model / part) in err and field in err, err
+    assert not out.exists()

@@ -1,4 +1,4 @@
-"""d is measured in the paper's ε space whatever the model predicts (issue 20 §1): against diffusers' own UNet
+"""d is measured in the paper's ε space whatever the model predicts: against diffusers' own UNet
 output on a tiny v-prediction model, converted to ε by hand; traces and calibrations say so, and a calibration made
 before (d on a v-model's raw output) is refused on a v-model."""
 

@@ -292,7 +292,7 @@ class FakePlan:
 
 
 def test_a_plan_that_covers_the_shapes_runs_them(tmp_path: Path) -> None:
-    """The issue's case: a static batch-1 plan built after a dynamic batch-4 one; a batch-4 call runs on the
+    """A static batch-1 plan built after a dynamic batch-4 one (both kept, neither replaces the other); a batch-4 call runs on the
     dynamic plan, a batch-1 call on the static one, a batch-9 call names every plan's ranges."""
     sha = "e" * 64
     dynamic = store_plan(tmp_path, fields_for(sha, batch=4), b"d4", [{"sample": [[1, 4, 8, 8], [8, 4, 8, 8], [8, 4, 8, 8]]}],
@@ -425,6 +425,30 @@ def test_build_engines_builds_the_models_the_folder_has(tmp_path: Path, monkeypa
     assert built == [("text_encoder", [(1, 4, 4)]), ("unet", [(1, 4, 4)]), ("vae_decoder", [(1, 2, 2)]),
                      ("text_encoder_2", [(1, 4, 4)])]  # the second run: the other three from the cache
     assert all(r.plan.parent == folder / "tensorrt" for r in records.values())
+
+
+@pytest.mark.parametrize("stated", [None, 32])
+def test_engine_geometry_profiles_the_length_the_runtime_pads_prompts_to(tmp_path: Path, stated: int | None) -> None:
+    """The text encoders' TensorRT profile takes input_ids of the width the runtime's tokenizer gives them: the
+    tokenizer's model_max_length, else the text encoder's max_position_embeddings (not CLIP's 77)."""
+    import shutil
+
+    from basinguard.cli import SHIPPED_MODEL
+    from basinguard.runtime.batch import SpecChecker
+    from basinguard.runtime.model_folder import ModelFolder
+
+    folder = fake_folder(tmp_path / "model")
+    shutil.rmtree(folder / "tokenizer")
+    shutil.copytree(SHIPPED_MODEL / "tokenizer", folder / "tokenizer")
+    config = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
+    config.pop("model_max_length")
+    if stated is not None:
+        config["model_max_length"] = stated
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "text_encoder" / "config.json").write_text(json.dumps({"max_position_embeddings": 48}))
+    padded = SpecChecker(folder).tokenizer.encode(["a photo"]).shape[1]
+    assert padded == (48 if stated is None else stated)
+    assert ModelFolder.open(folder).engine_geometry().seq_len == padded
 
 
 # ---------------------------------------------------------------------------------------------- messages

@@ -1,5 +1,6 @@
-"""The samplers added for issue 19 at pipeline level: Euler ancestral's images do not depend on their batch, and the
-paper's switching rules hold on traces made with each new sampler (on the tiny model whose d has minima)."""
+"""Karras sigmas, Euler ancestral and UniPC at pipeline level: Euler ancestral's images do not depend on their batch,
+and the paper's switching rules hold on traces made with each of these samplers (on the tiny model whose d has
+minima)."""
 
 from __future__ import annotations
 

@@ -89,8 +89,8 @@ def test_export_writes_an_sdxl_folder(tiny_sdxl_onnx_dir, ours_xl):
     assert models["vae_decoder"]["dtype"] == "float32"
     assert {"text_encoder_2", "tokenizer", "tokenizer_2"} <= set(manifest["validation"])
     # the runtime takes each encoder's penultimate layer, and tokenizer_2 pads with "!" as the source's does
-    assert ours_xl.xl.hidden_outputs() == ("hidden_states.1", "hidden_states.2")
-    tokenizer_2 = ours_xl.xl.tokenizers[1]
+    assert ours_xl.sdxl_text.hidden_outputs() == ("hidden_states.1", "hidden_states.2")
+    tokenizer_2 = ours_xl.sdxl_text.tokenizers[1]
     assert tokenizer_2.pad_id == tokenizer_2.tokenizer.token_to_id("!") != ours_xl.tokenizer.pad_id
     assert ours_xl.folder.family == "sdxl" and ours_xl.folder.force_zeros_for_empty_prompt
 
@@ -467,3 +467,19 @@ def test_clip_skip_matches_diffusers(tiny_sdxl_onnx_dir, torch_xl, ours_xl, tmp_
                      "4", "--no-progress"]) == 0
     entry = json.loads((out / "manifest.jsonl").read_text())
     assert entry["clip_skip"] == 1 and entry["uncond"] == "zeros"
+
+
+def test_a_text_encoder_config_that_disagrees_with_its_onnx_is_refused(tiny_sdxl_onnx_dir, tmp_path, capsys):
+    """clip_skip's range is read from text_encoder*/config.json (before any model loads); a config claiming 12
+    layers for a 2-layer encoder let --clip-skip 5 through to an IndexError traceback."""
+    model = shutil.copytree(tiny_sdxl_onnx_dir, tmp_path / "model")
+    for part in ("text_encoder", "text_encoder_2"):
+        path = model / part / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "num_hidden_layers": 12}))
+    args = ["generate", "--model", str(model), "--prompt", "a red cat", "--steps", "2", "--threads", "1",
+            "--out", str(tmp_path / "o.png")]
+    assert cli_main([*args, "--clip-skip", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(model / "text_encoder/config.json") in err and "num_hidden_layers" in err, err
+    with pytest.raises(ModelFolderError, match="has 2 layers"):
+        Pipeline(model, threads=1)

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from basinguard.engine.base import EngineError, TensorSpec, conform
+from basinguard.errors import first_line
 
 PROVIDERS = {  # what --provider asks for, in ORT's priority order (CPU takes the ops a GPU provider cannot)
     "cpu": ["CPUExecutionProvider"],
@@ -33,12 +34,6 @@ def _specs(args: list) -> dict[str, TensorSpec]:
         shape = tuple(d if isinstance(d, int) else None for d in a.shape)
         specs[a.name] = TensorSpec(a.name, np.dtype(_ORT_DTYPES[a.type]), shape)
     return specs
-
-
-def _first_line(exc: BaseException) -> str:
-    """ONNX Runtime's message, first line (the rest is often a multi-line dump), or the exception's type."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -246,7 +241,7 @@ class OrtModel:
             if self.session is None:
                 self.session = ort.InferenceSession(source, session_options(threads), providers=providers)
         except Exception as exc:  # ORT raises its own exception types for a corrupt or truncated file
-            raise EngineError(f"cannot load {path}: {_first_line(exc)}") from None
+            raise EngineError(f"cannot load {path}: {first_line(exc)}") from None
         check_active(provider, self.session.get_providers())
         # "ort-tensorrt": ORT's TensorRT EP, told apart in traces from the native backend ("tensorrt").
         self.provider = LABELS[self.session.get_providers()[0]]
@@ -321,5 +316,5 @@ class OrtModel:
                     self._by_shapes[tuple(value.shape for value in feed.values())] = self.session
             shapes = ", ".join(f"{name} {tuple(value.shape)} {value.dtype}" for name, value in feed.items())
             raise EngineError(f"{self.name}: ONNX Runtime could not run {self.path} on inputs ({shapes}): "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
         return dict(zip(self._output_names, values))

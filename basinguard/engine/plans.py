@@ -31,7 +31,7 @@ from basinguard.files import digest_memo, file_digests, write_atomic
 ENGINE_DIR_ENV = "BASINGUARD_ENGINE_DIR"  # where plans live; default: ONNX_DIR/tensorrt
 PLAN_FORMAT = 2  # bump when the profile rules, the build or the sidecar change: old plans then no longer match
 ROLES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # text_encoder_2: SDXL's second encoder
-DEFAULT_SEQ_LEN = 77  # CLIP's context, when the tokenizer config does not give a usable one
+DEFAULT_SEQ_LEN = 77  # CLIP's context; a folder's own length comes in its ModelGeometry
 # Fields that must equal this machine's and this ONNX file's for a plan to load (the rest only name the build).
 ENV_FIELDS = ("format", "onnx_sha256", "tensorrt", "gpu", "compute_capability")
 KEY_FIELDS = (*ENV_FIELDS, "model", "profiles", "precision", "static", "builder")
@@ -81,7 +81,7 @@ class ModelGeometry:
     vae_factor: int  # pixels per latent cell
     native: HW  # the model's own (height, width) in pixels
     multiple: int  # image sides must be multiples of this
-    seq_len: int = DEFAULT_SEQ_LEN  # the text encoder's token length
+    seq_len: int = DEFAULT_SEQ_LEN  # the input_ids length: what the runtime pads prompts to
 
 
 @dataclass(frozen=True)

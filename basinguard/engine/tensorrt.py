@@ -30,11 +30,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from basinguard.engine.base import EngineError, TensorSpec, conform, onnx_files
+from basinguard.engine.base import EngineError, LoadedModel, TensorSpec, conform
 from basinguard.engine.plans import (
     ROLES,
     BuildSpec,
@@ -67,8 +68,6 @@ from basinguard.engine.plans import (
 if TYPE_CHECKING:  # tensorrt-stubs: pyright checks the calls (tests/test_tensorrt_static.py); never imported at run time
     import tensorrt
 
-__all__ = ["onnx_files"]  # re-exported: tests/test_fusion.py imports the plan key's file rule from here
-
 CUDA_GRAPH_ENV = "BASINGUARD_CUDA_GRAPH"  # "1": capture CUDA graphs when a plan is static
 MIN_TENSORRT = (10, 1)  # strongly typed networks, named tensors, per-profile device memory (_v2) queries
 # One working set per CUDA major: TensorRT, cuda-python and onnxruntime-gpu built for the same CUDA.
@@ -81,7 +80,7 @@ _MAX_OPEN_PLANS = 2  # plans of one model kept deserialized at once (each holds 
 # ---------------------------------------------------------------------------------------- GPU libraries (lazy)
 
 
-def _import_tensorrt():  # -> module tensorrt
+def _import_tensorrt() -> ModuleType:
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -95,7 +94,7 @@ def _import_tensorrt():  # -> module tensorrt
     return trt
 
 
-def _import_cudart():  # -> module cuda.bindings.runtime
+def _import_cudart() -> ModuleType:  # cuda.bindings.runtime
     try:
         from cuda.bindings import runtime  # pyright: ignore[reportMissingImports]  (not installed in CI)
     except ImportError:
@@ -692,7 +691,7 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_tensorrt(path: Path, threads: int | None = None):  # -> LoadedModel
+def load_tensorrt(path: Path, threads: int | None = None) -> LoadedModel:
     """`--provider tensorrt`: native TensorRT when tensorrt is installed and a valid plan for this ONNX file,
     TensorRT version and GPU exists (built by `basinguard build-engines`, never here: a build takes minutes
     and needs the profile chosen); else ONNX Runtime's TensorRT EP; else an EngineError naming what is missing."""

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 from basinguard.errors import BasinguardError
+from basinguard.errors import first_line as first_line  # the export modules' import of it
 
 
 class ExportError(BasinguardError):
     """An export that cannot be done or failed its checks; the message is one line naming the cause."""
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, for one-line ExportError messages."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

@@ -28,6 +28,7 @@ import onnx
 import torch
 
 from basinguard.export.errors import ExportError, first_line
+from basinguard.runtime.model_folder import model_family
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -108,8 +109,8 @@ class TorchModels:
 
     @property
     def family(self) -> str:
-        """"sdxl" or "sd", as the runtime's ModelFolder.family reads it from the UNet's config."""
-        return "sdxl" if getattr(self.unet.config, "addition_embed_type", None) == "text_time" else "sd"
+        """"sdxl" or "sd", by the runtime's rule, so an export and the folder it writes agree."""
+        return model_family(self.unet.config)
 
 
 def _sample_size(config: object) -> tuple[int, int]:

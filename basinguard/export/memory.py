@@ -5,10 +5,12 @@ starts, naming the estimate, what is available and what to do. The estimate foll
 (`onnx_export._export_graphs`): every torch module is loaded in float32, then each graph in turn is traced
 (its module, the modules not yet exported, and the TorchScript exporter's copies of the weights it constant-folds,
 e.g. every Linear weight transposed for MatMul), then freed, and the exported file is re-saved by onnx and
-validated by ONNX Runtime (its weights once more, at the export's dtype) while the later modules wait. The
-factors below round up what was measured here (benchmarks/full_size.py export, peak RSS by /usr/bin/time -v):
-SD 2.1-768-v, 1.29 B parameters, peaked at 7.3 GiB (estimate 8.3 GiB), while the text encoder was traced with
-the UNet and VAE loaded and waiting; its UNet's own phase peaked at 5.8 GiB.
+validated by ONNX Runtime (its weights once more, at the export's dtype) while the later modules wait.
+
+The factors round up what was measured here (benchmarks/full_size.py export, peak RSS by /usr/bin/time -v, 2
+threads): SD 2.1-768-v (1.29 B parameters) peaked at 7.3 GiB, estimated 7.5; SD 1.5 (1.07 B) at 4.7 GiB,
+estimated 7.4. Part of what the factors cover is activations while tracing at the native size (the UNet's
+attention at 96x96 latents), so they overestimate smaller-latent models, as SD 1.5 shows.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from pathlib import Path
 from basinguard.export.errors import ExportError
 
 GIB = 2**30
-# Bytes per parameter while a graph is traced, beyond its float32 module: the exporter's folded copies (float32;
-# float16 export: the module's half copy plus its folded copies, half the size each).
-TRACE_EXTRA = {"float32": 4.0, "float16": 4.0}
-# Bytes per parameter while a saved graph is re-saved and validated (ONNX Runtime's session and its prepacked
-# weights), at the graph's dtype.
-FINISH = {"float32": 8.0, "float16": 4.0}
+# Bytes per parameter while a graph is traced, beyond its float32 module: the exporter's folded copies and the
+# trace's activations (float16 export: the module's half copy, 2, and half-size copies, 1.5).
+TRACE_EXTRA = {"float32": 3.0, "float16": 3.5}
+# Bytes per parameter while a saved graph is re-saved by onnx and then validated by ONNX Runtime (one after the
+# other: the weights once, at the graph's dtype, and a margin).
+FINISH = {"float32": 5.0, "float16": 2.5}
 BASE = 1.5 * GIB  # interpreter, torch, onnxruntime, activations at the reduced validation size
 # The order the exporter handles the parts in; the VAE's decoder is most of the VAE but the whole VAE is loaded.
 ORDER = ("text_encoder", "text_encoder_2", "unet", "vae")

@@ -1,7 +1,8 @@
 """Checks of an exported ONNX model: its declared inputs/outputs, and ONNX Runtime CPU against torch.
 
-Validation runs at a reduced latent size (VALIDATION_SIDE): the graph is traced at the model's native size, and
-validation on other batch sizes and (smaller, non-square) latents is what shows it generalises. At the native
+Validation runs at a reduced latent size (VALIDATION_SIDE): the UNet is traced at the model's native size (the VAE
+decoder at graphs.VAE_TRACE_SIDE), and validation on other batch sizes and (smaller, non-square) latents is what
+shows the graph generalises. At the native
 size it would cost what a full-size generation does with unfused attention: for SD 2.1-768-v (96x104 latents,
 batch 3, 5 heads) one attention score tensor is 3*5*9984^2 floats = 6 GB, twice over with its softmax, which is
 what took the export past 24 GB. torch's outputs are computed first (`expected_outputs`), so the exporter can
@@ -69,7 +70,7 @@ def reduced_case(spec: GraphSpec, case: dict[str, torch.Tensor]) -> dict[str, to
         for axis in spec.dynamic_axes.get(name, {}):
             native = spec.example[name].shape[axis] if axis >= 2 else 0
             if native > VALIDATION_SIDE:
-                value = value.narrow(axis, 0, value.shape[axis] - (native - VALIDATION_SIDE))
+                value = value.narrow(axis, 0, value.shape[axis] - (native - VALIDATION_SIDE)).contiguous()
         reduced[name] = value
     return reduced
 

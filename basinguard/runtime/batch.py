@@ -331,9 +331,7 @@ def _line_tasks(number: int, record: dict[str, Any], checker: Checker, base: Sam
     for what, text in (("prompt", prompt), ("negative prompt", negative)):
         cut = checker.tokenizer.truncation(text)
         if cut is not None and long_prompts == "error":
-            raise ValueError(f"{what} has {cut.tokens} tokens; the text encoder takes at most {cut.kept} "
-                             f"(max_length {checker.tokenizer.max_length} minus start and end tokens; "
-                             "--long-prompts error)")
+            raise ValueError(cut.refusal(what))
         if cut is not None:
             notes.append(LineError(number, f"{what} cut to the text encoder's length: {cut.describe(text)}"))
     count = images_per_prompt if fields.get("num_images") is None else fields["num_images"]
@@ -857,8 +855,7 @@ def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline], checke
         done, lost = prepare_output(job.out_dir)
         pipe = pipeline if isinstance(pipeline, Pipeline) else pipeline()
         model = model_identity(pipe.folder.path)
-        check_same_job(parsed.tasks, done, job.out_dir, model,
-                       pipe.folder.scheduler_config.get("prediction_type", "epsilon"))
+        check_same_job(parsed.tasks, done, job.out_dir, model, pipe.folder.prediction_type)
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if pending:

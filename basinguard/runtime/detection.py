@@ -135,7 +135,7 @@ def load_calibration(path: Path, detect_steps: int | None = None, model: Path | 
                               f"--detect-steps (got {detect_steps}), or calibrate again")
     space = calib.get("gap_space")
     if model is not None and space != GAP_SPACE:
-        predicts = ModelFolder.open(model).scheduler_config.get("prediction_type", "epsilon")
+        predicts = ModelFolder.open(model).prediction_type
         if space is not None or predicts != "epsilon":
             made_in = f"d in {space!r} space" if space is not None else "d on the UNet's raw output (before d was measured in ε space)"
             raise BasinguardError(f"calibration file {path} was made with {made_in}; this {predicts} model's d is now in "

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def read_json(path: Path) -> dict:
     """The JSON object in `path`; a ModelFolderError naming the file for anything else (missing, unreadable, a
     folder, not JSON, or JSON that is not an object)."""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelFolderError(f"missing file: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -55,6 +56,12 @@ _DEFAULT_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 # null: the model's own scheduler, the usual default (opposite_scale: λ; latest_transition_t: no fallback)
 _MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale", "latest_transition_t")
+
+
+def model_family(unet_config: Mapping[str, Any]) -> str:
+    """"sdxl" for a UNet conditioned on pooled text and size ids (addition_embed_type "text_time", as diffusers
+    configures SDXL), else "sd". The one place that decides, for the export (torch's config) and the runtime."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
 
 
 def _positive_int(value: object, what: str, path: Path, most: int | None = None) -> int:
@@ -107,6 +114,7 @@ class ModelFolder:
         _ = (folder.default_image, folder.size_multiple, folder.latent_channels, folder.num_train_timesteps,
              folder.sampling_defaults, folder.latent_scaling, folder.force_zeros_for_empty_prompt,
              folder.latent_statistics)
+        folder._check_sizes()
         where = path / "scheduler/scheduler_config.json"
         try:  # here, naming the file, rather than as a traceback or NaN image at the first step
             check_config(folder.scheduler_config)
@@ -118,9 +126,13 @@ class ModelFolder:
 
     @property
     def family(self) -> str:
-        """"sdxl" for a UNet conditioned on pooled text and size ids (addition_embed_type "text_time", as diffusers
-        configures SDXL), else "sd"; read from the UNet's config, which both our and optimum's exports carry."""
-        return "sdxl" if self.unet_config.get("addition_embed_type") == "text_time" else "sd"
+        """The model family (`model_family`), from the UNet's config, which both our and optimum's exports carry."""
+        return model_family(self.unet_config)
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts ("epsilon", "v_prediction"), as the scheduler config says (diffusers' default)."""
+        return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
@@ -200,16 +212,11 @@ class ModelFolder:
 
     def engine_geometry(self) -> ModelGeometry:
         """What TensorRT profiles need from this folder (`basinguard build-engines`): the VAE factor, native size,
-        size multiple and the tokenizer's length (CLIP's 77 where its config gives no usable one)."""
-        from basinguard.engine.plans import DEFAULT_SEQ_LEN, ModelGeometry
+        size multiple and the length prompts are padded to, by the runtime's own rule (`padded_length`)."""
+        from basinguard.engine.plans import ModelGeometry
+        from basinguard.runtime.tokenizer import padded_length, text_encoder_length
 
-        seq_len, cfg = DEFAULT_SEQ_LEN, self.path / "tokenizer" / "tokenizer_config.json"
-        try:
-            value = json.loads(cfg.read_text()).get("model_max_length") if cfg.is_file() else None
-        except (OSError, ValueError, AttributeError):
-            value = None
-        if isinstance(value, int) and 2 < value <= 4096:  # huge sentinels (1e30) mean "unset"
-            seq_len = value
+        seq_len = padded_length(self.path / "tokenizer", text_encoder_length(self.path / "text_encoder"))
         return ModelGeometry(self.vae_scale_factor, self.default_image, self.size_multiple, seq_len)
 
     @property
@@ -272,6 +279,17 @@ class ModelFolder:
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, Integral) or not 0 <= clip_skip <= layers - 1:
             raise InputError(f"clip_skip {clip_skip!r} not allowed: must be an integer in [0, {layers - 1}] for this "
                              f"model (layers skipped back from the penultimate one of {layers})")
+
+    def _check_sizes(self) -> None:
+        """The VAE factor, size multiple and native size the configs give must lie within MAX_SIDE pixels: otherwise
+        every run is refused with a size error that blames --height/--width, or states an empty range."""
+        for part, key, what, value in (
+                ("vae_decoder", "block_out_channels", "a VAE scale factor", self.vae_scale_factor),
+                ("unet", "block_out_channels", "a size multiple", self.size_multiple),
+                ("unet", "sample_size", "a native image side", max(self.default_image))):
+            if value > MAX_SIDE:
+                raise ModelFolderError(f"corrupt config {self.path / part / 'config.json'}: its {key} gives {what} "
+                                       f"of {value} pixels, beyond the {MAX_SIDE} an image side may have")
 
     def check_size(self, height: int, width: int) -> None:
         m = self.size_multiple

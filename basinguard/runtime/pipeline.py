@@ -18,13 +18,14 @@ from dataclasses import dataclass, field, replace
 from numbers import Integral
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from basinguard.engine import EngineError, LoadedModel, load_model
 from basinguard.runtime.errors import InputError, ModelFolderError
 from basinguard.runtime.guidance import GuidancePolicy, PolicyConfig, make_policy
-from basinguard.runtime.model_folder import ModelFolder
+from basinguard.runtime.model_folder import ModelFolder, read_json
 from basinguard.runtime.schedulers import (
     GAP_SPACE,
     SCHEDULERS,
@@ -35,6 +36,9 @@ from basinguard.runtime.schedulers import (
     step_noise,
 )
 from basinguard.runtime.tokenizer import PromptTokenizer, text_encoder_length
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 PNG_TRACE_KEY = "basinguard"
 MAX_LATENT = 1e4  # |x_T| bound: standard normal noise stays within ±10; far beyond it the UNet overflows
@@ -99,7 +103,7 @@ class Generation:
     pixels: np.ndarray  # float32 (H, W, 3) in [0, 1]
     trace: dict
 
-    def to_pil(self):  # -> PIL.Image.Image
+    def to_pil(self) -> PIL.Image.Image:
         from PIL import Image
 
         return Image.fromarray((self.pixels * 255).round().astype(np.uint8))
@@ -210,12 +214,14 @@ MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")  
 SDXL_SETTINGS = (*MICRO_CONDITIONING, "clip_skip")  # the sampling settings only SDXL models take
 
 
+SDXL_UNET_INPUTS = ("text_embeds", "time_ids")  # an SDXL UNet's conditioning beside encoder_hidden_states
+
+
 def sdxl_record(sampling: SamplingConfig) -> dict[str, object]:
     """SDXL's settings of a resolved sampling as traces, manifests and calibrations record them (pairs as lists);
-    None for an SD sampling, which has none."""
+    each is None for an SD sampling, which takes none."""
     values = {name: getattr(sampling, name) for name in SDXL_SETTINGS}
     return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}
-SDXL_UNET_INPUTS = ("text_embeds", "time_ids")  # an SDXL UNet's conditioning beside encoder_hidden_states
 
 
 def load_tokenizer(folder: Path, encoder_folder: Path, encoder: LoadedModel) -> PromptTokenizer:
@@ -266,6 +272,13 @@ class SDXLText:
                                    f"to {tokenizer_2.max_length}; their model_max_length must agree")
         hidden = (hidden_state_outputs(text_encoder, folder.path / "text_encoder/model.onnx"),
                   hidden_state_outputs(encoder_2, path))
+        for part, layers in zip(("text_encoder", "text_encoder_2"), hidden, strict=True):
+            config = folder.path / part / "config.json"  # clip_skip's range comes from it (`check_clip_skip`)
+            stated = read_json(config).get("num_hidden_layers") if config.is_file() else None
+            if stated is not None and stated != len(layers) - 1:
+                raise ModelFolderError(f"corrupt config {config}: num_hidden_layers is {stated!r}, but "
+                                       f"{part}/model.onnx has {len(layers) - 1} layers (hidden_states.0 to "
+                                       f".{len(layers) - 1})")
         return cls((tokenizer, tokenizer_2), (text_encoder, encoder_2), hidden)
 
     def encode(self, texts: Sequence[str], clip_skip: int | None = None,
@@ -298,9 +311,9 @@ class Pipeline:
         self.vae_decoder = load_model(self.folder.path / "vae_decoder/model.onnx", provider, threads)
         outs = self.text_encoder.outputs
         self._text_output = "last_hidden_state" if "last_hidden_state" in outs else next(iter(outs))
-        self.xl: SDXLText | None = None
+        self.sdxl_text: SDXLText | None = None
         if self.folder.family == "sdxl":
-            self.xl = SDXLText.load(self.folder, self.tokenizer, self.text_encoder, provider, threads)
+            self.sdxl_text = SDXLText.load(self.folder, self.tokenizer, self.text_encoder, provider, threads)
             missing = [name for name in SDXL_UNET_INPUTS if name not in self.unet.model.inputs]
             if missing:
                 raise ModelFolderError(f"{self.folder.path / 'unet/model.onnx'} lacks input(s) {', '.join(missing)} "
@@ -316,7 +329,7 @@ class Pipeline:
                      sampling: SamplingConfig) -> Conditioning:
         """The UNet's conditioning for N images, [e_∅; e_p] (`uncond_kinds` says which e_∅), at a resolved
         sampling; one text-encoder call per encoder."""
-        if self.xl is None:  # SD: the text encoder's last hidden state
+        if self.sdxl_text is None:  # SD: the text encoder's last hidden state
             ids = self.tokenizer.encode([*negative_prompts, *prompts])
             with self.timer("text_encoder"):
                 e = self.text_encoder.run({"input_ids": ids})[self._text_output]
@@ -324,8 +337,8 @@ class Pipeline:
         n = len(prompts)
         encoded = [k for k, kind in enumerate(self.uncond_kinds(negative_prompts)) if kind != "zeros"]
         with self.timer("text_encoder"):  # zero rows need no encoding
-            hidden, pooled = self.xl.encode([negative_prompts[k] for k in encoded] + list(prompts), sampling.clip_skip,
-                                            skip_from=len(encoded))
+            hidden, pooled = self.sdxl_text.encode([negative_prompts[k] for k in encoded] + list(prompts),
+                                                   sampling.clip_skip, skip_from=len(encoded))
         pair_hidden = np.zeros((2 * n, *hidden.shape[1:]), np.float32)
         pair_pooled = np.zeros((2 * n, *pooled.shape[1:]), np.float32)
         pair_hidden[encoded], pair_pooled[encoded] = hidden[:len(encoded)], pooled[:len(encoded)]
@@ -441,8 +454,9 @@ class Pipeline:
         return [Generation(pixels[k].copy(), self._trace(k, prompts, negative_prompts, seeds, sampling, scheduler,
                                                    policy, gap, scale)) for k in range(n)]
 
-    def _trace(self, k: int, prompts, negative_prompts, seeds, sampling: SamplingConfig, scheduler: Scheduler,
-               policy: GuidancePolicy, gap: np.ndarray, scale: np.ndarray) -> dict:
+    def _trace(self, k: int, prompts: Sequence[str], negative_prompts: Sequence[str], seeds: Sequence[int] | None,
+               sampling: SamplingConfig, scheduler: Scheduler, policy: GuidancePolicy, gap: np.ndarray,
+               scale: np.ndarray) -> dict:
         transition = int(policy.transition_step[k])
         score = getattr(policy, "score", None)
         return {
@@ -463,7 +477,7 @@ class Pipeline:
             "detection_score": None if score is None else float(score[k]),
             "model_family": self.folder.family,
             "uncond": self.uncond_kinds(negative_prompts[k:k + 1])[0],  # which e_∅: d is measured against it
-            **(sdxl_record(sampling) if self.xl is not None else {}),
+            **(sdxl_record(sampling) if self.sdxl_text is not None else {}),
             # prompts cut to the text encoder's length (as diffusers cuts them): what was dropped, else null
             "truncation": {name: cut.record() for name, text in (("prompt", prompts[k]),
                                                                  ("negative_prompt", negative_prompts[k]))

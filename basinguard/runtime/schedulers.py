@@ -68,6 +68,7 @@ _OPTIONAL_POSITIVE = ("sigma_min", "sigma_max")  # Karras' schedule end points; 
 _FLAGS = ("clip_sample", "set_alpha_to_one", "skip_prk_steps", "lower_order_final", "euler_at_final",
           "use_karras_sigmas", "thresholding", "rescale_betas_zero_snr")
 _TEXT = ("beta_schedule", "timestep_spacing", "prediction_type")
+MIN_ALPHA_CUMPROD = 1e-30  # ᾱ at the last train step; below, sigma_max**2 nears float32's limit
 
 
 def _is_number(value: object) -> bool:
@@ -114,6 +115,17 @@ def check_config(config: Mapping[str, Any]) -> None:
                  f"beta_start {config.get('beta_start', 0.0001)!r} and beta_end {config.get('beta_end', 0.02)!r} "
                  f"give beta {betas[bad[0]]:g} at train step {bad[0]}")
         raise InvalidConfig(f"{where}; every beta must lie in (0, 1)")
+    last = float(np.cumprod(1.0 - betas)[-1])
+    if last < MIN_ALPHA_CUMPROD:  # sigma = sqrt((1 - ᾱ) / ᾱ) overflows float32 in the loop: NaN images
+        raise InvalidConfig(f"num_train_timesteps {n_train} with these betas drives ᾱ to {last:.3g} at the last train "
+                            f"step; it must stay above {MIN_ALPHA_CUMPROD:g} (Stable Diffusion's ends near 0.005)")
+    low, high = config.get("sigma_min"), config.get("sigma_max")
+    if low is not None and high is not None and low >= high:  # Karras' schedule would run from low noise to high
+        raise InvalidConfig(f"sigma_min {low!r} must be below sigma_max {high!r}")
+    prediction = config.get("prediction_type", "epsilon")
+    supported = Scheduler._SUPPORTED["prediction_type"]
+    if prediction not in supported:  # read by every scheduler: no other one would help
+        raise ValueError(f"prediction_type {prediction!r} is not supported (supported: {', '.join(supported)})")
 
 
 def _betas(config: Mapping[str, Any]) -> np.ndarray:

@@ -13,7 +13,6 @@ cannot express the first two steps (CLIPTokenizerFast skips them and differs on 
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import unicodedata
@@ -27,6 +26,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from basinguard.runtime.errors import ModelFolderError
+from basinguard.runtime.model_folder import read_json
 
 CLIP_CONTEXT = 77  # CLIP's text context; used when the folder does not state a usable model_max_length
 _MAX_SANE_LENGTH = 4096  # transformers writes ~1e30 for "no limit"; anything above this is treated as unset
@@ -70,6 +70,11 @@ class Truncation:
             return message + repr(self.dropped)
         return message + f"{self.dropped[:80] + '…'!r} ({self.tokens - self.kept} tokens in all)"
 
+    def refusal(self, what: str) -> str:
+        """Why `what` (e.g. "prompt", "--negative-prompt") is refused with --long-prompts error."""
+        return (f"{what} has {self.tokens} tokens; the text encoder takes at most {self.kept} (start and end tokens "
+                "aside; --long-prompts error, where the default truncates as diffusers does)")
+
     def record(self) -> dict:
         """As traces and manifest lines keep it."""
         return {"tokens": self.tokens, "kept": self.kept, "dropped": self.dropped}
@@ -80,8 +85,7 @@ def text_encoder_length(encoder: Path) -> int | None:
     path = encoder / "config.json"
     if not path.is_file():
         return None
-    config = _read_json(path)
-    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    value = read_json(path).get("max_position_embeddings")
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= _MAX_SANE_LENGTH:
@@ -131,15 +135,6 @@ def _clean_prompt(text: str) -> str:
     return " ".join(text.replace(_SEPARATOR, " ").split()) if _SEPARATOR in text else text
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFolderError(f"missing file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFolderError(f"corrupt JSON in {path}: {exc}") from None
-
-
 def _token_text(value: Any) -> str | None:
     """A special token as saved by transformers: a string or an AddedToken dict with "content"."""
     if isinstance(value, dict):
@@ -155,11 +150,8 @@ def _special_tokens(folder: Path) -> dict[str, str]:
     special_tokens_map.json wins.
     """
     config_path, map_path = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
-    config = _read_json(config_path) if config_path.exists() else {}
-    token_map = _read_json(map_path) if map_path.exists() else {}
-    for path, data in ((config_path, config), (map_path, token_map)):
-        if not isinstance(data, dict):
-            raise ModelFolderError(f"corrupt {path}: expected a JSON object")
+    config = read_json(config_path) if config_path.exists() else {}
+    token_map = read_json(map_path) if map_path.exists() else {}
     sources = (config, token_map) if "added_tokens_decoder" in config else (token_map, config)
     tokens = {}
     for key, default in _DEFAULTS.items():
@@ -172,7 +164,7 @@ def stated_max_length(folder: Path) -> int | None:
     """tokenizer_config.json's model_max_length, or None where the folder states no usable one (no file, no field,
     transformers' ~1e30 for "no limit")."""
     path = folder / "tokenizer_config.json"
-    value = _read_json(path).get("model_max_length") if path.exists() else None
+    value = read_json(path).get("model_max_length") if path.exists() else None
     if value is None or isinstance(value, bool) or not isinstance(value, int | float) or value > _MAX_SANE_LENGTH:
         return None
     if value < 2:
@@ -180,8 +172,8 @@ def stated_max_length(folder: Path) -> int | None:
     return int(value)
 
 
-def _max_length(folder: Path, text_encoder_length: int | None, exact: bool) -> int:
-    """The length to pad to: the stated one, else the text encoder's, else CLIP's. A stated length the text encoder
+def padded_length(folder: Path, text_encoder_length: int | None, exact: bool = False) -> int:
+    """The length a tokenizer folder's prompts are padded to: the stated one, else the text encoder's, else CLIP's. A stated length the text encoder
     cannot take (longer, or with `exact` another: a fixed ONNX input) would fail deep inside the runtime on the first
     prompt: refused here, naming both."""
     stated = stated_max_length(folder)
@@ -216,7 +208,7 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
 def _clip_bpe(folder: Path, unk_token: str) -> Tokenizer:
     """A `tokenizers` BPE equivalent to the slow CLIPTokenizer, from vocab.json + merges.txt."""
     vocab_path = folder / "vocab.json"
-    vocab = _read_json(vocab_path)
+    vocab = read_json(vocab_path)
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise ModelFolderError(f"corrupt {vocab_path}: expected a JSON object of token → id")
     merges = _read_merges(folder / "merges.txt")
@@ -263,7 +255,7 @@ def _added_tokens(folder: Path, from_tokenizer_json: dict[int, AddedToken]) -> l
     found = {token.content: (index, token) for index, token in from_tokenizer_json.items()}
     legacy = folder / "added_tokens.json"  # {content: id}, written before transformers 4.34
     if legacy.is_file():
-        entries = _read_json(legacy)
+        entries = read_json(legacy)
         if not isinstance(entries, dict) or not all(isinstance(v, int) for v in entries.values()):
             raise ModelFolderError(f"corrupt {legacy}: expected an object of token → id")
         for content, index in entries.items():
@@ -275,7 +267,7 @@ def _added_tokens(folder: Path, from_tokenizer_json: dict[int, AddedToken]) -> l
 
 def _config_added_tokens(folder: Path) -> list[tuple[int, AddedToken]]:
     path = folder / "tokenizer_config.json"
-    decoder = _read_json(path).get("added_tokens_decoder", {}) if path.exists() else {}
+    decoder = read_json(path).get("added_tokens_decoder", {}) if path.exists() else {}
     if not isinstance(decoder, dict):
         raise ModelFolderError(f"corrupt {path}: added_tokens_decoder is not an object of id → token")
     added = []
@@ -371,7 +363,7 @@ class PromptTokenizer:
             ids[key] = tok.token_to_id(specials[key])
             if ids[key] is None:
                 raise ModelFolderError(f"tokenizer folder {folder}: {key} {specials[key]!r} is not in the vocabulary")
-        return cls(tok, _max_length(folder, text_encoder_length, exact), ids["bos_token"], ids["eos_token"],
+        return cls(tok, padded_length(folder, text_encoder_length, exact), ids["bos_token"], ids["eos_token"],
                    ids["pad_token"], added)
 
     def tokenize(self, prompt: str) -> list[int]:
