@@ -247,6 +247,9 @@ def never_switched_warning(count: int, total: int, policy: PolicyConfig) -> str:
     name = policy.mitigation if policy.name == "auto" else policy.name
     if name in ("dtp", "og-dtp"):
         before = "steered away from the prompt" if name == "og-dtp" else f"ran at pre-scale {policy.pre_scale:g}"
+        if policy.latest_transition_t is not None:  # the fallback was given: t never came down to it
+            return (f"{count} of {total} images never switched to guidance: d had no local minimum and no step's t "
+                    f"was <= --latest-transition-t {policy.latest_transition_t}, so {name} {before} at every step")
         return (f"{count} of {total} images never switched to guidance: d had no local minimum, so {name} "
                 f"{before} at every step; --latest-transition-t T switches such images once t <= T")
     return f"{count} of {total} images never switched to guidance: t never reached τ = {policy.transition_t}"

@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -338,8 +339,7 @@ def _time_calls(call: Any, repeats: int) -> dict[str, Any]:
         start = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - start)
-    seconds.sort()
-    return {"median_s": round(seconds[len(seconds) // 2], 3), "min_s": round(seconds[0], 3), "seconds": seconds}
+    return {"median_s": round(statistics.median(seconds), 3), "min_s": round(min(seconds), 3), "seconds": seconds}
 
 
 def _stage_call(contender: str, stage: str, source: Path, onnx_dir: Path, feed: dict[str, Any],
@@ -483,7 +483,7 @@ def section_policies(model: str, source: Path, onnx_dir: Path, args: argparse.Na
     result: dict[str, Any] = {"run": run, "threads": args.threads, "size": _size(model)}
     if run["returncode"] == 0:
         data = json.loads((work / "policies.json").read_text())
-        med = {k: sorted(v)[len(v) // 2] for k, v in data["seconds"].items()}
+        med = {k: statistics.median(v) for k, v in data["seconds"].items()}
         result |= {"steps": data["steps"], "rounds": data["rounds"], "median_s": med, "timesteps": data["timesteps"],
                    "transition_step": data["transition_step"],
                    "dtp_over_cfg": round(med["dtp"] / med["cfg"], 3), "stp_over_cfg": round(med["stp"] / med["cfg"], 3)}

@@ -45,7 +45,8 @@ STAGES = ("text_encoder", "unet", "scheduler+policy", "vae")
 
 
 def policy_configs(defaults: dict, transition_t: int) -> dict[str, PolicyConfig]:
-    """The four rows; λ (and λ_og) from the model's own sampling defaults, τ and s_pre = 0 fixed by the brief."""
+    """The four rows; λ (and λ_og) from the model's own sampling defaults; τ as given and s_pre = 0, the default,
+    with which STP's steps before τ run the unconditional branch alone (batch N)."""
     lam = float(defaults.get("guidance_scale", 7.5))
     og = defaults.get("opposite_scale")  # None: λ (Algorithm 1)
     return {

@@ -19,6 +19,7 @@ from PIL import Image
 from basinguard.cli import main as cli_main
 from basinguard.errors import BasinguardError
 from basinguard.runtime.batch import ManifestWriter, SpecChecker, read_prompts
+from basinguard.runtime.errors import InputError, ModelFolderError
 from basinguard.runtime.guidance import PolicyConfig, make_policy
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
@@ -301,6 +302,17 @@ def test_images_that_never_switch_are_warned_about_and_counted(tiny_onnx_dir, tm
     assert "never switched to guidance: 0\n" in capsys.readouterr().out
 
 
+def test_the_never_switched_warning_does_not_advise_the_flag_already_given(tiny_onnx_dir, tmp_path, capsys):
+    """With --latest-transition-t 0 and a schedule whose last t is 1 (DDIM, leading, steps_offset 1), the warning
+    told the user to pass --latest-transition-t T, which they had."""
+    trace = tmp_path / "t.json"
+    assert cli_main(generate_args(tiny_onnx_dir, tmp_path / "o.png", "--policy", "dtp", "--latest-transition-t", "0",
+                                  "--trace", str(trace))) == 0
+    assert min(json.loads(trace.read_text())["timesteps"]) == 1  # so t never came down to 0
+    err = capsys.readouterr().err
+    assert "no step's t was <= --latest-transition-t 0" in err and "switches such images" not in err, err
+
+
 @pytest.mark.parametrize("name", ["dtp", "og-dtp"])
 def test_latest_transition_t_switches_where_no_minimum_came(pipe, name):
     sampling = SamplingConfig(steps=8, policy=PolicyConfig(name, guidance_scale=6.0, latest_transition_t=600))
@@ -557,3 +569,34 @@ def test_a_config_field_out_of_range_is_one_line_naming_file_and_field(tiny_onnx
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(model / part) in err and field in err, err
     assert not out.exists()
+
+
+def test_calibrate_refuses_lines_scored_at_other_settings_than_it_records(tiny_onnx_dir, tmp_path, capsys):
+    """`detect --calibrate` scored a line's own steps (d at step 0 then sits at another t) but recorded the flags'
+    steps, so `auto` at the line's steps was warned about and at the flags' was not: the calibration lied."""
+    memorized, normal = tmp_path / "m.jsonl", tmp_path / "n.txt"
+    normal.write_text("a big tree\ngreen sky\n")
+    calibration = tmp_path / "c.json"
+    args = ["detect", "--model", str(tiny_onnx_dir), "--threads", "1", "--steps", "3", "--calibrate",
+            "--memorized", str(memorized), "--normal", str(normal), "--out", str(calibration)]
+    memorized.write_text('{"prompt": "a red cat"}\n{"prompt": "a blue dog", "steps": 5}\n')
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{memorized} line 2" in err and "steps" in err and "steps 3" in err, err
+    assert not calibration.exists()
+    memorized.write_text('{"prompt": "a red cat"}\n{"prompt": "a blue dog", "steps": 3}\n')  # the flags' own value
+    assert cli_main(args) == 0 and json.loads(calibration.read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("threads", [0, -1, "2", 1.5, True])
+def test_the_api_refuses_a_thread_count_the_cli_would(tiny_onnx_dir, threads):
+    """`--threads` takes integers >= 1; Pipeline(threads=...) took 0 and -1 as ONNX Runtime's default without a word
+    and failed on "2" with pybind's "incompatible function arguments"."""
+    with pytest.raises(InputError, match=r"threads must be an integer >= 1"):
+        Pipeline(tiny_onnx_dir, threads=threads)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("folder", [123, None])
+def test_the_api_refuses_a_model_folder_that_is_no_path(folder):
+    with pytest.raises(ModelFolderError, match="a model folder is a path"):
+        Pipeline(folder)  # type: ignore[arg-type]

@@ -483,3 +483,16 @@ def test_a_text_encoder_config_that_disagrees_with_its_onnx_is_refused(tiny_sdxl
     assert err.count("\n") == 1 and str(model / "text_encoder/config.json") in err and "num_hidden_layers" in err, err
     with pytest.raises(ModelFolderError, match="has 2 layers"):
         Pipeline(model, threads=1)
+
+
+def test_calibrate_refuses_a_line_with_its_own_micro_conditioning(tiny_sdxl_onnx_dir, tmp_path, capsys):
+    """A memorized line with its own original_size was scored with it while the calibration recorded the flags'
+    (the image's size), so `auto` at that original_size was warned about and at the default was not."""
+    memorized, normal = tmp_path / "m.jsonl", tmp_path / "n.txt"
+    memorized.write_text('{"prompt": "a red cat", "original_size": [64, 64]}\n{"prompt": "a blue dog"}\n')
+    normal.write_text("a big tree\ngreen sky\n")
+    calibration = tmp_path / "c.json"
+    assert cli_main(["detect", "--model", str(tiny_sdxl_onnx_dir), "--threads", "1", "--steps", "3", "--calibrate",
+                     "--memorized", str(memorized), "--normal", str(normal), "--out", str(calibration)]) == 2
+    err = capsys.readouterr().err
+    assert f"{memorized} line 1" in err and "original_size [16, 16]" in err and not calibration.exists(), err

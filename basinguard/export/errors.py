@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from basinguard.errors import BasinguardError
-from basinguard.errors import first_line as first_line  # the export modules' import of it
+from basinguard.errors import first_line as first_line  # re-exported: the export modules import it from here
 
 
 class ExportError(BasinguardError):

@@ -499,10 +499,6 @@ def iter_manifest(path: Path) -> Iterator[dict]:
             yield entry
 
 
-def read_manifest(path: Path) -> list[dict]:
-    return list(iter_manifest(path))
-
-
 class ManifestWriter:
     """Appends entries, one write and one fsync per call, so a finished image's line survives any kill."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 REQUIRED = ("text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx", "tokenizer",
             "scheduler/scheduler_config.json")
 SDXL_REQUIRED = ("text_encoder_2/model.onnx", "tokenizer_2")  # beside REQUIRED, for a UNet conditioned on text_time
-FAMILIES = ("sd", "sdxl")  # SD 1.x/2.x; SDXL (two text encoders, pooled text and size micro-conditioning)
 MICRO_MAX = 16384  # pixels: the largest original/target side or crop offset SDXL's micro-conditioning accepts here
 MAX_SIDE = 4096  # pixels; beyond this the latent buffers alone exceed any sane memory budget
 MAX_LATENT_CHANNELS = 256  # SD uses 4, later families 16; far beyond, x_T alone would take gigabytes per image
@@ -60,7 +60,8 @@ _MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale"
 
 def model_family(unet_config: Mapping[str, Any]) -> str:
     """"sdxl" for a UNet conditioned on pooled text and size ids (addition_embed_type "text_time", as diffusers
-    configures SDXL), else "sd". The one place that decides, for the export (torch's config) and the runtime."""
+    configures SDXL: two text encoders, size micro-conditioning), else "sd" (SD 1.x/2.x). The one place that
+    decides, for the export (torch's config) and the runtime."""
     return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
 
 
@@ -93,6 +94,8 @@ class ModelFolder:
 
     @classmethod
     def open(cls, path: Path) -> ModelFolder:
+        if not isinstance(path, str | os.PathLike):  # Path() would raise a TypeError from pathlib's depths
+            raise ModelFolderError(f"a model folder is a path (str or Path), not {type(path).__name__}")
         path = Path(path)
         if not path.is_dir():
             raise ModelFolderError(f"model folder not found: {path}")

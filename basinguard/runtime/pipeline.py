@@ -301,6 +301,9 @@ class Pipeline:
     (see `OrtModel`), for jobs that run many generations at the same sizes."""
 
     def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None, static_shapes: bool = False):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, Integral) or threads < 1):
+            # ONNX Runtime took 0 and -1 as its default without a word, and "2" failed in pybind's words
+            raise InputError(f"threads must be an integer >= 1, or None for ONNX Runtime's default (got {threads!r})")
         self.folder = ModelFolder.open(folder)
         self.provider = provider
         self.timer = StageTimer()

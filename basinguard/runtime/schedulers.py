@@ -263,6 +263,13 @@ class Scheduler:
         self.alphas_cumprod = _alphas_cumprod(config)
         self._next_index = 0
 
+    @property
+    def sigma_train(self) -> np.ndarray:
+        """Each train step's VE-style sigma √((1 − ᾱ)/ᾱ), the noise scale Euler, DPM-Solver++ and UniPC step in:
+        α_t = 1/√(1 + σ²), σ_t = σ α_t."""
+        ac = self.alphas_cumprod
+        return np.sqrt((1 - ac) / ac)
+
     @classmethod
     def _steps_problem(cls, config: Mapping[str, Any], n: int) -> str | None:
         """Why `n` steps cannot run with this config (a timestep layout diffusers would fail on), or None."""
@@ -397,8 +404,7 @@ def _multistep_sigmas(sched: Scheduler, config: Mapping[str, Any], unipc: bool) 
     truncates it (diffusers skips its round() there and casts to int64); UniPC's sigma_min final sigma is then
     the schedule's own last one (sigma_max itself at one step), DPM-Solver++'s the table's first."""
     n_train, n = sched.num_train_timesteps, sched.num_inference_steps
-    ac = sched.alphas_cumprod
-    sigma_train = np.sqrt((1 - ac) / ac)  # VE-style sigma; alpha_t = 1/sqrt(1+s^2), sigma_t = s * alpha_t
+    sigma_train = sched.sigma_train
     if config.get("use_karras_sigmas"):
         s = _karras_sigmas(config, sigma_train[0], sigma_train[-1], n)
         t = _sigma_to_t(s, sigma_train)
@@ -511,8 +517,7 @@ class EulerDiscreteScheduler(Scheduler):
         """timesteps (float32, as diffusers keeps them), the n + 1 sigmas, the input scale and x_T's scale."""
         spacing, offset = self._spacing(config, "linspace")
         t = _spaced_timesteps(spacing, self.num_train_timesteps, self.num_inference_steps, offset, False)
-        ac = self.alphas_cumprod
-        sigma_train = np.sqrt((1 - ac) / ac)
+        sigma_train = self.sigma_train
         # fractional timesteps interpolate linearly between train sigmas
         s = np.interp(t.astype(np.float32).astype(np.float64), np.arange(len(sigma_train)), sigma_train)
         if karras:  # between the spaced schedule's own end sigmas; fractional timesteps

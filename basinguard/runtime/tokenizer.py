@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from basinguard.errors import first_line
 from basinguard.runtime.errors import ModelFolderError
 from basinguard.runtime.model_folder import read_json
 
@@ -172,17 +173,18 @@ def stated_max_length(folder: Path) -> int | None:
     return int(value)
 
 
-def padded_length(folder: Path, text_encoder_length: int | None, exact: bool = False) -> int:
-    """The length a tokenizer folder's prompts are padded to: the stated one, else the text encoder's, else CLIP's. A stated length the text encoder
-    cannot take (longer, or with `exact` another: a fixed ONNX input) would fail deep inside the runtime on the first
-    prompt: refused here, naming both."""
+def padded_length(folder: Path, encoder_length: int | None, exact: bool = False) -> int:
+    """The length a tokenizer folder's prompts are padded to: the stated one, else the text encoder's
+    (`encoder_length`, `text_encoder_length`), else CLIP's. A stated length the text encoder cannot take (longer, or
+    with `exact` another: a fixed ONNX input) would fail deep inside the runtime on the first prompt: refused here,
+    naming both."""
     stated = stated_max_length(folder)
     if stated is None:
-        return CLIP_CONTEXT if text_encoder_length is None else text_encoder_length
-    if text_encoder_length is not None and (stated > text_encoder_length or exact and stated != text_encoder_length):
+        return CLIP_CONTEXT if encoder_length is None else encoder_length
+    if encoder_length is not None and (stated > encoder_length or exact and stated != encoder_length):
         raise ModelFolderError(f"{folder / 'tokenizer_config.json'}: model_max_length {stated}, but the text encoder "
-                               f"takes input_ids of {'' if exact else 'at most '}length {text_encoder_length}; set model_max_length to "
-                               f"{text_encoder_length} (or remove it)")
+                               f"takes input_ids of {'' if exact else 'at most '}length {encoder_length}; set "
+                               f"model_max_length to {encoder_length} (or remove it)")
     return stated
 
 
@@ -230,8 +232,7 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFolderError(f"corrupt {path}: {reason}") from None
+        raise ModelFolderError(f"corrupt {path}: {first_line(exc)}") from None
     return tok
 
 
@@ -341,9 +342,9 @@ class PromptTokenizer:
             self._pattern = re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) + ")")
 
     @classmethod
-    def from_folder(cls, folder: Path, text_encoder_length: int | None = None, exact: bool = False) -> PromptTokenizer:
+    def from_folder(cls, folder: Path, encoder_length: int | None = None, exact: bool = False) -> PromptTokenizer:
         """Load a diffusers/optimum `tokenizer/` folder: tokenizer.json, else vocab.json + merges.txt.
-        `text_encoder_length`: the most input_ids its text encoder takes, where known (`text_encoder_length`); with
+        `encoder_length`: the most input_ids its text encoder takes, where known (`text_encoder_length`); with
         `exact`, the only length it takes (a fixed ONNX input)."""
         folder = Path(folder)
         if not folder.is_dir():
@@ -363,7 +364,7 @@ class PromptTokenizer:
             ids[key] = tok.token_to_id(specials[key])
             if ids[key] is None:
                 raise ModelFolderError(f"tokenizer folder {folder}: {key} {specials[key]!r} is not in the vocabulary")
-        return cls(tok, padded_length(folder, text_encoder_length, exact), ids["bos_token"], ids["eos_token"],
+        return cls(tok, padded_length(folder, encoder_length, exact), ids["bos_token"], ids["eos_token"],
                    ids["pad_token"], added)
 
     def tokenize(self, prompt: str) -> list[int]:
