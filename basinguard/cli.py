@@ -433,6 +433,8 @@ def cmd_detect(args: argparse.Namespace) -> None:
         raise BasinguardError("give PROMPTS, or --calibrate --memorized FILE --normal FILE --out FILE.json")
     if args.seeds < 1 or args.detect_steps < 1:
         raise BasinguardError(f"--seeds and --detect-steps must be >= 1 (got {args.seeds} and {args.detect_steps})")
+    if args.seed < 0:  # as batch's --seed
+        raise BasinguardError(f"--seed must be an integer >= 0 (got {args.seed})")
     if args.calibrate and args.fpr is None:
         args.fpr = 0.01
     if args.fpr is not None and not 0 <= args.fpr < 1:

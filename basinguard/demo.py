@@ -92,6 +92,11 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
         raise BasinguardError(f"--seeds must be >= 1 (got {seeds})")
     pipe = Pipeline(folder, provider=provider, threads=threads)
     rows, train_images, others = load_memorization(pipe.folder.path)
+    height, width = pipe.folder.default_image
+    if train_images.shape[1:3] != (height, width):  # their descriptors are compared with the generated images'
+        raise BasinguardError(f"{pipe.folder.path / 'memorization'}: its training images are {train_images.shape[1]}x"
+                              f"{train_images.shape[2]} pixels but the model makes {height}x{width} ones (its native "
+                              "size); the demo compares the two, so they must be the same size")
     descriptor = EdgeDescriptor()
     train_desc = descriptor(train_images)
     attributes_path = pipe.folder.path / "memorization" / "attributes.json"

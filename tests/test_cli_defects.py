@@ -600,3 +600,30 @@ def test_the_api_refuses_a_thread_count_the_cli_would(tiny_onnx_dir, threads):
 def test_the_api_refuses_a_model_folder_that_is_no_path(folder):
     with pytest.raises(ModelFolderError, match="a model folder is a path"):
         Pipeline(folder)  # type: ignore[arg-type]
+
+
+def test_the_demo_refuses_training_images_of_another_size_than_the_model_makes(tiny_onnx_dir, tmp_path, capsys):
+    """The shipped memorization set (32x32 images) beside a 16x16 model: the demo ran the whole model, then ended in
+    numpy's "matmul: Input operand 1 has a mismatch in its core dimension" traceback."""
+    model = copy_model(tiny_onnx_dir, tmp_path / "model")
+    shutil.copytree(SHIPPED / "memorization", model / "memorization")
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--model", str(model), "--threads", "1", "--seeds", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "32x32" in err and "16x16" in err and str(model / "memorization") in err, err
+    assert not out.exists()
+
+
+def test_detect_refuses_a_negative_seed_in_one_line(pipe, tmp_path, capsys):
+    """`detect --seed -1` ended in numpy's "expected non-negative integer" traceback (the step-noise generators
+    were seeded before the latents' check); generate and batch refuse it in one line."""
+    from basinguard.runtime.detection import detection_scores
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    assert cli_main(["detect", str(prompts), "--model", str(pipe.folder.path), "--threads", "1", "--steps", "2",
+                     "--seed", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seed must be an integer >= 0 (got -1)" in err, err
+    with pytest.raises(InputError, match="seed -1 not allowed"):
+        detection_scores(pipe, ["a red cat"], SamplingConfig(steps=2, scheduler="euler-a"), seeds=[-1])

@@ -60,9 +60,9 @@ def detection_scores(pipeline: Pipeline, prompts: Sequence[str], sampling: Sampl
         chunk = pairs[start:start + batch_size]
         n = len(chunk)
         seeds_here = [s for _, _, s in chunk]
+        latents = pipeline.initial_latents(seeds_here, sampling.height, sampling.width)  # checks the seeds, first
         scheduler = pipeline.make_scheduler(sampling, step_noise(seeds_here, None))  # euler-a: as generate draws it
         cond = pipeline.conditioning([p for p, _, _ in chunk], [neg for _, neg, _ in chunk], sampling)  # as generate
-        latents = pipeline.initial_latents(seeds_here, sampling.height, sampling.width)
         x = latents * np.float32(scheduler.init_noise_sigma)
         policy = make_policy(sampling.policy, n, pipeline.folder.num_train_timesteps)
         _, gap, _ = denoise(pipeline.unet, _FirstSteps(scheduler, steps), policy, x, cond)  # type: ignore[arg-type]
