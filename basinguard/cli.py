@@ -339,7 +339,18 @@ def cmd_build_engines(args: argparse.Namespace) -> None:
     spec = BuildSpec(batch=args.batch, min_batch=args.min_batch, image=args.image_size, min_image=args.min_image_size,
                      max_image=args.max_image_size, static=args.static, fp16=not args.fp32, vae_fp16=args.vae_fp16,
                      workspace_mib=args.workspace_mib, opt_level=args.opt_level)
-    geometry = ModelFolder.open(Path(args.onnx_dir)).engine_geometry()
+    folder = ModelFolder.open(Path(args.onnx_dir))
+    for flag, size in (("--image-size", args.image_size), ("--min-image-size", args.min_image_size),
+                       ("--max-image-size", args.max_image_size)):
+        try:  # the sizes generate accepts: a plan for others could never be used
+            if size is not None:
+                folder.check_size(*size)
+        except BasinguardError as exc:
+            raise BasinguardError(f"{flag}: {exc}") from None
+    absent = [role for role in args.models or [] if not (folder.path / role / "model.onnx").is_file()]
+    if absent:
+        raise BasinguardError(f"--models {' '.join(absent)}: {folder.path} has no {absent[0]}/model.onnx")
+    geometry = folder.engine_geometry()
     records = build_engines(Path(args.onnx_dir), geometry, spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                             roles=args.models, force=args.force)
     for role, record in records.items():
@@ -504,7 +515,8 @@ def cmd_detect(args: argparse.Namespace) -> None:
         print("line\tscore" + ("\tflagged" if flagging else "") + "\tprompt")
         for t, score, th in zip(first, scores, thresholds, strict=True):
             flag = ("\t-" if th is None else f"\t{'yes' if score > th else 'no'}") if flagging else ""
-            prompt = t.prompt.replace("\t", "\\t").replace("\n", "\\n")  # one row per line, whatever the prompt
+            # one row per line, whatever the prompt: a reader in text mode also ends a line at a lone \r
+            prompt = t.prompt.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
             print(f"{t.line}\t{score:.6g}{flag}\t{prompt}")
         return
     memorized, pos = score_file(args.memorized)

@@ -4,7 +4,7 @@
     python benchmarks/full_size.py export --model sd21-768v [--work ...]       # `basinguard export`, peak RSS
     python benchmarks/full_size.py check  --model sd21-768v [--steps 3]        # generate vs diffusers, peak RSS
     python benchmarks/full_size.py memory --model sd21-768v                    # loaded RSS vs weights on disk
-    python benchmarks/full_size.py stages --model sd21-768v [--repeats 3]      # per stage: ours/diffusers/optimum
+    python benchmarks/full_size.py stages --model sd21-768v [--repeats 3] [--rounds 2]  # per stage, 3 contenders
     python benchmarks/full_size.py policies --model sd21-768v [--steps 4]      # whole generations: cfg, stp, dtp
     python benchmarks/full_size.py all    --model sd21-768v                    # export .. policies in order
 
@@ -24,8 +24,9 @@ the native size and the VAE decoder at batch 1, timed per call (one warm-up, the
 (`basinguard.engine.load_model`: the fused-attention graph), optimum (the file opened as optimum's ORTModel opens
 it: ort.InferenceSession with ORT's default options, threads pinned; unfused) and diffusers-torch (the
 diffusers/transformers module, float32). Contenders run one after another, each in its own process (three
-full-size UNets at once would not fit beside the other jobs on this machine), so drift between them is not
-cancelled as benchmarks/compare.py's alternation does; min and median are recorded. policies: whole generations
+full-size UNets at once would not fit beside the other jobs on this machine); with --rounds N each contender runs N
+times, the order rotated per round, and all its calls are pooled, which spreads drift of the machine over the
+contenders (benchmarks/compare.py alternates within one process instead); min and median are recorded. policies: whole generations
 at the native size, cfg, stp (τ = 500, s_pre = 0) and dtp (s_pre = 0), in one process, the order rotated per round.
 
 Goals (issue 17), as ratios within one run: UNet call at batch 2 ≥ 1.5x faster than diffusers-torch and ≥ 1.1x
@@ -413,15 +414,25 @@ def _torch_call(stage: str, source: Path, feed: dict[str, Any], threads: int) ->
 def section_stages(model: str, source: Path, onnx_dir: Path, args: argparse.Namespace) -> dict:
     work = args.work / f"stages-{model}"
     work.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"threads": args.threads, "repeats": args.repeats, "size": _size(model),
-                              "batch": {"text_encoder": 2, "unet": 2, "vae_decoder": 1}}
-    for contender in ("ours", "optimum", "torch"):
-        out = work / f"{contender}.json"
-        run = run_measured([sys.executable, __file__, "_stage", "--model", model, "--work", str(args.work),
-                            *_size_args(model), "--contender", contender, "--threads", str(args.threads),
-                            "--repeats", str(args.repeats)],
-                           _threads_env(args.threads), work / f"{contender}.log")
-        result[contender] = {**(json.loads(out.read_text()) if run["returncode"] == 0 else {}), "run": run}
+    result: dict[str, Any] = {"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
+                              "size": _size(model), "batch": {"text_encoder": 2, "unet": 2, "vae_decoder": 1}}
+    contenders = ["ours", "optimum", "torch"]
+    for r in range(args.rounds):  # each round runs every contender once, the order rotated: drift spreads out
+        for contender in contenders[r % 3:] + contenders[:r % 3]:
+            out = work / f"{contender}.json"
+            run = run_measured([sys.executable, __file__, "_stage", "--model", model, "--work", str(args.work),
+                                *_size_args(model), "--contender", contender, "--threads", str(args.threads),
+                                "--repeats", str(args.repeats)],
+                               _threads_env(args.threads), work / f"{contender}.log")
+            got = json.loads(out.read_text()) if run["returncode"] == 0 else {}
+            entry = result.setdefault(contender, {"runs": []})
+            entry["runs"].append(run)
+            for stage, timing in got.items():  # the calls of every round together
+                merged = entry.setdefault(stage, {"seconds": []})
+                merged["seconds"] += timing["seconds"]
+                merged |= {k: v for k, v in timing.items() if k not in ("seconds", "median_s", "min_s")}
+                merged["median_s"] = round(statistics.median(merged["seconds"]), 3)
+                merged["min_s"] = round(min(merged["seconds"]), 3)
     unet = {c: result[c].get("unet", {}).get("median_s") for c in ("ours", "optimum", "torch")}
     if all(unet.values()):
         result["unet_vs_torch"] = round(unet["torch"] / unet["ours"], 2)
@@ -521,7 +532,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="check and policies: denoising steps")
     parser.add_argument("--repeats", type=int, default=3, help="stages: timed calls per stage and contender")
-    parser.add_argument("--rounds", type=int, default=1, help="policies: timed rounds (after one warm-up round)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="policies: timed rounds (after one warm-up round); stages: runs of every contender")
     parser.add_argument("--contender", choices=("ours", "optimum", "torch"))
     parser.add_argument("--export-args", nargs=argparse.REMAINDER, default=[],
                         help="export: more `basinguard export` flags (e.g. --fp16), last on the line")

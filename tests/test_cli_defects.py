@@ -4,6 +4,7 @@ met and checks what happens now."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -627,3 +628,27 @@ def test_detect_refuses_a_negative_seed_in_one_line(pipe, tmp_path, capsys):
     assert err.count("\n") == 1 and "--seed must be an integer >= 0 (got -1)" in err, err
     with pytest.raises(InputError, match="seed -1 not allowed"):
         detection_scores(pipe, ["a red cat"], SamplingConfig(steps=2, scheduler="euler-a"), seeds=[-1])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--image-size", "100000"], "--image-size: height 100000 not allowed: must be a multiple of 4 in [4, 4096]"),
+    (["--max-image-size", "8192x16"], "--max-image-size: height 8192 not allowed"),
+    (["--models", "unet", "text_encoder_2"], "--models text_encoder_2: "),
+])
+def test_build_engines_refuses_what_the_folder_cannot_serve_before_any_builder(tiny_onnx_dir, capsys, extra, message):
+    """A profile for sizes generate refuses, or a part the folder lacks (SDXL's text_encoder_2 on an SD folder),
+    passed the checks and went on to the TensorRT build (here, without TensorRT: "tensorrt is not installed",
+    which named neither problem)."""
+    assert cli_main(["build-engines", str(tiny_onnx_dir), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_detect_prints_one_row_per_prompt_line_even_with_a_carriage_return(pipe, tmp_path, capsys):
+    """Tabs and newlines in a prompt were escaped but a lone \\r was printed as it is, and a reader in text mode
+    (Python's universal newlines, spreadsheets) saw the row broken in two."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red\rcat"}) + "\n" + json.dumps({"prompt": "a blue dog"}) + "\n")
+    assert cli_main(["detect", str(prompts), "--model", str(pipe.folder.path), "--threads", "1", "--steps", "2"]) == 0
+    rows = io.StringIO(capsys.readouterr().out, newline=None).read().splitlines()
+    assert len(rows) == 3 and rows[1].endswith("\ta red\\rcat"), rows

@@ -130,6 +130,33 @@ def test_available_memory_reads_meminfo() -> None:
     assert found is not None and 0 < found[0] <= meminfo["MemTotal"]
 
 
+def test_cgroup_limits_v2_and_v1(tmp_path: Path) -> None:
+    """The room under the tightest limit of the process's cgroup and its parents, less page cache the kernel
+    reclaims first (inactive_file): a container's 8 GiB limit with 5 GiB charged, 1 GiB of it cache, leaves 4."""
+    root = tmp_path / "cgroup"
+    job = root / "box" / "job"
+    job.mkdir(parents=True)
+    (job / "memory.max").write_text("max\n")  # no limit at the job's level
+    (job / "memory.current").write_text(str(3 * GIB))
+    (root / "box" / "memory.max").write_text(str(8 * GIB))
+    (root / "box" / "memory.current").write_text(str(5 * GIB))
+    (root / "box" / "memory.stat").write_text(f"anon {4 * GIB}\ninactive_file {GIB}\nactive_file 0\n")
+    membership = tmp_path / "self-cgroup"
+    membership.write_text("0::/box/job\n")
+    room, source = memory._cgroup_room(root, membership)
+    assert room == 4 * GIB and "cgroup limit 8.0 GiB, 4.0 GiB used" in source
+    v1 = root / "memory" / "process_api" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(str(6 * GIB))
+    (v1 / "memory.usage_in_bytes").write_text(str(5 * GIB))
+    (v1 / "memory.stat").write_text(f"cache {GIB}\ntotal_inactive_file {GIB // 2}\n")
+    membership.write_text("9:name=systemd:/\n4:memory:/process_api/abc\n0::/\n")
+    room, source = memory._cgroup_room(root, membership)
+    assert room == int(1.5 * GIB) and "memory.limit_in_bytes" in source
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "no limit"
+    assert memory._cgroup_room(root, membership) is None
+
+
 def test_export_refuses_before_loading_and_the_flag_overrides(tiny_sd_pipeline_dir: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture) -> None:

@@ -496,3 +496,14 @@ def test_calibrate_refuses_a_line_with_its_own_micro_conditioning(tiny_sdxl_onnx
                      "--memorized", str(memorized), "--normal", str(normal), "--out", str(calibration)]) == 2
     err = capsys.readouterr().err
     assert f"{memorized} line 1" in err and "original_size [16, 16]" in err and not calibration.exists(), err
+
+
+def test_micro_conditioning_takes_a_numpy_pair_as_a_tuple(ours_xl):
+    """SamplingConfig(original_size=np.array([32, 32])) was refused as "not allowed: must be (height, width),
+    integers in [1, 16384]", though both are such integers."""
+    lat = latents(1, height=16, width=16)
+    tuple_pair, array_pair = (ours_xl.generate(["a red cat"], SamplingConfig(steps=2, original_size=size), latents=lat)[0]
+                              for size in ((32, 24), np.array([32, 24])))
+    assert array_pair.trace["original_size"] == [32, 24] and np.array_equal(array_pair.pixels, tuple_pair.pixels)
+    with pytest.raises(InputError, match="original_size"):
+        ours_xl.resolve(SamplingConfig(original_size=np.array([32, 24, 1])))

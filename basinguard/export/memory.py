@@ -32,8 +32,6 @@ FINISH = {"float32": 5.0, "float16": 2.5}
 BASE = 1.5 * GIB  # interpreter, torch, onnxruntime, activations at the reduced validation size
 # The order the exporter handles the parts in; the VAE's decoder is most of the VAE but the whole VAE is loaded.
 ORDER = ("text_encoder", "text_encoder_2", "unet", "vae")
-_WIDTH = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-          "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _header(path: Path) -> dict:
@@ -105,27 +103,47 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
 
 
-def _cgroup_room() -> tuple[int, str] | None:
-    """Room left under this process's cgroup memory limits (v2, walking up to the root; else v1), if any."""
-    room: tuple[int, str] | None = None
+def _inactive_file(stat: Path) -> int:
+    """Page cache the kernel reclaims before the limit bites (memory.stat's inactive_file), as kubelet's working
+    set leaves it out; 0 where unreadable."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        for line in stat.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("inactive_file", "total_inactive_file"):
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+                 ) -> tuple[int, str] | None:
+    """Room left under this process's cgroup memory limits (v2 "0::PATH", v1 "N:memory:PATH"; each level up to
+    the root), if any limit is set."""
+    try:
+        lines = membership.read_text().splitlines()
     except OSError:
         lines = []
-    v2 = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
     candidates = []
-    if v2 is not None:
-        folder = Path("/sys/fs/cgroup") / v2.lstrip("/")
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            folder, limit_name, usage_name = root / path.lstrip("/"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # v1
+            folder, limit_name, usage_name = root / "memory" / path.lstrip("/"), "memory.limit_in_bytes", \
+                "memory.usage_in_bytes"
+        else:
+            continue
         for level in (folder, *folder.parents):
-            if not str(level).startswith("/sys/fs/cgroup"):
+            if not level.is_relative_to(root):
                 break
-            candidates.append((level / "memory.max", level / "memory.current"))
-    candidates.append((Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-                       Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")))
+            candidates.append((level / limit_name, level / usage_name))
+    room: tuple[int, str] | None = None
     for limit_path, usage_path in candidates:
         limit, usage = _read_int(limit_path), _read_int(usage_path)
         if limit is None or usage is None or limit >= 2**60:  # v1 writes a huge number for no limit
             continue
+        usage = max(0, usage - _inactive_file(limit_path.with_name("memory.stat")))
         left = max(0, limit - usage)
         if room is None or left < room[0]:
             room = (left, f"cgroup limit {limit / GIB:.1f} GiB, {usage / GIB:.1f} GiB used ({limit_path})")

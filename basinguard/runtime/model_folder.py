@@ -260,7 +260,7 @@ class ModelFolder:
         for name, value in given.items():
             value = defaults[name] if value is None else value
             low = 0 if name == "crops_coords_top_left" else 1
-            pair = tuple(value) if isinstance(value, tuple | list) else ()
+            pair = tuple(value) if isinstance(value, tuple | list | np.ndarray) else ()  # a str is no pair
             if len(pair) != 2 or not all(isinstance(v, Integral) and not isinstance(v, bool) and low <= v <= MICRO_MAX
                                          for v in pair):
                 what = "(top, left)" if low == 0 else "(height, width)"

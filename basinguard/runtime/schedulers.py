@@ -78,7 +78,8 @@ def _is_number(value: object) -> bool:
 def check_config(config: Mapping[str, Any]) -> None:
     """Raise InvalidConfig, naming the field, for a value no scheduler can use: wrong types, a negative
     steps_offset (its timesteps would wrap around the alphas table), trained_betas of the wrong length, betas
-    outside (0, 1) (square roots of negative numbers, then NaN images)."""
+    outside (0, 1) (square roots of negative numbers, then NaN images), an ᾱ that underflows, Karras ends in the
+    wrong order. A prediction_type no scheduler here implements raises a plain ValueError (valid, unsupported)."""
     if not isinstance(config, Mapping):
         raise InvalidConfig(f"a scheduler config must be a JSON object, not {type(config).__name__}")
     n_train = config.get("num_train_timesteps", 1000)
