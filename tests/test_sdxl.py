@@ -467,6 +467,12 @@ def test_clip_skip_matches_diffusers(tiny_sdxl_onnx_dir, torch_xl, ours_xl, tmp_
                      "4", "--no-progress"]) == 0
     entry = json.loads((out / "manifest.jsonl").read_text())
     assert entry["clip_skip"] == 1 and entry["uncond"] == "zeros"
+    # clip_skip 0 selects the layer unset does (hidden_states[-2]): one record for both, so a job resumes either way
+    assert ours_xl.resolve(SamplingConfig(clip_skip=0)).clip_skip is None
+    lines.write_text(json.dumps({"prompt": PROMPTS[0], "seed": 7}) + "\n")
+    zero = ["batch", str(lines), str(tmp_path / "zero"), "--model", str(tiny_sdxl_onnx_dir), "--threads", "1", "--steps",
+            "4", "--no-progress"]
+    assert cli_main([*zero, "--clip-skip", "0"]) == 0 and cli_main(zero) == 0
 
 
 def test_a_text_encoder_config_that_disagrees_with_its_onnx_is_refused(tiny_sdxl_onnx_dir, tmp_path, capsys):

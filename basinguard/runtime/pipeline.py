@@ -410,7 +410,8 @@ class Pipeline:
         micro = self.folder.micro_conditioning(height, width, sampling.original_size, sampling.crops_coords_top_left,
                                                sampling.target_size)
         self.folder.check_clip_skip(sampling.clip_skip)
-        return replace(sampling, height=height, width=width, scheduler=scheduler, **micro)
+        clip_skip = sampling.clip_skip or None  # 0 skips nothing, as unset does: one record, so resume and calibration agree
+        return replace(sampling, height=height, width=width, scheduler=scheduler, clip_skip=clip_skip, **micro)
 
     def make_scheduler(self, sampling: SamplingConfig, noise: Sequence[np.random.Generator] | None = None) -> Scheduler:
         """`noise`: one generator per image (`step_noise`) for samplers that add noise each step (euler-a)."""
