@@ -513,3 +513,45 @@ def test_micro_conditioning_takes_a_numpy_pair_as_a_tuple(ours_xl):
     assert array_pair.trace["original_size"] == [32, 24] and np.array_equal(array_pair.pixels, tuple_pair.pixels)
     with pytest.raises(InputError, match="original_size"):
         ours_xl.resolve(SamplingConfig(original_size=np.array([32, 24, 1])))
+
+
+def test_the_demo_report_runs_on_an_sdxl_model(tiny_sdxl_onnx_dir, ours_xl, tmp_path):
+    """The demo's report (grids, d curves, metrics) is built from traces only, so an SDXL folder with a memorization
+    set gets the same report: its images are the ones generate makes, its transition steps the traces'."""
+    import shutil
+
+    from PIL import Image
+
+    from basinguard.demo import DEMO_POLICIES, run_demo
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sdxl_onnx_dir, model)
+    height, width = ours_xl.folder.default_image
+    train = (np.random.default_rng(0).uniform(size=(height, width, 3)) * 255).astype(np.uint8)
+    mem = model / "memorization"
+    (mem / "images").mkdir(parents=True)
+    Image.fromarray(train).save(mem / "images" / "0.png")
+    (mem / "duplicated.jsonl").write_text(json.dumps({"caption": PROMPTS[0], "image": "images/0.png"}) + "\n")
+    (mem / "other_captions.txt").write_text(PROMPTS[1] + "\n")
+    manifest = json.loads((model / "basinguard.json").read_text())
+    manifest["sampling_defaults"] = {"steps": 6, "transition_t": 500}
+    (model / "basinguard.json").write_text(json.dumps(manifest))
+
+    report = run_demo(model, tmp_path / "demo", seeds=2, threads=1, log=lambda *_: None)
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert [(m["caption"], m["policy"]) for m in metrics] == [
+        (c, p) for c in ("duplicated training caption", "novel caption") for p in DEMO_POLICIES]
+    html_text = report.read_text()
+    assert html_text.count("<polyline") == 2 * len(DEMO_POLICIES)
+    # the dtp grid holds the images generate makes for seeds 0 and 1 (2-pixel white borders, 3x nearest upscale)
+    dtp = SamplingConfig(steps=6, policy=PolicyConfig("dtp", 7.5))
+    gens = Pipeline(model, threads=1).generate([PROMPTS[0]] * 2, dtp, seeds=[0, 1])
+    with Image.open(tmp_path / "demo" / "dup_dtp.png") as im:
+        grid = np.asarray(im.convert("RGB"), np.int16)[::3, ::3]
+    for k, g in enumerate(gens):
+        cell = grid[2:2 + height, 2 + k * (width + 4):2 + k * (width + 4) + width]
+        assert np.abs(cell - (g.pixels * 255).round()).max() <= 1
+    steps = [g.trace["transition_step"] for g in gens if g.trace["transition_step"] is not None]
+    want = float(np.mean(steps)) if steps else None
+    assert next(m for m in metrics if m["policy"] == "dtp" and m["caption"].startswith("dup"))[
+        "mean_transition_step"] == want
