@@ -1,4 +1,4 @@
-"""Full-size checkpoints on one machine (issue 17): SD 1.5, SD 2.1-768-v and SDXL base, exported, checked and timed.
+"""Full-size checkpoints on one machine: SD 1.5, SD 2.1-768-v and SDXL base, exported, checked and timed.
 
     python benchmarks/full_size.py build  --model sd21-768v [--work /work/fullsize]
     python benchmarks/full_size.py export --model sd21-768v [--work ...]       # `basinguard export`, peak RSS
@@ -29,7 +29,7 @@ times, the order rotated per round, and all its calls are pooled, which spreads 
 contenders (benchmarks/compare.py alternates within one process instead); min and median are recorded. policies: whole generations
 at the native size, cfg, stp (τ = 500, s_pre = 0) and dtp (s_pre = 0), in one process, the order rotated per round.
 
-Goals (issue 17), as ratios within one run: UNet call at batch 2 ≥ 1.5x faster than diffusers-torch and ≥ 1.1x
+Goals, as ratios within one run: UNet call at batch 2 ≥ 1.5x faster than diffusers-torch and ≥ 1.1x
 faster than optimum's ORT session on the same ONNX file; whole generation dtp/cfg ≤ 1.01 and stp/cfg ≤ 0.8
 (τ = 500: before it the UNet runs at batch N instead of 2N). Where one is missed, the printed table says by how
 much and what the stage times show.

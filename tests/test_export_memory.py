@@ -1,5 +1,5 @@
 """The export's memory: the preflight estimate and its refusal, validation at a reduced latent size, and torch
-modules freed before ONNX Runtime validates their exported copies (issue 17)."""
+modules freed before ONNX Runtime validates their exported copies."""
 
 from __future__ import annotations
 

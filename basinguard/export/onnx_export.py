@@ -28,6 +28,7 @@ from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
 from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
 from basinguard.files import lock_held
+from basinguard.runtime.model_folder import read_json
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
 
 __all__ = ["DEFAULT_ATOL", "ExportError", "check_source", "export_pipeline"]
@@ -43,16 +44,6 @@ _TOKENIZER_CHECK = ["a photo of an astronaut riding a horse on mars", "A Cat, DE
                     "", "  extra   spaces\tand\nnewlines  ", "café naïve 3.14 it's", " ".join(["castle"] * 90)]
 _CONVERT_HINT = ("convert it in a trusted environment, e.g. `StableDiffusionPipeline.from_pretrained(SRC)"
                  ".save_pretrained(DIR, safe_serialization=True)`, then export DIR")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read {path}: {first_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"cannot read {path}: expected a JSON object")
-    return data
 
 
 def _resolve_source(src: str | Path, log: Callable[[str], object]) -> Path:
@@ -105,7 +96,7 @@ def check_source(folder: Path) -> dict:
     missing = [name for name in REQUIRED if not (folder / name).exists()]
     if missing:
         raise ExportError(f"{folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}")
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     if index.get("text_encoder", [None, None])[-1] is None and "text_encoder_2" in index:
         raise ExportError(f"{folder} has no first text encoder (an SDXL refiner?); the exporter supports SD 1.x/2.x "
                           "and SDXL base pipelines")
@@ -131,7 +122,7 @@ def scheduler_problem(folder: Path) -> str | None:
     from basinguard.runtime.schedulers import SCHEDULERS, UnsupportedConfig, make_scheduler
 
     try:
-        make_scheduler(_read_json(folder / "scheduler/scheduler_config.json"), 10)
+        make_scheduler(read_json(folder / "scheduler/scheduler_config.json"), 10)
     except UnsupportedConfig as exc:
         return (f"the runtime cannot run this pipeline's scheduler as configured ({exc}); generate with another: "
                 f"--scheduler {'|'.join(SCHEDULERS)}")
@@ -164,7 +155,7 @@ def _load_models(folder: Path) -> TorchModels:
             loaded[name] = model.float().eval()  # fp16-variant weights load as saved; export from float32
         except Exception as exc:  # corrupt weights, config mismatches
             raise ExportError(f"cannot load {folder / name}: {first_line(exc)}") from None
-    steps = _read_json(folder / "scheduler/scheduler_config.json").get("num_train_timesteps", 1000)
+    steps = read_json(folder / "scheduler/scheduler_config.json").get("num_train_timesteps", 1000)
     return TorchModels(loaded["text_encoder"], loaded["unet"], loaded["vae"], folder, int(steps),
                        loaded.get("text_encoder_2"))
 
