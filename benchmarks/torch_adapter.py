@@ -17,6 +17,11 @@ import torch
 from basinguard.engine.base import TensorSpec
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A float32 tensor over `a`; the runtime marks its loop constants read-only, which torch cannot wrap: copied."""
+    return torch.from_numpy(np.require(a, np.float32, ["C", "W"]))
+
+
 class TorchUNetModel:
     """A UNet module (diffusers' UNet2DConditionModel or benchmarks/sd_unet.SDUNet) as a LoadedModel."""
 
@@ -41,10 +46,11 @@ class TorchUNetModel:
             torch.cuda.synchronize(self.device)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+
         t0 = time.perf_counter()
-        x = torch.from_numpy(np.ascontiguousarray(inputs["sample"], np.float32)).to(self.device, self.dtype)
-        t = torch.from_numpy(np.ascontiguousarray(inputs["timestep"], np.float32)).to(self.device)
-        e = torch.from_numpy(np.ascontiguousarray(inputs["encoder_hidden_states"], np.float32)).to(self.device, self.dtype)
+        x = _tensor(inputs["sample"]).to(self.device, self.dtype)
+        t = _tensor(inputs["timestep"]).to(self.device)
+        e = _tensor(inputs["encoder_hidden_states"]).to(self.device, self.dtype)
         self._sync()
         t1 = time.perf_counter()
         with torch.inference_mode():
