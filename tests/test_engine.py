@@ -147,6 +147,17 @@ def test_model_folder_reads_sample_size_as_an_integer_or_height_and_width(tmp_pa
      r"sampling_defaults.steps must be an integer"),
     (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"policy": 3, "scheduler": null}}'),
      r"sampling_defaults.policy must be text"),  # (a null scheduler is allowed: the model's own)
+    # values in range too, named as the file's, not as flags the user never gave
+    (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"steps": 0}}'),
+     r"basinguard.json: sampling_defaults.steps must be >= 1, not 0"),
+    (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"scheduler": "fast"}}'),
+     r"basinguard.json: sampling_defaults.scheduler 'fast' is not one of ddim"),
+    (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"guidance_scale": 1000}}'),
+     r"basinguard.json: sampling_defaults: guidance scale must be in \[0, 100\]"),
+    (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"policy": "auto", "mitigation": "cfg"}}'),
+     r"basinguard.json: sampling_defaults: mitigation must be one of"),
+    (lambda d: (d / "basinguard.json").write_text('{"sampling_defaults": {"policy": "fancy"}}'),
+     r"basinguard.json: sampling_defaults: unknown policy 'fancy'"),
 ])
 def test_corrupt_model_folder_configs_are_model_folder_errors_naming_the_file(tmp_path: Path, damage,
                                                                                message: str) -> None:

@@ -16,7 +16,8 @@ import numpy as np
 
 from basinguard.files import digest_memo, file_digests
 from basinguard.runtime.errors import InputError, ModelFolderError
-from basinguard.runtime.schedulers import InvalidConfig, check_config
+from basinguard.runtime.guidance import PolicyConfig, PolicyError
+from basinguard.runtime.schedulers import SCHEDULERS, InvalidConfig, check_config
 
 if TYPE_CHECKING:
     from basinguard.engine.plans import ModelGeometry
@@ -55,6 +56,9 @@ _DEFAULT_TYPES: dict[str, type | tuple[type, ...]] = {
     "detect_threshold": (int, float), "latest_transition_t": int,
 }
 # null: the model's own scheduler, the usual default (opposite_scale: λ; latest_transition_t: no fallback)
+# sampling_defaults key -> PolicyConfig field
+_POLICY_FIELDS = {"policy": "name", **{k: k for k in ("guidance_scale", "transition_t", "pre_scale", "opposite_scale",
+                                                       "detect_threshold", "mitigation", "latest_transition_t")}}
 _MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale", "latest_transition_t")
 
 
@@ -241,6 +245,19 @@ class ModelFolder:
             if want is not None and (isinstance(value, bool) or not isinstance(value, want)):
                 kind = {str: "text", int: "an integer"}.get(want, "a number")
                 raise ModelFolderError(f"corrupt config {where}: sampling_defaults.{key} must be {kind}, not {value!r}")
+        # Ranges too, here: a bad default would otherwise be reported as if the user had given a bad flag.
+        if defaults.get("steps", 1) < 1:
+            raise ModelFolderError(f"corrupt config {where}: sampling_defaults.steps must be >= 1, not {defaults['steps']}")
+        if defaults.get("scheduler") is not None and defaults["scheduler"] not in SCHEDULERS:
+            raise ModelFolderError(f"corrupt config {where}: sampling_defaults.scheduler {defaults['scheduler']!r} is not "
+                                   f"one of {', '.join(SCHEDULERS)}")
+        policy = {_POLICY_FIELDS[k]: v for k, v in defaults.items() if k in _POLICY_FIELDS and v is not None}
+        if policy.get("name") == "auto":
+            policy.setdefault("detect_threshold", 0.0)  # auto's threshold may come from a flag or a calibration
+        try:
+            PolicyConfig(**policy).validate(self.num_train_timesteps)
+        except PolicyError as exc:
+            raise ModelFolderError(f"corrupt config {where}: sampling_defaults: {exc}") from None
         return dict(defaults)
 
     def micro_conditioning(self, height: int, width: int, original_size: object, crops_coords_top_left: object,
