@@ -421,6 +421,17 @@ def _multistep_sigmas(sched: Scheduler, config: Mapping[str, Any], unipc: bool) 
     return timesteps.astype(np.int64), np.append(s, last)
 
 
+# The sigma-schedule options DPM-Solver++ and UniPC share in diffusers: Karras sigmas and the final sigma run here.
+_MULTISTEP_SIGMAS: dict[str, tuple[Any, ...]] = {
+    "final_sigmas_type": ("zero", "sigma_min"),
+    "use_karras_sigmas": (False, None, True),
+    "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None),
+    "use_flow_sigmas": (False, None),
+    "use_dynamic_shifting": (False,),
+}
+
+
 class DPMSolverMultistepScheduler(Scheduler):
     """DPM-Solver++(2M), data-prediction form with the midpoint second-order update (arXiv:2211.01095)."""
 
@@ -431,13 +442,8 @@ class DPMSolverMultistepScheduler(Scheduler):
         "solver_type": ("midpoint",),
         "thresholding": (False,),
         "rescale_betas_zero_snr": (False,),
-        "final_sigmas_type": ("zero", "sigma_min"),
-        "use_karras_sigmas": (False, None, True),
-        "use_exponential_sigmas": (False, None),
-        "use_beta_sigmas": (False, None),
+        **_MULTISTEP_SIGMAS,
         "use_lu_lambdas": (False, None),
-        "use_flow_sigmas": (False, None),
-        "use_dynamic_shifting": (False,),
         "variance_type": (None,),
         "lambda_min_clipped": (-math.inf,),
     }
@@ -664,12 +670,7 @@ class UniPCMultistepScheduler(Scheduler):
         "solver_p": (None,),
         "thresholding": (False,),
         "rescale_betas_zero_snr": (False,),
-        "final_sigmas_type": ("zero", "sigma_min"),
-        "use_karras_sigmas": (False, None, True),
-        "use_exponential_sigmas": (False, None),
-        "use_beta_sigmas": (False, None),
-        "use_flow_sigmas": (False, None),
-        "use_dynamic_shifting": (False,),
+        **_MULTISTEP_SIGMAS,
     }
 
     @classmethod
