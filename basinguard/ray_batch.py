@@ -52,7 +52,7 @@ from basinguard.runtime.batch import (
     warn_other_engines,
     write_batch,
 )
-from basinguard.runtime.model_folder import ModelFolder, model_identity
+from basinguard.runtime.model_folder import model_identity
 
 LOCAL = "local"  # `--ray` without an address
 # The labels a provider's images carry (the driver loads no model to ask): tensorrt is native or ONNX Runtime's EP.
@@ -137,11 +137,12 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
     job.validate()
     if workers is not None and workers < 1:
         raise BasinguardError(f"--ray-workers must be >= 1 (got {workers})")
-    parsed = load_job(job, SpecChecker(model))  # before OUT_DIR is made: a refused job leaves nothing behind
+    checker = SpecChecker(model)
+    parsed = load_job(job, checker)  # before OUT_DIR is made: a refused job leaves nothing behind
     with output_lock(job.out_dir):
         done, lost = prepare_output(job.out_dir)
         identity = model_identity(model)
-        check_same_job(parsed.tasks, done, job.out_dir, identity, ModelFolder.open(model).prediction_type)
+        check_same_job(parsed.tasks, done, job.out_dir, identity, checker.folder.prediction_type)
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if not pending:
