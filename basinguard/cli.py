@@ -19,6 +19,7 @@ from basinguard.runtime.guidance import POLICY_NAMES, PolicyConfig, setting_prob
 from basinguard.runtime.schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
+    from basinguard.outputs.images import ImageOptions
     from basinguard.runtime.pipeline import Generation, SamplingConfig
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
@@ -74,13 +75,61 @@ def indexed(path: Path, k: int, n: int) -> Path:
     return path if n == 1 else path.with_name(f"{path.stem}-{k}{path.suffix}")
 
 
-def save_image(generation, path: Path, raw: bool = False) -> None:
+def save_image(generation, path: Path, raw: bool = False, options: ImageOptions | None = None) -> None:
     """PNG, or with `raw` the float32 pixels in [0, 1] as .npy (for parity checks without 8-bit rounding)."""
     if raw:
         with open(path, "wb") as f:
             np.save(f, generation.pixels)
     else:
-        generation.save_png(path)
+        generation.save_png(path, options)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for the images' format and metadata (generate, batch)."""
+    p.add_argument("--quality", type=int, default=None, metavar="Q",
+                   help="JPEG/WebP quality 1-100 (default 90)")
+    p.add_argument("--no-provenance", action="store_true",
+                   help="write neither the A1111 parameters nor the XMP that marks images as AI-generated (IPTC "
+                   "digital source type); the trace is written all the same")
+    p.add_argument("--provenance-prompt", action="store_true",
+                   help="also put the prompt in the XMP (IPTC AI prompt information); off by default, as prompts "
+                   "can be private (the trace and the parameters hold it in any case)")
+    p.add_argument("--c2pa-cert", metavar="CHAIN.pem", help="sign each image with a C2PA manifest: the signer's "
+                   "certificate chain, signer first (needs c2pa-python: pip install 'basinguard[c2pa]')")
+    p.add_argument("--c2pa-key", metavar="KEY.pem", help="the private key of --c2pa-cert's first certificate")
+    p.add_argument("--c2pa-tsa", metavar="URL", help="RFC 3161 time-stamp authority for the C2PA signatures")
+
+
+def image_options(args: argparse.Namespace, suffixes: set[str], model: Path | None) -> ImageOptions:
+    """The output flags as ImageOptions, checked (and the C2PA credentials opened) before any model loads.
+    `suffixes`: the image files' suffixes (".npy": raw pixels, which carry no metadata)."""
+    from basinguard.outputs.c2pa_signing import C2paSigner
+    from basinguard.outputs.images import ImageOptions
+
+    lossy = {".jpg", ".jpeg", ".webp"}
+    if args.quality is not None and not suffixes <= lossy:
+        raise BasinguardError(f"--quality applies to .jpg and .webp images, not {', '.join(sorted(suffixes - lossy))}")
+    if args.provenance_prompt and args.no_provenance:
+        raise BasinguardError("--provenance-prompt puts the prompt in the provenance XMP, which --no-provenance drops; "
+                              "give one of them")
+    c2pa = [flag for flag, value in (("--c2pa-cert", args.c2pa_cert), ("--c2pa-key", args.c2pa_key),
+                                      ("--c2pa-tsa", args.c2pa_tsa)) if value]
+    if c2pa and not (args.c2pa_cert and args.c2pa_key):
+        raise BasinguardError(f"{' and '.join(c2pa)} given: C2PA signing needs both --c2pa-cert and --c2pa-key")
+    if c2pa and ".npy" in suffixes:
+        raise BasinguardError("C2PA signs image files; .npy pixels cannot carry a manifest")
+    signer = C2paSigner.open(Path(args.c2pa_cert), Path(args.c2pa_key), args.c2pa_tsa) if c2pa else None
+    name = model_hash = None
+    if model is not None and not args.no_provenance:
+        from basinguard.runtime.model_folder import model_identity
+
+        identity = model_identity(model)
+        name, model_hash = Path(identity["path"]).name, identity["id"]
+    return ImageOptions(provenance=not args.no_provenance, provenance_prompt=args.provenance_prompt,
+                        quality=args.quality, model_name=name, model_hash=model_hash, signer=signer)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -194,14 +243,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if n > MAX_IMAGES_PER_LINE:
         raise BasinguardError(f"--latents holds {n} images; at most {MAX_IMAGES_PER_LINE} a run (for more, "
                               "`basinguard batch`)")
-    out = output_file(args.out, "--out", (".png", ".npy"), n)
+    out = output_file(args.out, "--out", (*IMAGE_SUFFIXES, ".npy"), n)
     trace = output_file(args.trace, "--trace", (".json",), n) if args.trace else None
     outputs = [indexed(out, k, n) for k in range(n)] + ([indexed(trace, k, n) for k in range(n)] if trace else [])
     refuse_overwriting(("--out", "--trace"), outputs, {"--latents": args.latents,
                                                        "--detect-calibration": args.detect_calibration})
     calib = _calibrated_threshold(args)
     model = model_dir(args.model)
-    checker = SpecChecker(model)  # every check that needs only the folder's configs, before any model loads
+    checker = SpecChecker(model)
+    options = image_options(args, {out.suffix.lower()}, model)  # every check that needs only the folder's configs, before any model loads
     if args.long_prompts == "error":
         for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
             cut = checker.tokenizer.truncation(text)
@@ -232,7 +282,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                              negative_prompts=[negative_prompt] * m,
                              latents=None if latents is None else latents[start:start + m])
         for k, g in enumerate(gens, start=start):
-            write_generation(out, trace, k, n, g)
+            write_generation(out, trace, k, n, g, options)
         never_switched += sum(g.trace["transition_step"] is None for g in gens)
     times = pipe.timer.summary()
     print("  ".join(f"{k} {v:.3f}s" for k, v in times.items()))
@@ -275,9 +325,15 @@ def remove_leftovers(outputs: list[Path]) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def write_generation(out: Path, trace: Path | None, k: int, n: int, g: Generation) -> None:
-    """Image k of n (and its trace), each written atomically."""
-    write_atomic(indexed(out, k, n), lambda p: save_image(g, p, raw=out.suffix.lower() == ".npy"))
+def write_generation(out: Path, trace: Path | None, k: int, n: int, g: Generation,
+                     options: ImageOptions | None = None) -> None:
+    """Image k of n (and its trace), each written atomically; `out`'s suffix picks the format (.npy: raw pixels)."""
+    from basinguard.outputs.images import write_image
+
+    if out.suffix.lower() == ".npy":
+        write_atomic(indexed(out, k, n), lambda p: save_image(g, p, raw=True))
+    else:
+        write_image(indexed(out, k, n), g.to_pil(), g.trace, options)
     if trace is not None:
         write_atomic(indexed(trace, k, n), lambda p: p.write_text(json.dumps(g.trace, indent=1)))
     ts = g.trace["transition_step"]
@@ -562,8 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, help="images per UNet call (2x that with guidance); "
                    "each batch is written before the next starts")
     g.add_argument("--latents", help="initial latents .npy of shape (N, C, h, w), instead of --seed")
-    g.add_argument("--out", default="out.png", help="PNG path (.npy: float pixels); an index is added when N > 1")
+    g.add_argument("--out", default="out.png", help="image path, .png, .jpg or .webp (.npy: float pixels); an index "
+                   "is added when N > 1")
     g.add_argument("--trace", help="JSON trace path; an index is added when N > 1")
+    add_output_flags(g)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("export", help="diffusers pipeline folder → ONNX model folder")

@@ -8,7 +8,6 @@ reaches the loop as one `Conditioning`, so the loop is the same for every family
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import defaultdict
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from basinguard.engine import EngineError, LoadedModel, load_model
+from basinguard.outputs.images import PNG_TRACE_KEY, ImageOptions, encode_image  # noqa: F401 - PNG_TRACE_KEY: named here as before
 from basinguard.runtime.errors import InputError, ModelFolderError
 from basinguard.runtime.guidance import GuidancePolicy, PolicyConfig, make_policy
 from basinguard.runtime.model_folder import ModelFolder, read_json
@@ -40,7 +40,6 @@ from basinguard.runtime.tokenizer import PromptTokenizer, text_encoder_length
 if TYPE_CHECKING:
     import PIL.Image
 
-PNG_TRACE_KEY = "basinguard"
 MAX_LATENT = 1e4  # |x_T| bound: standard normal noise stays within ±10; far beyond it the UNet overflows
 
 
@@ -108,15 +107,12 @@ class Generation:
 
         return Image.fromarray((self.pixels * 255).round().astype(np.uint8))
 
-    def save_png(self, path: Path) -> None:
+    def save_png(self, path: Path, options: ImageOptions | None = None) -> None:
         """The image as PNG carrying its trace (prompt, seed, policy, d and scale per step, transition step) as
         compressed JSON in a text chunk named "basinguard", so how an image was made, and whether it was
-        mitigated, travels with it."""
-        from PIL.PngImagePlugin import PngInfo
-
-        info = PngInfo()
-        info.add_text(PNG_TRACE_KEY, json.dumps(self.trace, separators=(",", ":")), zip=True)
-        self.to_pil().save(path, format="PNG", pnginfo=info)
+        mitigated, travels with it; and, unless `options` turn provenance off, A1111's parameters and an XMP packet
+        marking it as generated (`basinguard.outputs`)."""
+        Path(path).write_bytes(encode_image(self.to_pil(), self.trace, "png", options, title=Path(path).name))
 
 
 @dataclass(frozen=True)
