@@ -92,7 +92,7 @@ def recover_shards(out_dir: Path, recorded: Mapping[str, Iterable[str]]) -> set[
     keys are not exactly those `recorded` for it (shard name → keys, from the manifest), and return the recorded keys
     whose shard is gone or was removed, to be forgotten and made again."""
     out_dir = Path(out_dir)
-    for tmp in temporary_files(out_dir, "shard-*"):
+    for tmp in temporary_files(out_dir, "shard-"):
         tmp.unlink(missing_ok=True)
     for path in published_shards(out_dir):
         try:
