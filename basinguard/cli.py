@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -15,20 +15,19 @@ import numpy as np
 
 from basinguard.errors import BasinguardError
 from basinguard.files import temporary_files, temporary_name_fits, write_atomic
-from basinguard.runtime.guidance import POLICY_NAMES, PolicyConfig, setting_problem
+from basinguard.runtime.guidance import POLICY_NAMES, PolicyConfig
 from basinguard.runtime.schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
     from basinguard.outputs.images import ImageOptions
     from basinguard.runtime.pipeline import Generation, SamplingConfig
+    from basinguard.runtime.spec import ModelSpec
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
 SCHEDULER_CHOICES = tuple(SCHEDULERS)
 USEFUL_AUC = 0.7  # below it a calibration's threshold is little better than chance (0.5): warn
 DETECT_IGNORES = ("--policy", "--pre-scale", "--transition-t", "--opposite-scale", "--mitigation",
                   "--latest-transition-t")
-FALLBACK_DEFAULTS = {"policy": "cfg", "guidance_scale": 7.5, "transition_t": 500, "pre_scale": 0.0,
-                     "opposite_scale": None, "steps": 50, "scheduler": None}
 
 
 def model_dir(arg: str | None) -> Path:
@@ -75,13 +74,13 @@ def indexed(path: Path, k: int, n: int) -> Path:
     return path if n == 1 else path.with_name(f"{path.stem}-{k}{path.suffix}")
 
 
-def save_image(generation, path: Path, raw: bool = False, options: ImageOptions | None = None) -> None:
+def save_image(generation, path: Path, raw: bool = False) -> None:
     """PNG, or with `raw` the float32 pixels in [0, 1] as .npy (for parity checks without 8-bit rounding)."""
     if raw:
         with open(path, "wb") as f:
             np.save(f, generation.pixels)
     else:
-        generation.save_png(path, options)
+        generation.save_png(path)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -103,9 +102,10 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--c2pa-tsa", metavar="URL", help="RFC 3161 time-stamp authority for the C2PA signatures")
 
 
-def image_options(args: argparse.Namespace, suffixes: set[str], model: Path | None) -> ImageOptions:
+def image_options(args: argparse.Namespace, suffixes: set[str], identity: Callable[[], dict] | None) -> ImageOptions:
     """The output flags as ImageOptions, checked (and the C2PA credentials opened) before any model loads.
-    `suffixes`: the image files' suffixes (".npy": raw pixels, which carry no metadata)."""
+    `suffixes`: the image files' suffixes (".npy": raw pixels, which carry no metadata); `identity`: the model's
+    (`ModelSpec.identity`), asked for only where the parameters name the model."""
     from basinguard.outputs.c2pa_signing import C2paSigner
     from basinguard.outputs.images import ImageOptions
 
@@ -123,11 +123,9 @@ def image_options(args: argparse.Namespace, suffixes: set[str], model: Path | No
         raise BasinguardError("C2PA signs image files; .npy pixels cannot carry a manifest")
     signer = C2paSigner.open(Path(args.c2pa_cert), Path(args.c2pa_key), args.c2pa_tsa) if c2pa else None
     name = model_hash = None
-    if model is not None and not args.no_provenance:
-        from basinguard.runtime.model_folder import model_identity
-
-        identity = model_identity(model)
-        name, model_hash = Path(identity["path"]).name, identity["id"]
+    if identity is not None and not args.no_provenance:
+        model = identity()
+        name, model_hash = Path(model["path"]).name, model["id"]
     return ImageOptions(provenance=not args.no_provenance, provenance_prompt=args.provenance_prompt,
                         quality=args.quality, model_name=name, model_hash=model_hash, signer=signer)
 
@@ -169,32 +167,12 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    "(default: none)")
 
 
-def sampling_from_args(args: argparse.Namespace, defaults: dict) -> SamplingConfig:
-    from basinguard.runtime.pipeline import SamplingConfig
+def sampling_from_args(args: argparse.Namespace, spec: ModelSpec) -> SamplingConfig:
+    """The flags given, as overrides of the model's sampling defaults (`runtime.settings`)."""
+    from basinguard.runtime.settings import SETTINGS, sampling_from
 
-    d = {**FALLBACK_DEFAULTS, **defaults}
-
-    def pick(name: str):
-        value = getattr(args, name, None)
-        return d.get(name) if value is None else value
-
-    name = pick("policy")
-    # A model's default threshold is for its default auto policy; under another policy it would refuse every job.
-    threshold = args.detect_threshold if getattr(args, "detect_threshold", None) is not None else (
-        d.get("detect_threshold") if name == "auto" else None)
-    policy = PolicyConfig(name=name, guidance_scale=pick("guidance_scale"), transition_t=pick("transition_t"),
-                          pre_scale=pick("pre_scale"), opposite_scale=pick("opposite_scale"),
-                          detect_threshold=threshold, mitigation=pick("mitigation") or "og-dtp",
-                          latest_transition_t=pick("latest_transition_t"))
-    for setting in ("pre_scale", "transition_t", "opposite_scale", "mitigation", "latest_transition_t"):
-        flag = "--" + setting.replace("_", "-")
-        problem = getattr(args, setting, None) is not None and setting_problem(setting, policy.name, policy.mitigation, flag)
-        if problem:
-            raise BasinguardError(problem)
-    return SamplingConfig(steps=pick("steps"), scheduler=pick("scheduler"), height=args.height, width=args.width,
-                          policy=policy, original_size=getattr(args, "original_size", None),
-                          crops_coords_top_left=getattr(args, "crops_coords_top_left", None),
-                          target_size=getattr(args, "target_size", None), clip_skip=getattr(args, "clip_skip", None))
+    overrides = {name: getattr(args, name, None) for name in SETTINGS}
+    return sampling_from(spec.folder.sampling_defaults, overrides, lambda name: "--" + name.replace("_", "-"))
 
 
 def read_latents(path: str, num_images: int) -> np.ndarray:
@@ -222,10 +200,12 @@ def read_latents(path: str, num_images: int) -> np.ndarray:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import MAX_IMAGES_PER_LINE, SpecChecker, prompt_text
+    from basinguard.batch.job import quiet_truncation
+    from basinguard.batch.prompts import MAX_IMAGES_PER_LINE
     from basinguard.runtime.detection import calibration_warnings
-    from basinguard.runtime.model_folder import accepted_model_ids, model_identity
     from basinguard.runtime.pipeline import Pipeline
+    from basinguard.runtime.spec import ModelSpec
+    from basinguard.runtime.tokenizer import prompt_text
 
     if not 1 <= args.num_images <= MAX_IMAGES_PER_LINE:
         raise BasinguardError(f"--num-images must be in [1, {MAX_IMAGES_PER_LINE}] (got {args.num_images}; "
@@ -250,37 +230,41 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                                        "--detect-calibration": args.detect_calibration})
     calib = _calibrated_threshold(args)
     model = model_dir(args.model)
-    checker = SpecChecker(model)
-    options = image_options(args, {out.suffix.lower()}, model)  # every check that needs only the folder's configs, before any model loads
-    if args.long_prompts == "error":
-        for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
-            cut = checker.tokenizer.truncation(text)
-            if cut is not None:
-                raise BasinguardError(cut.refusal(flag))
-    sampling = sampling_from_args(args, checker.folder.sampling_defaults)
+    spec = ModelSpec(model)  # every check that needs only the folder's configs, before any model loads
+    options = image_options(args, {out.suffix.lower()}, lambda: spec.identity)
+    cuts = [(flag, text, cut) for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt))
+            if (cut := spec.tokenizer.truncation(text)) is not None]
+    if cuts and args.long_prompts == "error":
+        raise BasinguardError(cuts[0][2].refusal(cuts[0][0]))
+    sampling = sampling_from_args(args, spec)
     if args.detect_threshold is not None and sampling.policy.name != "auto":  # batch and detect flag with it
         flag = "--detect-calibration" if calib is not None else "--detect-threshold"
         raise BasinguardError(f"{flag} applies to policy auto only here, not {sampling.policy.name}")
-    resolved = checker.resolve(sampling)
-    checker.make_scheduler(resolved)
+    resolved = spec.resolve(sampling)
+    spec.make_scheduler(resolved)
     if latents is not None:  # the whole file, once, rather than a batch's slice of it
-        checker.check_latents(latents, len(latents), resolved)
+        spec.check_latents(latents, len(latents), resolved)
     if calib is not None:
         for warning in calibration_warnings(Path(args.detect_calibration), calib, [(1, resolved, negative_prompt)],
-                                            accepted_model_ids(model_identity(model))):
+                                            spec.accepted_ids):
             print(f"basinguard generate: warning: {warning}", file=sys.stderr)
+    for flag, text, cut in cuts:  # named once here, with the flag; the tokenizer's own warning is silenced below
+        what = "negative prompt" if flag == "--negative-prompt" else "prompt"
+        print(f"basinguard generate: warning: {what} cut to the text encoder's length: {cut.describe(text)}",
+              file=sys.stderr)
     remove_leftovers(outputs)
-    pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
+    pipe = Pipeline(spec, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     seeds = [(args.seed or 0) + k for k in range(n)]
     # Image k has seed + k (or latents[k]) whatever the batch it runs in; each batch's images are written before
     # the next batch starts, so an interrupted run keeps what it made.
     never_switched = 0
     for start in range(0, n, args.batch_size):
         m = min(args.batch_size, n - start)
-        gens = pipe.generate([prompt] * m, sampling,
-                             seeds=None if latents is not None else seeds[start:start + m],
-                             negative_prompts=[negative_prompt] * m,
-                             latents=None if latents is None else latents[start:start + m])
+        with quiet_truncation():
+            gens = pipe.generate([prompt] * m, sampling,
+                                 seeds=None if latents is not None else seeds[start:start + m],
+                                 negative_prompts=[negative_prompt] * m,
+                                 latents=None if latents is None else latents[start:start + m])
         for k, g in enumerate(gens, start=start):
             write_generation(out, trace, k, n, g, options)
         never_switched += sum(g.trace["transition_step"] is None for g in gens)
@@ -358,10 +342,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise BasinguardError(str(exc)) from None
     if getattr(args, "tensorrt", False):
         from basinguard.engine.tensorrt import build_engines
-        from basinguard.runtime.model_folder import ModelFolder
+        from basinguard.runtime.spec import ModelSpec
 
         # build-engines' defaults: batch 1, the native size
-        build_engines(Path(args.out), ModelFolder.open(Path(args.out)).engine_geometry())
+        build_engines(Path(args.out), ModelSpec(Path(args.out)).engine_geometry())
 
 
 def _integers(text: str) -> list[int]:
@@ -390,12 +374,13 @@ def parse_hw(text: str) -> tuple[int, int]:
 
 def cmd_build_engines(args: argparse.Namespace) -> None:
     from basinguard.engine.tensorrt import BuildSpec, build_engines
-    from basinguard.runtime.model_folder import ModelFolder
+    from basinguard.runtime.spec import ModelSpec
 
     spec = BuildSpec(batch=args.batch, min_batch=args.min_batch, image=args.image_size, min_image=args.min_image_size,
                      max_image=args.max_image_size, static=args.static, fp16=not args.fp32, vae_fp16=args.vae_fp16,
                      workspace_mib=args.workspace_mib, opt_level=args.opt_level)
-    folder = ModelFolder.open(Path(args.onnx_dir))
+    spec = ModelSpec(Path(args.onnx_dir))
+    folder = spec.folder
     for flag, size in (("--image-size", args.image_size), ("--min-image-size", args.min_image_size),
                        ("--max-image-size", args.max_image_size)):
         try:  # the sizes generate accepts: a plan for others could never be used
@@ -406,7 +391,7 @@ def cmd_build_engines(args: argparse.Namespace) -> None:
     absent = [role for role in args.models or [] if not (folder.path / role / "model.onnx").is_file()]
     if absent:
         raise BasinguardError(f"--models {' '.join(absent)}: {folder.path} has no {absent[0]}/model.onnx")
-    geometry = folder.engine_geometry()
+    geometry = spec.engine_geometry()
     records = build_engines(Path(args.onnx_dir), geometry, spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                             roles=args.models, force=args.force)
     for role, record in records.items():
@@ -442,8 +427,10 @@ def _calibrated_threshold(args: argparse.Namespace, detect_steps: int | None = N
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import MANIFEST, PART_GLOB, BatchJob, SpecChecker, check_settings, run_batch
+    from basinguard.batch.job import BatchJob, check_settings, run_batch
+    from basinguard.batch.output import MANIFEST, PART_GLOB
     from basinguard.runtime.pipeline import Pipeline
+    from basinguard.runtime.spec import ModelSpec
 
     if args.ray_workers is not None and args.ray is None:
         raise BasinguardError("--ray-workers applies to --ray only")
@@ -452,21 +439,21 @@ def cmd_batch(args: argparse.Namespace) -> None:
     refuse_overwriting(("OUT_DIR's manifest",), manifests, {"PROMPTS": args.prompts})
     model = model_dir(args.model)
     calib = _calibrated_threshold(args)
-    checker = SpecChecker(model)
-    sampling = sampling_from_args(args, checker.folder.sampling_defaults)
-    check_settings(sampling, checker)  # a bad flag stops here, before OUT_DIR or any model
+    spec = ModelSpec(model)
+    sampling = sampling_from_args(args, spec)
+    check_settings(sampling, spec)  # a bad flag stops here, before OUT_DIR or any model
     job = BatchJob(Path(args.prompts), Path(args.out_dir), sampling, images_per_prompt=args.images_per_prompt,
                    batch_size=args.batch_size, seed=args.seed, on_error=args.on_error, progress=not args.no_progress,
                    calibration=None if calib is None else (Path(args.detect_calibration), calib),
                    long_prompts=args.long_prompts)
     if args.ray is not None:
-        from basinguard.ray_batch import run_batch_ray
+        from basinguard.batch.ray_executor import run_batch_ray
 
         summary = run_batch_ray(job, model, provider=args.provider, threads=args.threads, address=args.ray,
                                 workers=args.ray_workers, static_shapes=args.static_shapes)
     else:
-        summary = run_batch(job, lambda: Pipeline(model, provider=args.provider, threads=args.threads,
-                                                  static_shapes=args.static_shapes), checker)
+        summary = run_batch(job, lambda: Pipeline(spec, provider=args.provider, threads=args.threads,
+                                                  static_shapes=args.static_shapes), spec)
     print(summary.format())
 
 
@@ -477,15 +464,16 @@ def _negative_prompt_record(negative_prompts: list[str]) -> bool | str:
 
 
 def cmd_detect(args: argparse.Namespace) -> None:
-    from basinguard.runtime.batch import check_settings, quiet_truncation, read_prompts
+    from basinguard.batch.job import check_settings, quiet_truncation
+    from basinguard.batch.prompts import read_prompts
     from basinguard.runtime.detection import (
         calibrate,
         calibration_mismatch,
         calibration_warnings,
         detection_scores,
     )
-    from basinguard.runtime.model_folder import accepted_model_ids, model_identity
-    from basinguard.runtime.pipeline import Pipeline, sdxl_record
+    from basinguard.runtime.pipeline import Pipeline
+    from basinguard.runtime.spec import ModelSpec
 
     # d is scored along plain CFG whatever the policy (`detection_scores`): a policy setting would change nothing.
     ignored = [flag for flag in DETECT_IGNORES if getattr(args, flag[2:].replace("-", "_")) is not None]
@@ -517,18 +505,19 @@ def cmd_detect(args: argparse.Namespace) -> None:
                                                            "--detect-calibration": args.detect_calibration})
     calib = _calibrated_threshold(args, args.detect_steps, args.seeds)
     model = model_dir(args.model)
-    identity = model_identity(model)  # once: every file scored and the calibration written name it
-    pipe = Pipeline(model, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
-    sampling = sampling_from_args(args, pipe.folder.sampling_defaults)
-    resolved = check_settings(sampling, pipe)
+    spec = ModelSpec(model)
+    identity = spec.identity  # once: every file scored and the calibration written name it
+    sampling = sampling_from_args(args, spec)
+    resolved = check_settings(sampling, spec)
+    pipe = Pipeline(spec, provider=args.provider, threads=args.threads, static_shapes=args.static_shapes)
     seeds = [args.seed + k for k in range(args.seeds)]
     # How a calibration's scores are made, as it records them: one setting, so every line scored must be at it.
     recorded = {"detect_steps": args.detect_steps, "steps": resolved.steps, "scheduler": resolved.scheduler,
                 "height": resolved.height, "width": resolved.width, "guidance_scale": resolved.policy.guidance_scale,
-                **(sdxl_record(resolved) if pipe.folder.family == "sdxl" else {})}
+                **spec.record(resolved)}
 
     def score_file(path: str):  # -> (the first image task of each usable line, its score)
-        parsed = read_prompts(Path(path), pipe, sampling, long_prompts=args.long_prompts)
+        parsed = read_prompts(Path(path), spec, sampling, long_prompts=args.long_prompts)
         for err in parsed.errors:
             print(f"basinguard detect: {path}: {err}", file=sys.stderr)
         for note in parsed.truncated:
@@ -548,7 +537,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
         if calib is not None:
             settings = [(t.line, t.sampling, t.negative_prompt) for t in first]
             for warning in calibration_warnings(Path(args.detect_calibration), calib, settings,
-                                                accepted_model_ids(identity)):
+                                                spec.accepted_ids):
                 print(f"basinguard detect: warning: {warning}", file=sys.stderr)
         # Lines may set their own steps, scheduler or guidance scale (as in batch); every line is scored on the
         # same seeds, so that scores compare across prompts.
@@ -586,7 +575,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
                "negative_prompts": _negative_prompt_record([t.negative_prompt for t in (*memorized, *normal)]),
                # which e_∅ d was measured against ("zeros": SDXL's force_zeros_for_empty_prompt)
                "model_family": pipe.folder.family,
-               "uncond": sorted(set(pipe.uncond_kinds([t.negative_prompt for t in (*memorized, *normal)])))}
+               "uncond": sorted(set(spec.uncond_kinds([t.negative_prompt for t in (*memorized, *normal)])))}
     write_atomic(calibration_out, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     if result["auc"] < USEFUL_AUC:  # written all the same (a user may want to look), but not without a word
         print(f"basinguard detect: warning: AUC {result['auc']:.2f}: these scores hardly separate {args.memorized} "

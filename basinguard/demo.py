@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,7 @@ from basinguard.evaluation import (
     mentioned_labels,
     top1_similarity,
 )
-from basinguard.runtime.guidance import PolicyConfig
-from basinguard.runtime.pipeline import Generation, Pipeline, SamplingConfig
+from basinguard.runtime.pipeline import Generation, Pipeline
 
 DEMO_POLICIES = ("cfg", "stp", "dtp", "og-dtp")
 COLOURS = {"cfg": "#d62728", "stp": "#1f77b4", "dtp": "#2ca02c", "og-dtp": "#9467bd"}
@@ -78,14 +76,6 @@ def save_grid(images: list[np.ndarray], path: Path, scale: int = 3) -> None:
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
-def demo_settings(defaults: dict) -> tuple[PolicyConfig, SamplingConfig]:
-    """The policy settings (each demo policy replaces the name) and sampling the demo runs: the model's sampling
-    defaults where it has them."""
-    base = PolicyConfig(guidance_scale=defaults.get("guidance_scale", 7.5), transition_t=defaults.get("transition_t", 500),
-                        opposite_scale=defaults.get("opposite_scale"))
-    return base, SamplingConfig(steps=defaults.get("steps", 50), scheduler=defaults.get("scheduler"))
-
-
 def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", threads: int | None = None,
              log=print) -> Path:
     if seeds < 1:
@@ -101,7 +91,8 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
     train_desc = descriptor(train_images)
     attributes_path = pipe.folder.path / "memorization" / "attributes.json"
     attributes = json.loads(attributes_path.read_text()) if attributes_path.exists() else None
-    base, sampling = demo_settings(pipe.folder.sampling_defaults)
+    defaults = pipe.spec.sampling()  # the model's own settings; each demo policy replaces the name
+    base = defaults.policy
     out.mkdir(parents=True, exist_ok=True)
     cases = [("duplicated training caption", rows[0]["caption"], 0), ("novel caption", others[0], None)]
     sections, table = [], []
@@ -111,7 +102,7 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
         curves = []
         grids = []
         for name in DEMO_POLICIES:
-            cfg = replace(sampling, policy=replace(base, name=name))
+            cfg = pipe.spec.sampling(policy=name)
             start = time.perf_counter()
             gens: list[Generation] = pipe.generate([caption] * seeds, cfg, seeds=list(range(seeds)))
             per_image = (time.perf_counter() - start) / seeds
@@ -145,7 +136,7 @@ def run_demo(folder: Path, out: Path, seeds: int = 6, provider: str = "cpu", thr
         "<!doctype html><meta charset='utf-8'><title>basinguard demo</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 8px}</style>"
         f"<h1>basinguard demo</h1><p>Model: {html.escape(str(pipe.folder.path))}; {seeds} seeds per row; "
-        f"λ={base.guidance_scale}, τ={base.transition_t}, λ_og={base.opposite}, {sampling.steps} steps. "
+        f"λ={base.guidance_scale}, τ={base.transition_t}, λ_og={base.opposite}, {defaults.steps} steps. "
         f"Similarity: top-1 cosine similarity (edge descriptor) to the duplicated training images; "
         f"a copy scores above {COPY_THRESHOLD}.</p>"
         f"<table border=1 cellspacing=0><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{cells}</table>"

@@ -16,8 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from basinguard.batch.job import BatchJob, run_batch
+from basinguard.batch.output import generate_batch
+from basinguard.batch.prompts import pack, read_prompts
+
 from basinguard.cli import model_dir
-from basinguard.runtime.batch import BatchJob, generate_batch, pack, read_prompts, run_batch
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
 
@@ -28,7 +31,7 @@ PROMPTS = ["a red circle on a blue background", "a small green square at the top
 def measure(pipe: Pipeline, sampling: SamplingConfig, images: int, batch_size: int, work: Path) -> dict:
     prompts = work / f"prompts-{batch_size}.txt"
     prompts.write_text("".join(PROMPTS[k % len(PROMPTS)] + "\n" for k in range(images)))
-    batches = pack(read_prompts(prompts, pipe, sampling).tasks, batch_size)
+    batches = pack(read_prompts(prompts, pipe.spec, sampling).tasks, batch_size)
     generate_batch(pipe, batches[0])  # warm-up at this batch shape
 
     start = time.perf_counter()

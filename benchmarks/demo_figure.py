@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from basinguard.cli import SHIPPED_MODEL
-from basinguard.demo import COLOURS, DEMO_POLICIES, demo_settings, load_memorization, run_demo
+from basinguard.demo import COLOURS, DEMO_POLICIES, load_memorization, run_demo
 from basinguard.runtime.pipeline import Pipeline
 
 
 def seed0_traces(folder: Path, caption: str, threads: int | None) -> dict[str, dict]:
-    """Seed 0's trace under each demo policy, at the demo's settings (`demo_settings`; an image
-    depends only on its prompt, seed and settings, so these are the demo's seed-0 generations)."""
+    """Seed 0's trace under each demo policy, at the demo's settings (the model's defaults; an image depends only on
+    its prompt, seed and settings, so these are the demo's seed-0 generations)."""
     pipe = Pipeline(folder, threads=threads)
-    base, sampling = demo_settings(pipe.folder.sampling_defaults)
-    return {name: pipe.generate([caption], replace(sampling, policy=replace(base, name=name)), seeds=[0])[0].trace
-            for name in DEMO_POLICIES}
+    return {name: pipe.generate([caption], seeds=[0], policy=name)[0].trace for name in DEMO_POLICIES}
 
 
 def main() -> None:

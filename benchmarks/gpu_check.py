@@ -203,6 +203,7 @@ def stage_inputs(model: LoadedModel, batch: int, latent: tuple[int, int], rng: n
 def shipped_section(r: Report, env: dict, folder: Path, work: Path, n: int, steps: int) -> dict:
     from basinguard.engine.ort import OrtModel
     from basinguard.runtime.model_folder import ModelFolder
+    from basinguard.runtime.spec import ModelSpec
 
     r.say(f"== shipped model {folder}")
     out: dict = {"stages": {}, "pipelines": {}}
@@ -221,7 +222,7 @@ def shipped_section(r: Report, env: dict, folder: Path, work: Path, n: int, step
                 continue
             t0 = time.perf_counter()
             plans[kind] = {"dir": work / f"engines-shipped-{kind}",
-                           "records": build_engines(folder, mf.engine_geometry(), spec,
+                           "records": build_engines(folder, ModelSpec(folder).engine_geometry(), spec,
                                                     cache_dir=work / f"engines-shipped-{kind}",
                                                     log=lambda s: r.say(f"  {s}"))}
             r.say(f"  {kind} plans ready in {time.perf_counter() - t0:.1f} s")
@@ -327,12 +328,14 @@ def drive(model: LoadedModel, policy_name: str, n: int, steps: int, latent: tupl
           seed: int = 0) -> dict:
     """One generation's denoising loop through basinguard's runtime; per-step costs in ms."""
     from basinguard.runtime.guidance import PolicyConfig, make_policy
-    from basinguard.runtime.pipeline import Conditioning, StageTimer, UNetStage, denoise
+    from basinguard.runtime.conditioning import Conditioning
+    from basinguard.runtime.loop import UNetStage, denoise
+    from basinguard.runtime.timer import StageTimer
     from basinguard.runtime.schedulers import make_scheduler
 
     rng = np.random.default_rng(seed)
     timer = StageTimer()
-    unet = UNetStage(model, timer)
+    unet = UNetStage(model, timer, ("sample", "timestep", "encoder_hidden_states"))
     scheduler = make_scheduler(SD15_SCHEDULER, steps, "ddim")
     policy = TimedPolicy(make_policy(PolicyConfig(name=policy_name), n))
     c = model.inputs["sample"].shape[1] or 4

@@ -24,7 +24,8 @@ import numpy as np
 
 from basinguard.cli import SHIPPED_MODEL
 from basinguard.runtime.guidance import PolicyConfig, make_policy
-from basinguard.runtime.pipeline import Pipeline, SamplingConfig, denoise
+from basinguard.runtime.loop import denoise
+from basinguard.runtime.pipeline import Pipeline, SamplingConfig
 
 STEPS = 50
 
@@ -36,14 +37,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=25)
     args = ap.parse_args()
     pipe = Pipeline(args.model, threads=args.threads)
-    sampling = pipe.resolve(SamplingConfig(steps=STEPS, scheduler="ddim", policy=PolicyConfig("cfg", 7.5)))
-    cond = pipe.conditioning(["a red cross"], [""], sampling)
+    sampling = pipe.spec.resolve(SamplingConfig(steps=STEPS, scheduler="ddim", policy=PolicyConfig("cfg", 7.5)))
+    cond = pipe.text.encode(["a red cross"], [""], sampling, pipe.spec.uncond_kinds([""]))
     e = cond.pair["encoder_hidden_states"]
-    x_t = pipe.initial_latents([0], sampling.height, sampling.width)
+    x_t = pipe.spec.initial_latents([0], sampling.height, sampling.width)
     session, out_name = pipe.unet.model.session, pipe.unet.output
 
     def ours() -> tuple[float, float]:
-        scheduler = pipe.make_scheduler(sampling)
+        scheduler = pipe.spec.make_scheduler(sampling)
         policy = make_policy(sampling.policy, 1, pipe.folder.num_train_timesteps)
         pipe.timer.reset()
         start = time.perf_counter()

@@ -76,7 +76,7 @@ class BuildSpec:
 
 @dataclass(frozen=True)
 class ModelGeometry:
-    """What profiles need from a model folder (`runtime.model_folder.ModelFolder.engine_geometry`)."""
+    """What profiles need from a model folder (`runtime.spec.ModelSpec.engine_geometry`)."""
 
     vae_factor: int  # pixels per latent cell
     native: HW  # the model's own (height, width) in pixels

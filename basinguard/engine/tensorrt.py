@@ -329,7 +329,7 @@ def build_engines(onnx_dir: Path, geometry: ModelGeometry, spec: BuildSpec | Non
                   cache_dir: Path | None = None, roles: Sequence[str] | None = None, *, force: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, PlanRecord]:
     """Plans for the models of an exported folder (`basinguard build-engines`, `export --tensorrt`); `geometry`:
-    the folder's (`ModelFolder.engine_geometry()`); `roles`: default, every model of ROLES the folder has."""
+    the folder's (`ModelSpec.engine_geometry()`); `roles`: default, every model of ROLES the folder has."""
     spec = spec or BuildSpec()
     onnx_dir = Path(onnx_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else engine_dir(onnx_dir)

@@ -28,7 +28,7 @@ import onnx
 import torch
 
 from basinguard.export.errors import ExportError, first_line
-from basinguard.runtime.model_folder import model_family
+from basinguard.model_format import model_family
 
 
 class TextEncoderGraph(torch.nn.Module):

@@ -28,7 +28,7 @@ from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
 from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
 from basinguard.files import lock_held
-from basinguard.runtime.model_folder import read_json
+from basinguard.model_format import read_json
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
 
 __all__ = ["DEFAULT_ATOL", "ExportError", "check_source", "export_pipeline"]

@@ -2,8 +2,8 @@
 
 The score of a prompt is d = ‖ε(x_t, e_p) − ε(x_t, e_∅)‖₂, averaged over the first `steps` denoising steps
 and over the given seeds, along the plain CFG trajectory at the sampling's guidance scale (d at step 0 does
-not depend on the policy). Only those first steps run: `denoise` is driven over a view of the scheduler that
-ends after them, so no image is decoded.
+not depend on the policy). Only those first steps run (`Pipeline.sample` with a step limit, the same setup as
+`generate`), so no image is decoded.
 
 With steps=1 and one seed the score is exactly what `--policy auto` gates on (d at step 0 of each image), so
 a threshold meant for `auto` must be calibrated that way; averaging over more steps or seeds narrows the
@@ -21,21 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from basinguard.errors import BasinguardError
-from basinguard.runtime.guidance import PolicyConfig, make_policy
+from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.model_folder import ModelFolder, names_this_model
-from basinguard.runtime.pipeline import Pipeline, SamplingConfig, denoise, sdxl_record
-from basinguard.runtime.schedulers import GAP_SPACE, Scheduler, step_noise
-
-
-class _FirstSteps:
-    """A scheduler seen through its first `k` timesteps; everything else is the scheduler's own."""
-
-    def __init__(self, scheduler: Scheduler, k: int):
-        self._scheduler = scheduler
-        self.timesteps = scheduler.timesteps[:k]
-
-    def __getattr__(self, name: str):
-        return getattr(self._scheduler, name)
+from basinguard.runtime.pipeline import Pipeline
+from basinguard.runtime.schedulers import GAP_SPACE
+from basinguard.runtime.settings import FAMILY_SETTINGS, SamplingConfig, family_record
 
 
 def detection_scores(pipeline: Pipeline, prompts: Sequence[str], sampling: SamplingConfig, seeds: Sequence[int],
@@ -50,23 +40,17 @@ def detection_scores(pipeline: Pipeline, prompts: Sequence[str], sampling: Sampl
     if batch_size < 1:
         raise BasinguardError(f"batch size must be >= 1 (got {batch_size})")
     # Plain CFG: the trajectory the score is defined on; d needs both UNet halves at every measured step.
-    sampling = pipeline.resolve(replace(sampling, policy=PolicyConfig("cfg", sampling.policy.guidance_scale)))
-    available = len(pipeline.make_scheduler(sampling).timesteps)
+    sampling = pipeline.spec.resolve(replace(sampling, policy=PolicyConfig("cfg", sampling.policy.guidance_scale)))
+    available = len(pipeline.spec.make_scheduler(sampling).timesteps)
     if not 1 <= steps <= available:
         raise BasinguardError(f"detection steps must be in [1, {available}] (the sampling's step count), got {steps}")
     pairs = [(p, neg, s) for p, neg in zip(prompts, negative_prompts, strict=True) for s in seeds]
     d = np.empty((len(pairs), steps))
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        n = len(chunk)
-        seeds_here = [s for _, _, s in chunk]
-        latents = pipeline.initial_latents(seeds_here, sampling.height, sampling.width)  # checks the seeds, first
-        scheduler = pipeline.make_scheduler(sampling, step_noise(seeds_here, None))  # euler-a: as generate draws it
-        cond = pipeline.conditioning([p for p, _, _ in chunk], [neg for _, neg, _ in chunk], sampling)  # as generate
-        x = latents * np.float32(scheduler.init_noise_sigma)
-        policy = make_policy(sampling.policy, n, pipeline.folder.num_train_timesteps)
-        _, gap, _ = denoise(pipeline.unet, _FirstSteps(scheduler, steps), policy, x, cond)  # type: ignore[arg-type]
-        d[start:start + n] = gap.T
+        run = pipeline.sample([p for p, _, _ in chunk], sampling, seeds=[s for _, _, s in chunk],
+                              negative_prompts=[neg for _, neg, _ in chunk], steps=steps)  # as generate, cut short
+        d[start:start + len(chunk)] = run.gap.T
     return d.reshape(len(prompts), len(seeds), steps).mean(axis=(1, 2))
 
 
@@ -154,7 +138,7 @@ def calibration_mismatch(calib: dict, sampling: SamplingConfig, model_ids: set[s
     older file lacks are not compared."""
     here = {"steps": sampling.steps, "scheduler": sampling.scheduler, "height": sampling.height,
             "width": sampling.width}
-    here |= sdxl_record(sampling)  # SDXL's time ids and clip_skip condition the UNet as the size does
+    here |= family_record(sampling, FAMILY_SETTINGS)  # SDXL's time ids and clip_skip condition the UNet as size does
     if calib.get("detect_steps", 1) > 1:  # past step 0 the trajectory is CFG's at λ
         here["guidance_scale"] = sampling.policy.guidance_scale
     differ = [f"{name} {calib[name]} (here {value})" for name, value in here.items()

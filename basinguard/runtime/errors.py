@@ -1,10 +1,9 @@
 """User-facing errors of the runtime; each message names the problem and what is allowed."""
 
 from basinguard.errors import BasinguardError
+from basinguard.model_format import ModelFolderError
 
-
-class ModelFolderError(BasinguardError, ValueError):
-    """A model folder that is missing a part or holds a corrupt file; the message names the file."""
+__all__ = ["InputError", "ModelFolderError"]
 
 
 class InputError(BasinguardError, ValueError):

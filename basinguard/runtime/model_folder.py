@@ -3,50 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from numbers import Integral
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from basinguard.files import digest_memo, file_digests
+from basinguard.model_format import REQUIRED, SDXL_REQUIRED, model_family, read_json
 from basinguard.runtime.errors import InputError, ModelFolderError
 from basinguard.runtime.guidance import PolicyConfig, PolicyError
 from basinguard.runtime.schedulers import SCHEDULERS, InvalidConfig, check_config
 
-if TYPE_CHECKING:
-    from basinguard.engine.plans import ModelGeometry
-
-REQUIRED = ("text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx", "tokenizer",
-            "scheduler/scheduler_config.json")
-SDXL_REQUIRED = ("text_encoder_2/model.onnx", "tokenizer_2")  # beside REQUIRED, for a UNet conditioned on text_time
-MICRO_MAX = 16384  # pixels: the largest original/target side or crop offset SDXL's micro-conditioning accepts here
 MAX_SIDE = 4096  # pixels; beyond this the latent buffers alone exceed any sane memory budget
 MAX_LATENT_CHANNELS = 256  # SD uses 4, later families 16; far beyond, x_T alone would take gigabytes per image
-_JSON_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-               type(None): "null"}
-
-
-def read_json(path: Path) -> dict:
-    """The JSON object in `path`; a ModelFolderError naming the file for anything else (missing, unreadable, a
-    folder, not JSON, or JSON that is not an object)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFolderError(f"missing file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFolderError(f"corrupt JSON in {path}: {exc}") from None
-    except OSError as exc:  # a folder in its place, no permission, an I/O error
-        raise ModelFolderError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not isinstance(value, dict):
-        found = _JSON_NAMES.get(type(value), "another value")
-        raise ModelFolderError(f"corrupt config {path}: expected a JSON object, found {found}")
-    return value
 
 
 # What each sampling default must be (the flag it stands in for); unknown keys are left to the commands.
@@ -60,13 +31,6 @@ _DEFAULT_TYPES: dict[str, type | tuple[type, ...]] = {
 _POLICY_FIELDS = {"policy": "name", **{k: k for k in ("guidance_scale", "transition_t", "pre_scale", "opposite_scale",
                                                        "detect_threshold", "mitigation", "latest_transition_t")}}
 _MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale", "latest_transition_t")
-
-
-def model_family(unet_config: Mapping[str, Any]) -> str:
-    """"sdxl" for a UNet conditioned on pooled text and size ids (addition_embed_type "text_time", as diffusers
-    configures SDXL: two text encoders, size micro-conditioning), else "sd" (SD 1.x/2.x). The one place that
-    decides, for the export (torch's config) and the runtime."""
-    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
 
 
 def _positive_int(value: object, what: str, path: Path, most: int | None = None) -> int:
@@ -217,15 +181,6 @@ class ModelFolder:
         """The native image side; for a model with a non-square sample_size its height (see `default_image`)."""
         return self.default_image[0]
 
-    def engine_geometry(self) -> ModelGeometry:
-        """What TensorRT profiles need from this folder (`basinguard build-engines`): the VAE factor, native size,
-        size multiple and the length prompts are padded to, by the runtime's own rule (`padded_length`)."""
-        from basinguard.engine.plans import ModelGeometry
-        from basinguard.runtime.tokenizer import padded_length, text_encoder_length
-
-        seq_len = padded_length(self.path / "tokenizer", text_encoder_length(self.path / "text_encoder"))
-        return ModelGeometry(self.vae_scale_factor, self.default_image, self.size_multiple, seq_len)
-
     @property
     def num_train_timesteps(self) -> int:
         return _positive_int(self.scheduler_config.get("num_train_timesteps", 1000), "num_train_timesteps",
@@ -259,46 +214,6 @@ class ModelFolder:
         except PolicyError as exc:
             raise ModelFolderError(f"corrupt config {where}: sampling_defaults: {exc}") from None
         return dict(defaults)
-
-    def micro_conditioning(self, height: int, width: int, original_size: object, crops_coords_top_left: object,
-                           target_size: object) -> dict[str, tuple[int, int]]:
-        """SDXL's size micro-conditioning checked and filled with diffusers' defaults (original and target size: the
-        image's (height, width); crop top-left: (0, 0)); {} for an SD model, which takes none."""
-        given = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
-                 "target_size": target_size}
-        if self.family != "sdxl":
-            named = [name for name, value in given.items() if value is not None]
-            if named:
-                raise InputError(f"{named[0]} applies to SDXL models only; this model is SD (its UNet takes no "
-                                 "time_ids)")
-            return {}
-        defaults = {"original_size": (height, width), "crops_coords_top_left": (0, 0), "target_size": (height, width)}
-        out = {}
-        for name, value in given.items():
-            value = defaults[name] if value is None else value
-            low = 0 if name == "crops_coords_top_left" else 1
-            pair = tuple(value) if isinstance(value, tuple | list | np.ndarray) else ()  # a str is no pair
-            if len(pair) != 2 or not all(isinstance(v, Integral) and not isinstance(v, bool) and low <= v <= MICRO_MAX
-                                         for v in pair):
-                what = "(top, left)" if low == 0 else "(height, width)"
-                raise InputError(f"{name} {value!r} not allowed: must be {what}, integers in [{low}, {MICRO_MAX}] "
-                                 "pixels")
-            out[name] = (int(pair[0]), int(pair[1]))
-        return out
-
-    def check_clip_skip(self, clip_skip: object) -> None:
-        """clip_skip (SDXL only) skips layers back from the penultimate one: at most one fewer than the shallower
-        text encoder has (text_encoder*/config.json's num_hidden_layers)."""
-        if clip_skip is None:
-            return
-        if self.family != "sdxl":
-            raise InputError("clip_skip applies to SDXL models only here; this model is SD")
-        layers = min(_positive_int(read_json(self.path / part / "config.json").get("num_hidden_layers"),
-                                   "num_hidden_layers", self.path / part / "config.json")
-                     for part in ("text_encoder", "text_encoder_2"))
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, Integral) or not 0 <= clip_skip <= layers - 1:
-            raise InputError(f"clip_skip {clip_skip!r} not allowed: must be an integer in [0, {layers - 1}] for this "
-                             f"model (layers skipped back from the penultimate one of {layers})")
 
     def _check_sizes(self) -> None:
         """The VAE factor, size multiple and native size the configs give must lie within MAX_SIDE pixels: otherwise

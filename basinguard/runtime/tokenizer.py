@@ -26,8 +26,8 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from basinguard.errors import first_line
+from basinguard.model_format import read_json
 from basinguard.runtime.errors import ModelFolderError
-from basinguard.runtime.model_folder import read_json
 
 CLIP_CONTEXT = 77  # CLIP's text context; used when the folder does not state a usable model_max_length
 _MAX_SANE_LENGTH = 4096  # transformers writes ~1e30 for "no limit"; anything above this is treated as unset
@@ -79,6 +79,12 @@ class Truncation:
     def record(self) -> dict:
         """As traces and manifest lines keep it."""
         return {"tokens": self.tokens, "kept": self.kept, "dropped": self.dropped}
+
+
+def prompt_text(text: str) -> str:
+    """The one rule for a prompt's text, from any prompt file or flag: without surrounding whitespace and without
+    byte-order marks (U+FEFF, invisible, where files were joined), which the tokenizer drops anyway."""
+    return text.replace("\ufeff", "").strip()
 
 
 def text_encoder_length(encoder: Path) -> int | None:

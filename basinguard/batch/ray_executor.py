@@ -5,10 +5,10 @@ file with the model's tokenizer and configs (no ONNX session on the driver), and
 by prompt line over one actor per worker slot. Each actor holds a Pipeline, packs its own lines into full
 batches, writes its PNGs into OUT_DIR and appends its entries to its own shard, `manifest.part-K.jsonl`
 (one write + fsync per entry, as the local job does). At the end the driver merges the shards into
-`manifest.jsonl`, each image id once (`basinguard.runtime.batch.merge_parts`); a killed job leaves shards that
+`manifest.jsonl`, each image id once (`basinguard.batch.output.merge_parts`); a killed job leaves shards that
 the next run (Ray or not) merges before it decides what is missing, so resume works across shards. Each actor
 holds OUT_DIR/.worker-K.lock while its process lives; Ray stops the actors of a killed driver only seconds
-later, so the next run waits for those locks before it reads OUT_DIR (`batch.wait_for_workers`).
+later, so the next run waits for those locks before it reads OUT_DIR (`output.wait_for_workers`).
 
 Pointing it at a cluster
   basinguard batch PROMPTS OUT_DIR --ray                    a local Ray instance (or RAY_ADDRESS's cluster if set)
@@ -29,30 +29,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from basinguard.batch.job import BatchJob, BatchSummary, finish, open_job, progress_bar
+from basinguard.batch.output import MANIFEST, ManifestWriter, hold_worker_lock, slim, write_batch
+from basinguard.batch.prompts import ImageTask, pack
 from basinguard.errors import BasinguardError, first_line
-from basinguard.runtime.batch import (
-    MANIFEST,
-    BatchJob,
-    BatchSummary,
-    ImageTask,
-    ManifestWriter,
-    SpecChecker,
-    check_same_job,
-    forget,
-    hold_worker_lock,
-    load_job,
-    merge_parts,
-    output_lock,
-    pack,
-    prepare_output,
-    progress_bar,
-    quiet_truncation,
-    slim,
-    summarize,
-    warn_other_engines,
-    write_batch,
-)
-from basinguard.runtime.model_folder import model_identity
+from basinguard.runtime.spec import ModelSpec
 
 LOCAL = "local"  # `--ray` without an address
 # The labels a provider's images carry (the driver loads no model to ask): tensorrt is native or ONNX Runtime's EP.
@@ -89,8 +70,7 @@ class BatchWorker:
     def run(self, batch: list[ImageTask]) -> list[dict]:
         if self._failure is not None:
             raise self._failure
-        with quiet_truncation():  # the driver named each cut prompt, with its line (`load_job`)
-            return write_batch(self.pipeline, batch, self.out_dir, self.identity, self.manifest, {"shard": self.shard})
+        return write_batch(self.pipeline, batch, self.out_dir, self.identity, self.manifest, {"shard": self.shard})
 
     def close(self) -> None:
         if self.manifest is not None:
@@ -134,20 +114,13 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
                   address: str | None = LOCAL, workers: int | None = None, static_shapes: bool = False) -> BatchSummary:
     """Run (or resume) `job` on Ray. An already initialised Ray (e.g. a test's `ray.init(...)`) is used as is."""
     ray = _import_ray()
-    job.validate()
     if workers is not None and workers < 1:
         raise BasinguardError(f"--ray-workers must be >= 1 (got {workers})")
-    checker = SpecChecker(model)
-    parsed = load_job(job, checker)  # before OUT_DIR is made: a refused job leaves nothing behind
-    with output_lock(job.out_dir):
-        done, lost = prepare_output(job.out_dir)
-        identity = model_identity(model)
-        check_same_job(parsed.tasks, done, job.out_dir, identity, checker.folder.prediction_type)
-        forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
-        pending = [t for t in parsed.tasks if t.id not in done]
+    spec = ModelSpec(model)
+    with open_job(job, spec, lambda: ENGINE_LABELS[provider]) as opened:
+        pending, identity = opened.pending, opened.identity
         if not pending:
-            return summarize(parsed, done, [], 0.0)
-        warn_other_engines(job.out_dir, done, ENGINE_LABELS[provider])
+            return finish(opened, [], 0.0)
         if not ray.is_initialized():
             try:
                 ray.init(address=None if address == LOCAL else address, include_dashboard=False,
@@ -183,6 +156,4 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
         finally:
             for actor in actors:
                 ray.kill(actor)  # a stopped job must not keep writing into OUT_DIR
-        seconds = time.perf_counter() - start
-        merge_parts(job.out_dir)
-        return summarize(parsed, done, new, seconds)
+        return finish(opened, new, time.perf_counter() - start)
