@@ -428,7 +428,9 @@ def _calibrated_threshold(args: argparse.Namespace, detect_steps: int | None = N
 
 def cmd_batch(args: argparse.Namespace) -> None:
     from basinguard.batch.job import BatchJob, check_settings, run_batch
-    from basinguard.batch.output import MANIFEST, PART_GLOB
+    from basinguard.batch.output import MANIFEST, PART_GLOB, OutputSettings
+    from basinguard.outputs.images import EXTENSIONS
+    from basinguard.outputs.shards import DEFAULT_SHARD_SIZE
     from basinguard.runtime.pipeline import Pipeline
     from basinguard.runtime.spec import ModelSpec
 
@@ -442,10 +444,19 @@ def cmd_batch(args: argparse.Namespace) -> None:
     spec = ModelSpec(model)
     sampling = sampling_from_args(args, spec)
     check_settings(sampling, spec)  # a bad flag stops here, before OUT_DIR or any model
+    if args.shard_size is not None and args.output_format == "files":
+        raise BasinguardError("--shard-size applies to --output-format webdataset or parquet")
+    output = OutputSettings(args.image_format, args.output_format, args.shard_size or DEFAULT_SHARD_SIZE,
+                            image_options(args, {"." + EXTENSIONS[args.image_format]}, lambda: spec.identity))
+    output.validate()  # e.g. parquet without pyarrow: said before OUT_DIR is made
+    if output.output_format == "parquet":
+        from basinguard.outputs.shards import parquet_schema
+
+        parquet_schema()
     job = BatchJob(Path(args.prompts), Path(args.out_dir), sampling, images_per_prompt=args.images_per_prompt,
                    batch_size=args.batch_size, seed=args.seed, on_error=args.on_error, progress=not args.no_progress,
                    calibration=None if calib is None else (Path(args.detect_calibration), calib),
-                   long_prompts=args.long_prompts)
+                   long_prompts=args.long_prompts, output=output)
     if args.ray is not None:
         from basinguard.batch.ray_executor import run_batch_ray
 
@@ -671,6 +682,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on Ray: no ADDRESS starts a local instance; 'auto' or ray://head:10001 joins a cluster")
     b.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per worker slot)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.add_argument("--image-format", choices=("png", "jpeg", "webp"), default="png",
+                   help="the images' format (default png); each carries its trace and, unless --no-provenance, the "
+                   "A1111 parameters and the IPTC XMP")
+    b.add_argument("--output-format", choices=("files", "webdataset", "parquet"), default="files",
+                   help="files: one image file per image (default); webdataset: tar shards of KEY.png, KEY.json (the "
+                   "trace) and KEY.txt (the prompt); parquet: shards of image bytes and metadata columns "
+                   "(pip install 'basinguard[shards]')")
+    b.add_argument("--shard-size", type=positive_int, default=None, metavar="N",
+                   help="images per shard (default 1000); a resumed job's shards may hold fewer")
+    add_output_flags(b)
     b.set_defaults(func=cmd_batch)
 
     t = sub.add_parser("detect", help="memorization scores per prompt, or --calibrate a threshold for --policy auto")

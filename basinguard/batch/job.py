@@ -19,7 +19,10 @@ from pathlib import Path
 
 from basinguard.batch.output import (
     MANIFEST,
+    ImageSink,
     ManifestWriter,
+    OutputSettings,
+    check_output_format,
     check_same_job,
     forget,
     merge_parts,
@@ -62,8 +65,10 @@ class BatchJob:
     progress: bool = True
     calibration: tuple[Path, dict] | None = None  # the --detect-calibration file and its contents, to warn against
     long_prompts: str = "truncate"  # see LONG_PROMPTS
+    output: OutputSettings = field(default_factory=OutputSettings)  # image format and metadata, files or shards
 
     def validate(self) -> None:
+        self.output.validate()
         if not Path(self.prompts).is_file():  # before OUT_DIR is created or any model loads
             what = "is a directory" if Path(self.prompts).is_dir() else "not found"
             raise BatchError(f"prompt file {self.prompts} {what}")
@@ -249,6 +254,7 @@ def open_job(job: BatchJob, spec: ModelSpec, engines: Callable[[], set[str]]) ->
     with output_lock(job.out_dir):
         done, lost = prepare_output(job.out_dir)
         check_same_job(parsed.tasks, done, job.out_dir, spec.identity, spec.folder.prediction_type)
+        check_output_format(done, job.out_dir, job.output.output_format)
         forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if pending:
@@ -281,8 +287,10 @@ def run_batch(job: BatchJob, pipeline: Pipeline | Callable[[], Pipeline], spec: 
     with open_job(job, spec, lambda: {pipe().unet.model.provider}) as opened:
         new: list[dict] = []
         start = time.perf_counter()
-        with (ManifestWriter(job.out_dir / MANIFEST) as manifest, progress_bar(len(opened.pending), job.progress) as bar):
+        with (ManifestWriter(job.out_dir / MANIFEST) as manifest, ImageSink(job.out_dir, manifest, job.output) as sink,
+              progress_bar(len(opened.pending), job.progress) as bar):
             for batch in pack(opened.pending, job.batch_size):
-                new += map(slim, write_batch(pipe(), batch, job.out_dir, opened.identity, manifest))
+                new += map(slim, write_batch(pipe(), batch, opened.identity, sink))
                 bar.update(len(batch))
+            new += map(slim, sink.close())
         return finish(opened, new, time.perf_counter() - start)

@@ -3,7 +3,10 @@
 Nothing lost, nothing twice
   OUT_DIR/.lock is held with flock for the whole job (the kernel drops it when the process dies), so a second
   job on the same OUT_DIR refuses. Each image is written to `.<id>.png.tmp` and renamed; only then is its
-  manifest line appended in one write and fsynced. On start the job removes leftover temporary files, cuts a
+  manifest line appended in one write and fsynced. With `--output-format webdataset|parquet` images go into
+  shards instead (`basinguard.outputs.shards`): a shard is renamed into place whole, then its images' lines are
+  appended in one write, each naming the shard as its `file`; on start a shard whose images are not all in the
+  manifest (a kill between the two) is removed and its images are made again. On start the job removes leftover temporary files, cuts a
   truncated last manifest line (a kill mid-append), merges Ray shards (`manifest.part-K.jsonl`), drops the lines
   of images whose PNG was deleted, and skips every image id the manifest still has, so a restart with the same
   arguments makes each missing image exactly once. Manifest entries are checked against the prompt file, the
@@ -19,10 +22,22 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from basinguard.batch.prompts import BatchError, ImageTask
 from basinguard.files import fsync_dir, lock_held, temporary_files, write_atomic
+from basinguard.outputs.images import EXTENSIONS, ImageOptions, encode_image
+from basinguard.outputs.shards import (
+    DEFAULT_SHARD_SIZE,
+    OUTPUT_FORMATS,
+    SHARD_NAME,
+    PublishedShard,
+    Sample,
+    ShardWriter,
+    recover_shards,
+    shard_writer,
+)
 from basinguard.runtime.model_folder import accepted_model_ids, names_this_model
 from basinguard.runtime.pipeline import Generation, Pipeline
 from basinguard.runtime.schedulers import GAP_SPACE
@@ -33,6 +48,41 @@ PART_GLOB = "manifest.part-*.jsonl"
 LOCK = ".lock"
 WORKER_LOCK = ".worker-{shard}.lock"  # held by each Ray worker for the life of its process
 WORKER_WAIT_S = 60.0
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """How a job's images are written: their format and metadata (`ImageOptions`), and whether into loose files or
+    shards of `shard_size` images (`OUTPUT_FORMATS`)."""
+
+    image_format: str = "png"
+    output_format: str = "files"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    image: ImageOptions = field(default_factory=ImageOptions)
+
+    def validate(self) -> None:
+        if self.image_format not in IMAGE_FORMATS:
+            raise BatchError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)} (got {self.image_format!r})")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise BatchError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)} (got {self.output_format!r})")
+        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise BatchError(f"--shard-size must be an integer >= 1 (got {self.shard_size!r})")
+
+
+def output_format_of(entry: dict) -> str:
+    """The output format a manifest entry was written in: its `file` is a shard (.tar, .parquet) or an image."""
+    match = SHARD_NAME.match(entry.get("file", ""))
+    return "files" if match is None else {"tar": "webdataset", "parquet": "parquet"}[match.group(3)]
+
+
+def check_output_format(done: dict[str, dict], out_dir: Path, output_format: str) -> None:
+    """One OUT_DIR, one output format: a resumed job does not add loose files to shards, or shards to files."""
+    other = next((e for e in done.values() if e.get("output_format", "files") != output_format), None)
+    if other is not None:
+        raise BatchError(f"{out_dir / MANIFEST} holds --output-format {other.get('output_format', 'files')} output "
+                         f"(image {other['id']}); resume it with that format, or use a new OUT_DIR for "
+                         f"{output_format}")
 
 
 @contextmanager
@@ -171,7 +221,7 @@ _KEPT = ("id", "line", "index", "prompt", "negative_prompt", "seed", "policy", "
 
 
 def slim(entry: dict) -> dict:
-    kept = {k: entry.get(k) for k in _KEPT}
+    kept = {k: entry.get(k) for k in _KEPT} | {"output_format": output_format_of(entry)}
     # The threshold its flag was made with; entries written before it was recorded have none unless they have no flag
     if "detect_threshold" in entry or entry.get("flagged") is None:
         kept["detect_threshold"] = entry.get("detect_threshold")
@@ -207,12 +257,18 @@ def prepare_output(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
     """Under the lock: drop temporary files of a killed job, merge shards; return the finished entries by id, and
     the ids whose PNG is gone (`forget` them once the job is known to be this OUT_DIR's, so they are made again)."""
     wait_for_workers(out_dir)  # a killed Ray job's workers may still be writing for a few seconds
-    for tmp in [*temporary_files(out_dir, "*.png"), *temporary_files(out_dir, MANIFEST)]:  # ours only
+    images = [tmp for suffix in EXTENSIONS.values() for tmp in temporary_files(out_dir, f"*.{suffix}")]
+    for tmp in [*images, *temporary_files(out_dir, MANIFEST)]:  # ours only
         tmp.unlink(missing_ok=True)
     merge_parts(out_dir)
     manifest = out_dir / MANIFEST
+    in_shards: dict[str, set[str]] = {}
+    for entry in iter_manifest(manifest):
+        if SHARD_NAME.match(entry.get("file", "")):
+            in_shards.setdefault(entry["file"], set()).add(entry["id"])
+    # shards published but not (wholly) recorded are removed; temporary ones too
+    lost: set[str] = recover_shards(out_dir, in_shards)
     done: dict[str, dict] = {}
-    lost: set[str] = set()
     for entry in iter_manifest(manifest):
         if (out_dir / entry.get("file", f"{entry['id']}.png")).is_file():
             done.setdefault(entry["id"], slim(entry))
@@ -229,8 +285,8 @@ def forget(out_dir: Path, lost: set[str]) -> None:
     kept = [line for line in manifest.read_bytes().splitlines(keepends=True)
             if line.strip() and json.loads(line)["id"] not in lost]
     write_atomic(manifest, lambda p: p.write_bytes(b"".join(kept)), fsync=True)
-    print(f"basinguard batch: {len(lost)} image(s) in {manifest} have no PNG any more; they will be made again",
-          file=sys.stderr)
+    print(f"basinguard batch: {len(lost)} image(s) in {manifest} have no image file or whole shard any more; they "
+          "will be made again", file=sys.stderr)
 
 
 def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: Path, model: dict,
@@ -295,16 +351,58 @@ def manifest_entry(task: ImageTask, gen: Generation, timings: dict[str, float], 
             "batch": batch, "timings": timings, "engine": engine, "model": model}
 
 
-def write_batch(pipeline: Pipeline, batch: Sequence[ImageTask], out_dir: Path, model: dict,
-                manifest: ManifestWriter, extra: dict | None = None) -> list[dict]:
-    """Generate one batch, write each PNG atomically, then append (and fsync) its manifest line (+ `extra`)."""
+class ImageSink:
+    """Where a job's finished images go, and when their manifest lines are appended: each image file renamed into
+    place, then its line (files); or each image into a shard, and a shard's lines once it is published whole, its
+    name as their `file` and the image's name in it as `member` (webdataset, parquet). `put` and `close` return
+    the entries they appended. Leaving it by an exception drops the unpublished shard: its images are made again."""
+
+    def __init__(self, out_dir: Path, manifest: ManifestWriter, settings: OutputSettings, writer: int = 0):
+        settings.validate()
+        self.out_dir, self.manifest, self.settings = out_dir, manifest, settings
+        self.extension = EXTENSIONS[settings.image_format]
+        self.shards: ShardWriter | None = None
+        if settings.output_format != "files":
+            self.shards = shard_writer(settings.output_format, out_dir, settings.shard_size, writer)
+
+    def put(self, task: ImageTask, gen: Generation, entry: dict) -> list[dict]:
+        name = f"{task.id}.{self.extension}"
+        data = encode_image(gen.to_pil(), gen.trace, self.settings.image_format, self.settings.image, title=name)
+        entry = entry | {"output_format": self.settings.output_format}
+        if self.shards is None:
+            write_atomic(self.out_dir / name, data, fsync=True)
+            entry["file"] = name
+            self.manifest.append(entry)  # after the rename: a manifest line always has its image
+            return [entry]
+        return self._record(self.shards.add(Sample(task.id, data, self.extension, gen.trace, entry | {"member": name})))
+
+    def _record(self, shard: PublishedShard | None) -> list[dict]:
+        if shard is None:
+            return []
+        entries = [sample.entry | {"file": shard.name} for sample in shard.samples]
+        self.manifest.append(*entries)  # after the rename, in one write: a shard is in the manifest whole or not
+        return entries
+
+    def close(self) -> list[dict]:
+        """Publish the last, partial shard."""
+        return [] if self.shards is None else self._record(self.shards.close())
+
+    def __enter__(self) -> ImageSink:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None and self.shards is not None:
+            self.shards.abort()
+
+
+def write_batch(pipeline: Pipeline, batch: Sequence[ImageTask], model: dict, sink: ImageSink,
+                extra: dict | None = None) -> list[dict]:
+    """Generate one batch and hand each image and its manifest entry (+ `extra`) to `sink`; returns the entries
+    appended to the manifest by now (with shards, those of shards this batch completed)."""
     gens, timings = generate_batch(pipeline, batch)
     entries = []
     for task, gen in zip(batch, gens, strict=True):
-        write_atomic(out_dir / task.file, lambda p, g=gen: g.save_png(p), fsync=True)
-        entry = manifest_entry(task, gen, timings, model, len(batch)) | (extra or {})
-        manifest.append(entry)  # after the rename: a manifest line always has its PNG
-        entries.append(entry)
+        entries += sink.put(task, gen, manifest_entry(task, gen, timings, model, len(batch)) | (extra or {}))
     return entries
 
 

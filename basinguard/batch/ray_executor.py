@@ -30,7 +30,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from basinguard.batch.job import BatchJob, BatchSummary, finish, open_job, progress_bar
-from basinguard.batch.output import MANIFEST, ManifestWriter, hold_worker_lock, slim, write_batch
+from basinguard.batch.output import (
+    MANIFEST,
+    ImageSink,
+    ManifestWriter,
+    OutputSettings,
+    hold_worker_lock,
+    slim,
+    write_batch,
+)
 from basinguard.batch.prompts import ImageTask, pack
 from basinguard.errors import BasinguardError, first_line
 from basinguard.runtime.spec import ModelSpec
@@ -52,11 +60,12 @@ class BatchWorker:
     """One worker slot: a Pipeline and its manifest shard. Wrapped with `ray.remote` at run time."""
 
     def __init__(self, model: str, provider: str, threads: int | None, out_dir: str, shard: int, identity: dict,
-                 static_shapes: bool = False):
+                 static_shapes: bool = False, output: OutputSettings | None = None):
         from basinguard.runtime.pipeline import Pipeline
 
         self.out_dir, self.identity, self.shard = Path(out_dir), identity, shard
         self.manifest: ManifestWriter | None = None
+        self.sink: ImageSink | None = None
         # An error here would reach the driver as "the actor died", without its message: it is kept and raised by
         # the first `run`, which Ray reports with the error itself.
         self._failure: Exception | None = None
@@ -64,17 +73,23 @@ class BatchWorker:
             self._lock = hold_worker_lock(self.out_dir, shard)  # first, and until this process ends: wait_for_workers
             self.pipeline = Pipeline(Path(model), provider=provider, threads=threads, static_shapes=static_shapes)
             self.manifest = ManifestWriter(self.out_dir / MANIFEST.replace(".jsonl", f".part-{shard}.jsonl"))
+            # shards named for this worker (shard-KKK-NNNNNN), so workers never write the same name
+            self.sink = ImageSink(self.out_dir, self.manifest, output or OutputSettings(), writer=shard)
         except Exception as exc:
             self._failure = exc
 
     def run(self, batch: list[ImageTask]) -> list[dict]:
         if self._failure is not None:
             raise self._failure
-        return write_batch(self.pipeline, batch, self.out_dir, self.identity, self.manifest, {"shard": self.shard})
+        assert self.sink is not None
+        return write_batch(self.pipeline, batch, self.identity, self.sink, {"shard": self.shard})
 
-    def close(self) -> None:
+    def close(self) -> list[dict]:
+        """Publish the last, partial shard; returns its entries."""
+        entries = [] if self.sink is None else self.sink.close()
         if self.manifest is not None:
             self.manifest.close()
+        return entries
 
 
 def shard_by_line(tasks: Sequence[ImageTask], workers: int) -> list[list[ImageTask]]:
@@ -134,7 +149,7 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
         check_resources(len(shards), slots, cpus, provider)
         actor_class = ray.remote(BatchWorker).options(num_cpus=cpus, num_gpus=0 if provider == "cpu" else 1)
         actors = [actor_class.remote(str(Path(model).resolve()), provider, cpus, str(job.out_dir.resolve()), k,
-                                     identity, static_shapes) for k in range(len(shards))]
+                                     identity, static_shapes, job.output) for k in range(len(shards))]
         new: list[dict] = []
         start = time.perf_counter()
         try:
@@ -146,7 +161,8 @@ def run_batch_ray(job: BatchJob, model: Path, provider: str = "cpu", threads: in
                     ready, _ = ray.wait(list(running), num_returns=1)
                     new += map(slim, ray.get(ready[0]))
                     bar.update(running.pop(ready[0]))
-            ray.get([actor.close.remote() for actor in actors])
+            for entries in ray.get([actor.close.remote() for actor in actors]):
+                new += map(slim, entries)
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, BasinguardError | OSError):
                 raise exc.cause from None  # reported as the same failure of a local job would be
