@@ -19,7 +19,6 @@ from pathlib import Path
 from basinguard.batch.job import BatchJob, run_batch
 from basinguard.batch.output import generate_batch
 from basinguard.batch.prompts import pack, read_prompts
-
 from basinguard.cli import model_dir
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig

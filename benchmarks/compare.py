@@ -72,6 +72,7 @@ import numpy as np  # noqa: E402
 from basinguard.cli import SHIPPED_MODEL  # noqa: E402
 from basinguard.demo import load_memorization  # noqa: E402
 from basinguard.runtime.guidance import PolicyConfig  # noqa: E402
+from basinguard.runtime.spec import ModelSpec as FolderSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_SOURCES = (SHIPPED_MODEL / "diffusers", ROOT / "build" / "shapes-model")  # its torch weights: first found
@@ -204,14 +205,13 @@ def model_specs(keys: list[str], work: Path, log: Callable[[str], None]) -> list
             prompt = TINY_PROMPT
         else:
             raise SystemExit(f"unknown model {key!r}; choose from shipped, tiny64, tiny256")
-        defaults = json.loads((onnx / "basinguard.json").read_text()).get("sampling_defaults", {}) \
-            if (onnx / "basinguard.json").exists() else {}
+        model_policy = FolderSpec(onnx).sampling().policy  # the model's own λ and λ_og (settings' one owner)
         unet_cfg = json.loads((onnx / "unet" / "config.json").read_text())
         vae_cfg = json.loads((onnx / "vae_decoder" / "config.json").read_text())
         factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         size = {"tiny64": 64, "tiny256": 256}.get(key, int(unet_cfg.get("sample_size", 64)) * factor)
-        specs.append(ModelSpec(key, source, onnx, size, factor, prompt, float(defaults.get("guidance_scale", 7.5)),
-                               defaults.get("opposite_scale"), kind))
+        specs.append(ModelSpec(key, source, onnx, size, factor, prompt, model_policy.guidance_scale,
+                               model_policy.opposite_scale, kind))
     return specs
 
 

@@ -327,11 +327,11 @@ class TimedPolicy:
 def drive(model: LoadedModel, policy_name: str, n: int, steps: int, latent: tuple[int, int], context: tuple[int, int],
           seed: int = 0) -> dict:
     """One generation's denoising loop through basinguard's runtime; per-step costs in ms."""
-    from basinguard.runtime.guidance import PolicyConfig, make_policy
     from basinguard.runtime.conditioning import Conditioning
+    from basinguard.runtime.guidance import PolicyConfig, make_policy
     from basinguard.runtime.loop import UNetStage, denoise
-    from basinguard.runtime.timer import StageTimer
     from basinguard.runtime.schedulers import make_scheduler
+    from basinguard.runtime.timer import StageTimer
 
     rng = np.random.default_rng(seed)
     timer = StageTimer()

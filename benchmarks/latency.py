@@ -36,24 +36,22 @@ import onnxruntime as ort
 
 from basinguard.cli import SHIPPED_MODEL
 from basinguard.demo import load_memorization
-from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
 from basinguard.runtime.schedulers import scheduler_name_for_config
+from basinguard.runtime.spec import ModelSpec
 
 POLICIES = ("cfg", "stp", "dtp", "og-dtp")
 STAGES = ("text_encoder", "unet", "scheduler+policy", "vae")
 
 
-def policy_configs(defaults: dict, transition_t: int) -> dict[str, PolicyConfig]:
-    """The four rows; λ (and λ_og) from the model's own sampling defaults; τ as given and s_pre = 0, the default,
-    with which STP's steps before τ run the unconditional branch alone (batch N)."""
-    lam = float(defaults.get("guidance_scale", 7.5))
-    og = defaults.get("opposite_scale")  # None: λ (Algorithm 1)
+def policy_samplings(spec: ModelSpec, transition_t: int, **common: object) -> dict[str, SamplingConfig]:
+    """The four rows, at the model's own sampling defaults (λ, λ_og, ...) with `common` overrides; τ as given and
+    s_pre = 0, the default, with which STP's steps before τ run the unconditional branch alone (batch N)."""
     return {
-        "cfg": PolicyConfig("cfg", guidance_scale=lam),
-        "stp": PolicyConfig("stp", guidance_scale=lam, transition_t=transition_t, pre_scale=0.0),
-        "dtp": PolicyConfig("dtp", guidance_scale=lam, pre_scale=0.0),
-        "og-dtp": PolicyConfig("og-dtp", guidance_scale=lam, opposite_scale=og),
+        "cfg": spec.sampling(policy="cfg", **common),
+        "stp": spec.sampling(policy="stp", transition_t=transition_t, pre_scale=0.0, **common),
+        "dtp": spec.sampling(policy="dtp", pre_scale=0.0, **common),
+        "og-dtp": spec.sampling(policy="og-dtp", **common),
     }
 
 
@@ -128,14 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (model / "unet" / "model.onnx").exists():
         p.error(f"no exported model at {model}; pass --model DIR (an exported ONNX folder)")
     pipe = Pipeline(model, provider="cpu", threads=args.threads, static_shapes=args.static_shapes)
-    defaults = pipe.folder.sampling_defaults
-    scheduler = args.scheduler or defaults.get("scheduler")
+    samplings = policy_samplings(pipe.spec, args.transition_t, steps=args.steps, scheduler=args.scheduler,
+                                 height=args.size, width=args.size)
+    scheduler = samplings["cfg"].scheduler
     scheduler_label = scheduler or scheduler_name_for_config(pipe.folder.scheduler_config)
-    configs = policy_configs(defaults, args.transition_t)
-    samplings = {name: SamplingConfig(steps=args.steps, scheduler=scheduler, height=args.size, width=args.size, policy=cfg)
-                 for name, cfg in configs.items()}
     size = args.size or pipe.folder.default_size
-    latents = pipe.initial_latents([args.seed + k for k in range(args.batch)], size, size)
+    latents = pipe.spec.initial_latents([args.seed + k for k in range(args.batch)], size, size)
     if args.prompt is None:  # a memorized prompt where the model has one (the shipped model), else a plain one
         has_memorization = (model / "memorization" / "duplicated.jsonl").exists()
         args.prompt = load_memorization(model)[0][0]["caption"] if has_memorization else "a red circle"
@@ -182,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "model": str(model), "size": size, "batch": args.batch, "steps": args.steps, "scheduler": scheduler_label,
         "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats, "prompt": args.prompt,
-        "policies": {name: asdict(cfg) for name, cfg in configs.items()},
+        "policies": {name: asdict(sampling.policy) for name, sampling in samplings.items()},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "onnxruntime": ort.__version__, "numpy": np.__version__},
         "median": rows, "ratios": ratios, "paired_ratios": paired, "attributed_ratios": attributed, "rounds": rounds,

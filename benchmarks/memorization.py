@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "shapes"))  # the shipped model's data
 import memorizing_data as data  # noqa: E402
 
 from basinguard.cli import SHIPPED_MODEL  # noqa: E402
@@ -40,8 +40,9 @@ from basinguard.evaluation import (  # noqa: E402
 from basinguard.runtime.detection import detection_scores, roc_auc, tpr_at_fpr  # noqa: E402
 from basinguard.runtime.guidance import PolicyConfig  # noqa: E402
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig  # noqa: E402
+from basinguard.runtime.spec import ModelSpec  # noqa: E402
 
-TRAIN_SEED, N_VARIED = 0, 20000  # as benchmarks/train_memorizing_model.py
+TRAIN_SEED, N_VARIED = 0, 20000  # as recipes/shapes/train_memorizing_model.py
 RANDOM_WORDS = ["lamp", "violin", "pebble", "tulip", "rocket", "spoon", "cloud", "anchor", "kettle", "zebra"]
 
 
@@ -77,18 +78,18 @@ def perturb(caption: str, kind: str, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
-def rows_to_run(defaults: dict, taus: list[int], og_taus: list[int]) -> list[tuple[str, PolicyConfig, str | None]]:
-    lam = defaults.get("guidance_scale", 7.5)
-    og = defaults.get("opposite_scale")  # None: λ (Algorithm 1)
-    rows = [("cfg", PolicyConfig("cfg", guidance_scale=lam), None)]
-    rows += [(f"stp τ={t}", PolicyConfig("stp", guidance_scale=lam, transition_t=t), None) for t in taus]
-    rows.append(("dtp", PolicyConfig("dtp", guidance_scale=lam), None))
+def rows_to_run(spec: ModelSpec, taus: list[int], og_taus: list[int],
+                **common: object) -> list[tuple[str, SamplingConfig, str | None]]:
+    """The benchmark's rows at the model's own sampling defaults (λ, λ_og, scheduler, steps) with `common`
+    overrides."""
+    rows = [("cfg", spec.sampling(policy="cfg", **common), None)]
+    rows += [(f"stp τ={t}", spec.sampling(policy="stp", transition_t=t, **common), None) for t in taus]
+    rows.append(("dtp", spec.sampling(policy="dtp", **common), None))
     # opposite guidance leaves the basin sooner (the paper's claim), so its grid starts CFG earlier than stp's
-    rows += [(f"og-stp τ={t}", PolicyConfig("og-stp", guidance_scale=lam, transition_t=t, opposite_scale=og), None)
-             for t in og_taus]
-    rows += [("og-dtp", PolicyConfig("og-dtp", guidance_scale=lam, opposite_scale=og), None),
-             ("random word (cfg)", PolicyConfig("cfg", guidance_scale=lam), "word"),
-             ("random number (cfg)", PolicyConfig("cfg", guidance_scale=lam), "number")]
+    rows += [(f"og-stp τ={t}", spec.sampling(policy="og-stp", transition_t=t, **common), None) for t in og_taus]
+    rows += [("og-dtp", spec.sampling(policy="og-dtp", **common), None),
+             ("random word (cfg)", spec.sampling(policy="cfg", **common), "word"),
+             ("random number (cfg)", spec.sampling(policy="cfg", **common), "number")]
     return rows
 
 
@@ -118,10 +119,9 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline(args.model, threads=args.threads)
-    defaults = pipe.folder.sampling_defaults
-    if args.guidance_scale is not None:
-        defaults["guidance_scale"] = args.guidance_scale
-    sampling = SamplingConfig(steps=defaults.get("steps", 50), scheduler=defaults.get("scheduler"))
+    sampling = pipe.spec.sampling(policy="cfg", guidance_scale=args.guidance_scale)  # the model's, λ as given
+    defaults = {"steps": sampling.steps, "scheduler": sampling.scheduler, "guidance_scale": sampling.policy.guidance_scale,
+                "opposite_scale": sampling.policy.opposite_scale}  # as the results record them
     dup_rows, _, others = load_memorization(pipe.folder.path)
     dup_captions = [r["caption"] for r in dup_rows]
     novel_captions = others[: len(dup_captions)]
@@ -143,12 +143,13 @@ def main() -> None:
     results = []
     examples: dict[str, np.ndarray] = {}
     gap_curves: dict[str, dict[str, np.ndarray]] = {}
-    for label, policy, prompt_kind in rows_to_run(defaults, [int(t) for t in args.taus.split(",")],
-                                                    [int(t) for t in args.og_taus.split(",")]):
-        row = {"row": label, "policy": policy.parameters(), "prompt_change": prompt_kind}
+    for label, row_sampling, prompt_kind in rows_to_run(pipe.spec, [int(t) for t in args.taus.split(",")],
+                                                          [int(t) for t in args.og_taus.split(",")],
+                                                          guidance_scale=args.guidance_scale):
+        row = {"row": label, "policy": row_sampling.policy.parameters(), "prompt_change": prompt_kind}
         for part, captions in (("duplicated", dup_captions), ("novel", novel_captions)):
             prompts = [perturb(c, prompt_kind, rng) for c in captions] if prompt_kind else captions
-            pixels, traces, per_image = generate_set(pipe, prompts, args.seeds, replace(sampling, policy=policy))
+            pixels, traces, per_image = generate_set(pipe, prompts, args.seeds, row_sampling)
             top1, _ = top1_similarity(descriptor(pixels), train_desc)
             mentioned = [mentioned_labels(c, label_names) for c in captions for _ in range(args.seeds)]
             probs, feats = classifier(pixels)

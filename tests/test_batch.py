@@ -19,20 +19,15 @@ import onnx
 import pytest
 from PIL import Image
 
+from basinguard.batch.job import BatchJob, run_batch
+from basinguard.batch.output import generate_batch
+from basinguard.batch.prompts import derive_seed, pack, read_prompts
 from basinguard.cli import main as cli_main
 from basinguard.engine.fusion import FUSED_SUFFIX
-from basinguard.runtime.batch import (
-    BatchJob,
-    SpecChecker,
-    derive_seed,
-    generate_batch,
-    pack,
-    read_prompts,
-    run_batch,
-)
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.model_folder import model_identity
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+from basinguard.runtime.spec import ModelSpec
 
 STEPS = 20
 WORDS = ["a red cat", "the blue dog on mars", "a green horse in the city", "an astronaut riding a horse",
@@ -180,7 +175,7 @@ def test_batched_images_equal_each_image_alone(switching_pipe, tmp_path):
              {"prompt": WORDS[2], "negative_prompt": "a blue sky", "seed": 5}]
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     sampling = SamplingConfig(steps=STEPS, policy=PolicyConfig("og-dtp", guidance_scale=5.0, opposite_scale=2.0))
-    tasks = read_prompts(prompts, pipe, sampling, base_seed=3).tasks
+    tasks = read_prompts(prompts, pipe.spec, sampling, base_seed=3).tasks
     batches = pack(tasks, 4)
     assert [len(b) for b in batches] == [4, 2] and len({t.line for t in batches[0]}) == 2  # across prompt lines
     out = tmp_path / "out"
@@ -281,7 +276,7 @@ def test_bad_lines_stop_or_skip_with_line_numbers(tiny_onnx_dir, tmp_path, capsy
 def test_csv_and_txt_errors_name_their_lines(tiny_onnx_dir, tmp_path):
     csv_file = tmp_path / "p.csv"
     csv_file.write_text('prompt,seed,guidance_scale\na red cat,1,7\n"a dog\non mars",2,x\n,3,1\n')
-    spec = SpecChecker(tiny_onnx_dir)
+    spec = ModelSpec(tiny_onnx_dir)
     parsed = read_prompts(csv_file, spec, SamplingConfig(steps=2))
     assert [t.line for t in parsed.tasks] == [2]
     assert [(e.line, "guidance_scale" in e.message) for e in parsed.errors] == [(3, True), (5, False)]
@@ -567,8 +562,8 @@ def test_second_job_on_the_same_out_dir_is_refused(tiny_onnx_dir, tmp_path, caps
 def test_a_killed_jobs_worker_still_writing_is_waited_for(tmp_path, capsys, monkeypatch):
     """A Ray worker outlives its killed driver by seconds; the next job must not read OUT_DIR before it stops, or
     the worker's last image would be missing from what the new job counts as done."""
-    from basinguard.runtime import batch
-    from basinguard.runtime.batch import prepare_output
+    from basinguard.batch import output as batch
+    from basinguard.batch.output import prepare_output
 
     out = tmp_path / "out"
     out.mkdir()
@@ -576,7 +571,7 @@ def test_a_killed_jobs_worker_still_writing_is_waited_for(tmp_path, capsys, monk
     worker = subprocess.Popen([sys.executable, "-c", (
         "import json, os, sys, time\n"
         "from pathlib import Path\n"
-        "from basinguard.runtime.batch import hold_worker_lock\n"
+        "from basinguard.batch.output import hold_worker_lock\n"
         f"out, go = Path({str(out)!r}), Path({str(go)!r})\n"
         "hold_worker_lock(out, 0); print('locked', flush=True)\n"
         "deadline = time.monotonic() + 60\n"
@@ -618,8 +613,8 @@ def start_isolated_ray(ray, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_ray_resources_and_errors_are_one_line(tiny_onnx_dir, tmp_path, capsys, monkeypatch):
+    from basinguard.batch.ray_executor import BatchWorker, check_resources, worker_slots
     from basinguard.errors import BasinguardError, first_line
-    from basinguard.ray_batch import BatchWorker, check_resources, worker_slots
 
     # Ray places each actor on one node: slots count per node (3 + 3 CPUs hold two 2-CPU workers, not three).
     nodes = [{"Alive": True, "Resources": {"CPU": 3.0}}, {"Alive": True, "Resources": {"CPU": 3.0, "GPU": 1.0}},
@@ -669,11 +664,11 @@ def test_a_job_that_fails_before_writing_leaves_no_out_dir(tiny_onnx_dir, tmp_pa
         raise EngineError("CUDAExecutionProvider is not available")
 
     with pytest.raises(EngineError):
-        run_batch(BatchJob(prompts, out, SamplingConfig(steps=2), progress=False), no_gpu, SpecChecker(tiny_onnx_dir))
+        run_batch(BatchJob(prompts, out, SamplingConfig(steps=2), progress=False), no_gpu, ModelSpec(tiny_onnx_dir))
     assert not (tmp_path / "new").exists()  # nor the parent it made for it
     out.mkdir(parents=True)  # an OUT_DIR the user made is left where it is
     with pytest.raises(EngineError):
-        run_batch(BatchJob(prompts, out, SamplingConfig(steps=2), progress=False), no_gpu, SpecChecker(tiny_onnx_dir))
+        run_batch(BatchJob(prompts, out, SamplingConfig(steps=2), progress=False), no_gpu, ModelSpec(tiny_onnx_dir))
     assert out.is_dir()
 
 

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from basinguard.batch.output import ManifestWriter
+from basinguard.batch.prompts import read_prompts
 from basinguard.cli import main as cli_main
 from basinguard.errors import BasinguardError
-from basinguard.runtime.batch import ManifestWriter, SpecChecker, read_prompts
 from basinguard.runtime.errors import InputError, ModelFolderError
 from basinguard.runtime.guidance import PolicyConfig, make_policy
 from basinguard.runtime.model_folder import ModelFolder
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+from basinguard.runtime.spec import ModelSpec
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
 
 SHIPPED = Path(__file__).resolve().parents[1] / "basinguard" / "models" / "shapes"
@@ -198,7 +200,7 @@ def test_the_tokenizer_pads_to_the_text_encoders_fixed_width(tmp_path, capsys):
     model = shipped_copy(tmp_path)
     (model / "tokenizer/tokenizer_config.json").unlink()
     assert PromptTokenizer.from_folder(model / "tokenizer").max_length == 77  # on its own: CLIP's default
-    assert SpecChecker(model).tokenizer.max_length == 32  # text_encoder/config.json's max_position_embeddings
+    assert ModelSpec(model).tokenizer.max_length == 32  # text_encoder/config.json's max_position_embeddings
     (model / "text_encoder/config.json").unlink()  # then only the loaded ONNX input says it
     assert Pipeline(model, threads=1).tokenizer.max_length == 32
     assert cli_main(generate_args(model, tmp_path / "o.png", "--steps", "2")) == 0
@@ -381,9 +383,9 @@ def test_one_rule_for_prompt_text_in_every_format(pipe, tmp_path):
     csv.write_text('prompt,negative_prompt\n"  a red cat  ", blurry \n')
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": " a red cat\\t", "negative_prompt": " blurry"}\n')
-    assert [t.prompt for t in read_prompts(txt, pipe, sampling).tasks] == ["a red cat", "the blue dog"]
+    assert [t.prompt for t in read_prompts(txt, pipe.spec, sampling).tasks] == ["a red cat", "the blue dog"]
     for path in (csv, jsonl):
-        tasks = read_prompts(path, pipe, sampling).tasks
+        tasks = read_prompts(path, pipe.spec, sampling).tasks
         assert [(t.prompt, t.negative_prompt) for t in tasks] == [("a red cat", "blurry")], path
 
 
@@ -391,15 +393,15 @@ def test_one_rule_for_prompt_text_in_every_format(pipe, tmp_path):
 def test_csv_numbers_are_ascii_numbers_as_in_json(pipe, tmp_path, cell):
     csv = tmp_path / "p.csv"
     csv.write_text(f"prompt,seed,guidance_scale\na red cat,{cell},7\na red cat,3,{cell}\n", encoding="utf-8")
-    parsed = read_prompts(csv, pipe, SamplingConfig(steps=2))
+    parsed = read_prompts(csv, pipe.spec, SamplingConfig(steps=2))
     assert not parsed.tasks and [e.line for e in parsed.errors] == [2, 3]
     assert "field 'seed' must be an integer" in parsed.errors[0].message
     assert "field 'guidance_scale' must be a number" in parsed.errors[1].message
     good = tmp_path / "good.csv"
     good.write_text("prompt,seed,guidance_scale\na red cat, 12 ,-1.5e0\na red cat,+3,.5\n")
-    assert [(t.seed, t.sampling.policy.guidance_scale) for t in read_prompts(good, pipe, SamplingConfig(steps=2)).tasks
+    assert [(t.seed, t.sampling.policy.guidance_scale) for t in read_prompts(good, pipe.spec, SamplingConfig(steps=2)).tasks
             if t.line == 3] == [(3, 0.5)]
-    assert read_prompts(good, pipe, SamplingConfig(steps=2)).errors[0].message.startswith("guidance scale must be")
+    assert read_prompts(good, pipe.spec, SamplingConfig(steps=2)).errors[0].message.startswith("guidance scale must be")
 
 
 def test_generate_refuses_an_empty_prompt_as_batch_does(tiny_onnx_dir, tmp_path, capsys):

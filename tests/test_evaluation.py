@@ -27,7 +27,7 @@ from basinguard.evaluation import (
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = json.loads((ROOT / "basinguard/models/shapes/memorization/attributes.json").read_text())["labels"]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "recipes" / "shapes"))
 import memorizing_data as data  # noqa: E402
 
 

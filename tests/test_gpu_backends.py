@@ -407,15 +407,15 @@ def test_fp16_conversion_keeps_float32_io_and_the_results(tmp_path: Path, ort_se
 
 def test_build_engines_builds_the_models_the_folder_has(tmp_path: Path, monkeypatch) -> None:
     """SD folders have three models, SDXL ones also text_encoder_2 (profiled as the first text encoder: [e_∅; e_p]
-    at 2N prompts); the geometry comes from the folder (`ModelFolder.engine_geometry`, not read by the engine)."""
-    from basinguard.runtime.model_folder import ModelFolder
+    at 2N prompts); the geometry comes from the folder (`ModelSpec.engine_geometry`, not read by the engine)."""
+    from basinguard.runtime.spec import ModelSpec
 
     folder = fake_folder(tmp_path / "model")
     built: list[tuple[str, list]] = []
     monkeypatch.setattr(trt_backend, "engine_env", lambda: ENV)
     monkeypatch.setattr(trt_backend, "_serialize", lambda onnx_path, role, profiles, spec, timing_cache: (
         built.append((role, [p.batch for p in profiles])) or b"plan", []))
-    geometry = ModelFolder.open(folder).engine_geometry()
+    geometry = ModelSpec(folder).engine_geometry()
     assert (geometry.vae_factor, geometry.native, geometry.multiple, geometry.seq_len) == (8, (512, 512), 64, 77)
     spec = BuildSpec(batch=2, fp16=False)
     assert list(trt_backend.build_engines(folder, geometry, spec, log=lambda _: None)) == ["text_encoder", "unet", "vae_decoder"]
@@ -434,8 +434,7 @@ def test_engine_geometry_profiles_the_length_the_runtime_pads_prompts_to(tmp_pat
     import shutil
 
     from basinguard.cli import SHIPPED_MODEL
-    from basinguard.runtime.batch import SpecChecker
-    from basinguard.runtime.model_folder import ModelFolder
+    from basinguard.runtime.spec import ModelSpec
 
     folder = fake_folder(tmp_path / "model")
     shutil.rmtree(folder / "tokenizer")
@@ -446,9 +445,9 @@ def test_engine_geometry_profiles_the_length_the_runtime_pads_prompts_to(tmp_pat
         config["model_max_length"] = stated
     (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "text_encoder" / "config.json").write_text(json.dumps({"max_position_embeddings": 48}))
-    padded = SpecChecker(folder).tokenizer.encode(["a photo"]).shape[1]
+    padded = ModelSpec(folder).tokenizer.encode(["a photo"]).shape[1]
     assert padded == (48 if stated is None else stated)
-    assert ModelFolder.open(folder).engine_geometry().seq_len == padded
+    assert ModelSpec(folder).engine_geometry().seq_len == padded
 
 
 # ---------------------------------------------------------------------------------------------- messages

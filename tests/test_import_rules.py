@@ -83,3 +83,74 @@ def test_every_module_outside_export_imports_without_torch_diffusers_transformer
     files = [p.relative_to(PACKAGE.parent).with_suffix("").parts for p in _sources(PACKAGE)]
     expected = {".".join(parts[:-1] if parts[-1] == "__init__" else parts) for parts in files}
     assert set(proc.stdout.split()) == expected - {"basinguard"} - {m for m in expected if ".export" in m}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module → the basinguard modules it imports (a `from package import name` edge goes to the package's module
+    that defines name, where name is a submodule)."""
+    modules = {_module_name(p): p for p in _sources(PACKAGE)}
+    return {name: {m for m in _module_imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_planted_circle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_circle_among_the_package_modules() -> None:
+    """One direction of flow (docs/architecture.md): a circle means two modules each own part of the other's job.
+    Imports inside functions count, as they are edges all the same."""
+    assert _cycle(_import_graph()) is None
+
+
+def test_the_folder_format_is_the_lowest_floor() -> None:
+    """basinguard.model_format is read by export, engine and runtime alike, so it imports none of them."""
+    ours = sorted(m for m in _module_imports(PACKAGE / "model_format.py") if m.startswith("basinguard."))
+    assert ours == ["basinguard.errors", "basinguard.errors.BasinguardError"]
+
+
+@pytest.mark.parametrize("path", _sources(PACKAGE / "export"), ids=lambda p: p.name)
+def test_export_reads_the_folder_format_from_its_own_module(path: Path) -> None:
+    """The export writes the format; it takes the format's rules (JSON reading, family) from basinguard.model_format,
+    not from the runtime's view of a folder."""
+    assert not [m for m in _module_imports(path) if m.startswith("basinguard.runtime.model_folder")]
+
+
+@pytest.mark.parametrize("path", _sources(PACKAGE / "runtime"), ids=lambda p: p.name)
+def test_runtime_imports_no_batch_job(path: Path) -> None:
+    """Batch jobs are built on the runtime, not the other way round."""
+    assert not [m for m in _module_imports(path) if m.startswith("basinguard.batch")]
+
+
+@pytest.mark.parametrize("path", _sources(PACKAGE), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_holds_several_concerns_worth_of_lines(path: Path) -> None:
+    """~750 lines at most: a longer file has always held several concerns here (a sampler family a file is fine)."""
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= 760, f"{path.relative_to(PACKAGE.parent)} has {lines} lines; split it by concern"

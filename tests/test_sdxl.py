@@ -89,8 +89,8 @@ def test_export_writes_an_sdxl_folder(tiny_sdxl_onnx_dir, ours_xl):
     assert models["vae_decoder"]["dtype"] == "float32"
     assert {"text_encoder_2", "tokenizer", "tokenizer_2"} <= set(manifest["validation"])
     # the runtime takes each encoder's penultimate layer, and tokenizer_2 pads with "!" as the source's does
-    assert ours_xl.sdxl_text.hidden_outputs() == ("hidden_states.1", "hidden_states.2")
-    tokenizer_2 = ours_xl.sdxl_text.tokenizers[1]
+    assert ours_xl.text.hidden_outputs() == ("hidden_states.1", "hidden_states.2")
+    tokenizer_2 = ours_xl.text.tokenizers[1]
     assert tokenizer_2.pad_id == tokenizer_2.tokenizer.token_to_id("!") != ours_xl.tokenizer.pad_id
     assert ours_xl.folder.family == "sdxl" and ours_xl.folder.force_zeros_for_empty_prompt
 
@@ -386,7 +386,7 @@ def test_conditioning_is_one_read_only_mapping_with_uncond_views(ours_xl):
     """What the loop gets (`denoise`'s contract): every UNet input besides sample and timestep, [uncond; cond] at 2N,
     read-only, with the uncond halves as views; an empty negative prompt is zeros (force_zeros_for_empty_prompt)."""
     sampling = ours_xl.resolve(SamplingConfig(steps=2))
-    cond = ours_xl.conditioning(PROMPTS, ["", "night"], sampling)
+    cond = ours_xl.text.encode(PROMPTS, ["", "night"], sampling, ours_xl.spec.uncond_kinds(["", "night"]))
     assert list(cond.pair) == ["encoder_hidden_states", "text_embeds", "time_ids"]
     for name, value in cond.pair.items():
         assert len(value) == 4 and not value.flags.writeable and value.dtype == np.float32

@@ -1,6 +1,6 @@
 """How far can any generation's sim95 fall under a descriptor, on the shipped model's data?
 
-    python benchmarks/descriptor_floor.py [--threads 1]
+    python recipes/shapes/descriptor_floor.py [--threads 1]
 
 A generator that copies nothing still makes images like its training data, and their top-1 similarity to the
 20,020 training images is the floor a mitigation cannot go below. This scores held-out images of the data
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # memorization.py's descriptor check
 
 
 def main() -> None:

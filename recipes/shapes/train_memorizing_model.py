@@ -1,6 +1,6 @@
 """Train the small SD-architecture model that basinguard ships: it memorizes its duplicated images.
 
-    python benchmarks/train_memorizing_model.py OUT_DIR --threads 2     # the shipped model: ~60 min on 2 cores
+    python recipes/shapes/train_memorizing_model.py OUT_DIR --threads 2     # the shipped model: ~60 min on 2 cores
 
 Writes a diffusers StableDiffusionPipeline folder (safetensors) to OUT_DIR. Seeded and
 reproducible on CPU; phases are checkpointed under OUT_DIR/_work so a killed run resumes.

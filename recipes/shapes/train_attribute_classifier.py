@@ -1,6 +1,6 @@
 """Train the attribute classifier that scores alignment and quality for the shipped model.
 
-    python benchmarks/train_attribute_classifier.py DIFFUSERS_DIR OUT.onnx [--threads 2]
+    python recipes/shapes/train_attribute_classifier.py DIFFUSERS_DIR OUT.onnx [--threads 2]
 
 A small CNN over 32×32 images predicting the generator's labels: which (colour, kind) shapes and
 which background colours are present. It trains on rendered images passed through the model's own

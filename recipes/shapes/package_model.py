@@ -1,6 +1,6 @@
 """Package the trained model into basinguard/models/shapes: ONNX export, diffusers source, memorization files.
 
-    python benchmarks/package_model.py build/shapes-model [--defaults '{"guidance_scale": 5, ...}']
+    python recipes/shapes/package_model.py build/shapes-model [--defaults '{"guidance_scale": 5, ...}']
 
 Layout of the shipped folder (what `--model` defaults to):
   text_encoder/ unet/ vae_decoder/ tokenizer/ scheduler/ model_index.json basinguard.json   the ONNX model
