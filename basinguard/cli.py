@@ -103,31 +103,12 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
 
 
 def image_options(args: argparse.Namespace, suffixes: set[str], identity: Callable[[], dict] | None) -> ImageOptions:
-    """The output flags as ImageOptions, checked (and the C2PA credentials opened) before any model loads.
-    `suffixes`: the image files' suffixes (".npy": raw pixels, which carry no metadata); `identity`: the model's
-    (`ModelSpec.identity`), asked for only where the parameters name the model."""
-    from basinguard.outputs.c2pa_signing import C2paSigner
-    from basinguard.outputs.images import ImageOptions
+    """The output flags, checked (and C2PA credentials opened) before any model loads (`options_from_flags`)."""
+    from basinguard.outputs.images import options_from_flags
 
-    lossy = {".jpg", ".jpeg", ".webp"}
-    if args.quality is not None and not suffixes <= lossy:
-        raise BasinguardError(f"--quality applies to .jpg and .webp images, not {', '.join(sorted(suffixes - lossy))}")
-    if args.provenance_prompt and args.no_provenance:
-        raise BasinguardError("--provenance-prompt puts the prompt in the provenance XMP, which --no-provenance drops; "
-                              "give one of them")
-    c2pa = [flag for flag, value in (("--c2pa-cert", args.c2pa_cert), ("--c2pa-key", args.c2pa_key),
-                                      ("--c2pa-tsa", args.c2pa_tsa)) if value]
-    if c2pa and not (args.c2pa_cert and args.c2pa_key):
-        raise BasinguardError(f"{' and '.join(c2pa)} given: C2PA signing needs both --c2pa-cert and --c2pa-key")
-    if c2pa and ".npy" in suffixes:
-        raise BasinguardError("C2PA signs image files; .npy pixels cannot carry a manifest")
-    signer = C2paSigner.open(Path(args.c2pa_cert), Path(args.c2pa_key), args.c2pa_tsa) if c2pa else None
-    name = model_hash = None
-    if identity is not None and not args.no_provenance:
-        model = identity()
-        name, model_hash = Path(model["path"]).name, model["id"]
-    return ImageOptions(provenance=not args.no_provenance, provenance_prompt=args.provenance_prompt,
-                        quality=args.quality, model_name=name, model_hash=model_hash, signer=signer)
+    return options_from_flags(suffixes, identity, quality=args.quality, provenance=not args.no_provenance,
+                              provenance_prompt=args.provenance_prompt, c2pa_cert=args.c2pa_cert,
+                              c2pa_key=args.c2pa_key, c2pa_tsa=args.c2pa_tsa)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

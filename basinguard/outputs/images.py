@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,35 @@ class ImageOptions:
     def __post_init__(self) -> None:
         if self.quality is not None and not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
             raise OutputError(f"--quality must be an integer in [1, 100] (got {self.quality!r})")
+
+
+def options_from_flags(suffixes: set[str], identity: Callable[[], dict] | None, *, quality: int | None = None,
+                       provenance: bool = True, provenance_prompt: bool = False, c2pa_cert: str | None = None,
+                       c2pa_key: str | None = None, c2pa_tsa: str | None = None) -> ImageOptions:
+    """ImageOptions from the command line's flags, checked together, and the C2PA credentials opened, before any
+    model loads. `suffixes`: the image files' (".npy": raw pixels, which carry no metadata); `identity`: the
+    model's (`ModelSpec.identity`), asked for only where the parameters name the model."""
+    from basinguard.outputs.c2pa_signing import C2paSigner
+
+    lossy = {".jpg", ".jpeg", ".webp"}
+    if quality is not None and not suffixes <= lossy:
+        raise OutputError(f"--quality applies to .jpg and .webp images, not {', '.join(sorted(suffixes - lossy))}")
+    if provenance_prompt and not provenance:
+        raise OutputError("--provenance-prompt puts the prompt in the provenance XMP, which --no-provenance drops; "
+                          "give one of them")
+    c2pa = [flag for flag, value in (("--c2pa-cert", c2pa_cert), ("--c2pa-key", c2pa_key), ("--c2pa-tsa", c2pa_tsa))
+            if value]
+    if c2pa and not (c2pa_cert and c2pa_key):
+        raise OutputError(f"{' and '.join(c2pa)} given: C2PA signing needs both --c2pa-cert and --c2pa-key")
+    if c2pa and ".npy" in suffixes:
+        raise OutputError("C2PA signs image files; .npy pixels cannot carry a manifest")
+    signer = C2paSigner.open(Path(c2pa_cert), Path(c2pa_key), c2pa_tsa) if c2pa_cert and c2pa_key else None
+    name = model_hash = None
+    if identity is not None and provenance:
+        model = identity()
+        name, model_hash = Path(model["path"]).name, model["id"]
+    return ImageOptions(provenance=provenance, provenance_prompt=provenance_prompt, quality=quality, model_name=name,
+                        model_hash=model_hash, signer=signer)
 
 
 def image_format(path: Path | str, flag: str = "--out") -> str:
