@@ -190,3 +190,21 @@ def test_ray_workers_write_their_own_shards_exactly_once(prompts, tmp_path, monk
     assert sorted(e["id"] for e in entries) == ids(3, 3) and not list(out.glob("manifest.part-*"))
     for entry in entries:
         assert entry["id"] in shard_keys(out / entry["file"])
+
+
+def test_batch_signs_each_image_with_c2pa(prompts, tmp_path):
+    c2pa = pytest.importorskip("c2pa", reason="C2PA signing needs c2pa-python (the c2pa extra)")
+    from test_outputs import make_chain
+
+    cert, key, _ = make_chain(tmp_path)
+    out = tmp_path / "out"
+    assert cli_main(["batch", str(prompts), str(out), "--output-format", "webdataset", "--c2pa-cert", str(cert),
+                     "--c2pa-key", str(key), *STEPS]) == 0
+    rows = tar_rows(out)
+    assert len(rows) == 3
+    for row in rows:
+        with c2pa.Reader("image/png", io.BytesIO(row["png"])) as reader:
+            manifest = reader.get_active_manifest()
+        assert manifest["title"] == f"{row['__key__']}.png"
+        actions = next(a["data"]["actions"] for a in manifest["assertions"] if a["label"].startswith("c2pa.actions"))
+        assert actions[0]["action"] == "c2pa.created" and actions[0]["digitalSourceType"] == TRAINED

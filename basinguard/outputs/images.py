@@ -2,10 +2,10 @@
 image as made by a generative model, and optionally a C2PA manifest.
 
 Where each is written
-  PNG   trace: compressed text chunk `basinguard` (JSON); parameters: text chunk `parameters`;
-        XMP: iTXt chunk `XML:com.adobe.xmp`.
-  JPEG  trace: XMP property basinguard:trace (JSON); parameters: EXIF UserComment, "UNICODE\\0" + UTF-16 (big-endian),
-  WebP  as webui writes it (piexif's encoding); XMP: the APP1 segment (JPEG) or XMP chunk (WebP).
+  PNG          trace: compressed text chunk `basinguard` (JSON); parameters: text chunk `parameters`;
+               XMP: iTXt chunk `XML:com.adobe.xmp`.
+  JPEG, WebP   trace: XMP property basinguard:trace (JSON); parameters: EXIF UserComment as webui writes it
+               (piexif's "UNICODE\\0" + UTF-16 big-endian); XMP: the APP1 segment (JPEG) or XMP chunk (WebP).
   C2PA, when a signer is given, last, so that its hash covers everything above.
 `provenance=False` keeps only the trace.
 """

@@ -52,8 +52,8 @@ class Sample:
     entry: Any = None
 
     def __post_init__(self) -> None:
-        if not self.key or any(c in self.key for c in "./\\") or self.key.startswith("_"):
-            raise OutputError(f"shard key {self.key!r} must be non-empty, without '.', '/' or '\\', not start with '_'")
+        if not self.key or any(c in self.key for c in "./\\"):
+            raise OutputError(f"shard key {self.key!r} must be non-empty, without '.', '/' or '\\'")
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def recover_shards(out_dir: Path, recorded: Mapping[str, Iterable[str]]) -> set[
     for path in published_shards(out_dir):
         try:
             complete = shard_keys(path) == set(recorded.get(path.name, ()))
-        except Exception:  # noqa: BLE001 - a shard no reader can open is as incomplete as one never recorded
+        except Exception:  # a shard no reader can open is as incomplete as one never recorded
             complete = False
         if not complete:
             path.unlink()
@@ -146,7 +146,7 @@ class ShardWriter(ABC):
         if self.tmp is not None:
             try:
                 self._finish()
-            except Exception:  # noqa: BLE001 - it is being thrown away
+            except Exception:  # it is being thrown away
                 pass
             self.tmp.unlink(missing_ok=True)
         self.tmp, self.samples = None, []
