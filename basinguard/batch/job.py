@@ -255,7 +255,9 @@ def open_job(job: BatchJob, spec: ModelSpec, engines: Callable[[], set[str]]) ->
         done, lost = prepare_output(job.out_dir)
         check_same_job(parsed.tasks, done, job.out_dir, spec.identity, spec.folder.prediction_type)
         check_output_format(done, job.out_dir, job.output.output_format)
-        forget(job.out_dir, lost)  # only now: a refused job leaves the manifest as it found it
+        output = job.output
+        what = "whole shard" if output.output_format != "files" else "PNG" if output.image_format == "png" else "file"
+        forget(job.out_dir, lost, what)  # only now: a refused job leaves the manifest as it found it
         pending = [t for t in parsed.tasks if t.id not in done]
         if pending:
             warn_other_engines(job.out_dir, done, engines())

@@ -277,7 +277,7 @@ def prepare_output(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
     return done, lost - done.keys()
 
 
-def forget(out_dir: Path, lost: set[str]) -> None:
+def forget(out_dir: Path, lost: set[str], what: str = "PNG") -> None:
     """Drop the manifest lines of `lost` image ids, atomically: a kill leaves the old manifest or the new one."""
     if not lost:
         return
@@ -285,8 +285,8 @@ def forget(out_dir: Path, lost: set[str]) -> None:
     kept = [line for line in manifest.read_bytes().splitlines(keepends=True)
             if line.strip() and json.loads(line)["id"] not in lost]
     write_atomic(manifest, lambda p: p.write_bytes(b"".join(kept)), fsync=True)
-    print(f"basinguard batch: {len(lost)} image(s) in {manifest} have no image file or whole shard any more; they "
-          "will be made again", file=sys.stderr)
+    print(f"basinguard batch: {len(lost)} image(s) in {manifest} have no {what} any more; they will be made again",
+          file=sys.stderr)
 
 
 def check_same_job(tasks: Sequence[ImageTask], done: dict[str, dict], out_dir: Path, model: dict,
