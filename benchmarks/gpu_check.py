@@ -306,10 +306,10 @@ class TimedPolicy:
     def __init__(self, policy):
         self.policy, self.seconds = policy, 0.0
 
-    def needs_cond(self, step: int, t: float) -> bool:
+    def rows(self, step: int, t: float):
         t0 = time.perf_counter()
         try:
-            return self.policy.needs_cond(step, t)
+            return self.policy.rows(step, t)
         finally:
             self.seconds += time.perf_counter() - t0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_tiny_clip_vocab
 
 import basinguard.engine.plans as plans
 import basinguard.engine.tensorrt as trt_backend
@@ -85,7 +86,7 @@ def fake_folder(root: Path) -> Path:
     """A model folder ModelFolder accepts (configs; tiny ONNX files), SD geometry: VAE factor 8, UNet /8."""
     for role in ("text_encoder", "unet", "vae_decoder"):
         tiny_unet_onnx(root / role / "model.onnx")
-    (root / "tokenizer").mkdir()
+    write_tiny_clip_vocab(root / "tokenizer")  # the spec builds the tokenizer: its length is the text profile's
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
     (root / "unet" / "config.json").write_text(json.dumps({"sample_size": 64, "block_out_channels": [1, 2, 3, 4]}))
