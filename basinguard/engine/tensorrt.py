@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -96,15 +97,16 @@ def _import_tensorrt():  # no annotation: pyright infers the tensorrt module, so
     return trt
 
 
-def _import_cudart() -> ModuleType:  # cuda.bindings.runtime
+def _import_cudart() -> ModuleType:
+    """cuda-python's runtime module: cuda.bindings.runtime, or cuda.cudart before cuda-python 12.6. Imported by name:
+    it is a compiled module, whose names pyright cannot see, so it is typed as a plain module."""
     try:
-        from cuda.bindings import runtime  # pyright: ignore[reportMissingImports]  (not installed in CI)
+        return importlib.import_module("cuda.bindings.runtime")
     except ImportError:
         try:
-            from cuda import cudart as runtime  # pyright: ignore[reportMissingImports]  (cuda-python < 12.6)
+            return importlib.import_module("cuda.cudart")
         except ImportError as exc:
             raise EngineError(f"cuda-python is not installed ({exc}); {INSTALL_HINT}") from None
-    return runtime
 
 
 def _cudart_in_wheels() -> dict[int, Path]:
