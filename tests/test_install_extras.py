@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,16 @@ def test_documented_installs_have_one_onnxruntime() -> None:
         assert len(distributions(extras) & ORT_DISTRIBUTIONS) <= 1, where
     gpu = [where for where, extras in installs if extras & {"gpu-cu12", "gpu-cu13", "tensorrt-cu12", "tensorrt-cu13"}]
     assert any(w.startswith("docs/gpu.md") for w in gpu)
+
+
+def test_without_onnxruntime_loading_a_model_names_the_extra(tmp_path: Path) -> None:
+    """A base install (no extra) has no onnxruntime: loading a model says which extra brings it, as one error."""
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None  # as if not installed\n"
+        "from basinguard.engine import EngineError, load_model\n"
+        "try:\n    load_model('model.onnx')\nexcept EngineError as exc:\n    print(exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("onnxruntime is not installed") and "pip install 'basinguard[cpu]'" in run.stdout
