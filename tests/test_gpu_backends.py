@@ -652,6 +652,22 @@ def test_insufficient_driver_tells_no_driver_from_an_old_one(monkeypatch) -> Non
         trt_backend.cuda_device()
 
 
+def test_polygraphy_cuda_errors_without_a_driver_say_so(monkeypatch) -> None:
+    """polygraphy's own cudart calls report a missing driver as "CUDA Error: 35" (cudaErrorInsufficientDriver),
+    e.g. when TrtRunner.activate() makes its stream: the model's error adds what it means here."""
+    from polygraphy.exception import PolygraphyException
+
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: _fake_cudart(driver=0, runtime=13000))
+    model = object.__new__(trt_backend.TensorRTModel)
+    model.name, model.plan_path, model._closed = "unet", Path("unet-abc.plan"), True
+
+    def activate() -> None:
+        raise PolygraphyException("CUDA Error: 35. To figure out what this means, refer to https://docs.nvidia.com/cuda")
+
+    with pytest.raises(EngineError, match=r"unet: TensorRT failed on unet-abc.plan: CUDA Error: 35\..*; no NVIDIA driver"):
+        model._call(activate)
+
+
 def test_no_driver_here_is_named_as_such() -> None:
     """The real cuda-python on a machine without an NVIDIA driver: CUDA says cudaErrorInsufficientDriver, and the
     message must not send the user after a newer driver."""
@@ -703,6 +719,32 @@ def test_polygraphy_loads_libcudart_from_the_cuda_13_wheel(tmp_path: Path) -> No
     assert not alone or Path(alone[0]) != wheel  # the cause: polygraphy's own search misses the cu13 wheel
     ours = loaded("import basinguard.engine.tensorrt as t; w = t.polygraphy_cuda(); " + report)
     assert ours == [str(wheel), ours[1], "-"] and ours[1].startswith("13")  # a CUDA 13.x runtime, LD_LIBRARY_PATH unset
+
+
+def test_without_a_driver_the_runners_stream_fails_as_one_error(tmp_path: Path) -> None:
+    """The real chain on a machine without an NVIDIA driver: polygraphy's wrapper on the cu13 wheel's libcudart
+    makes the stream TrtRunner.activate() makes, CUDA refuses it (error 35), and the model's error says that there
+    is no driver (cuda-python asked) rather than that it is too old."""
+    pytest.importorskip("polygraphy")
+    runtime = pytest.importorskip("cuda.bindings.runtime")
+    if _wheel_cudart(13) is None:
+        pytest.skip("nvidia-cuda-runtime 13 is not installed (the test extra installs it)")
+    if runtime.cudaDriverGetVersion()[1] != 0:
+        pytest.skip("an NVIDIA driver is installed here")
+    meta = tmp_path / "site" / "tensorrt_cu13_libs-10.13.3.9.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: tensorrt_cu13_libs\nVersion: 10.13.3.9\n")
+    code = ("import pathlib, basinguard.engine.tensorrt as t; from polygraphy import cuda\n"
+            "m = object.__new__(t.TensorRTModel); m.name, m.plan_path, m._closed = 'unet', pathlib.Path('u.plan'), True\n"
+            "m._call(t.polygraphy_cuda)\n"
+            "try:\n    m._call(cuda.Stream)\nexcept t.EngineError as exc:\n    print(exc)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(Path(trt_backend.__file__).parents[2])])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    message = run.stdout.splitlines()[-1]  # after polygraphy's own notices
+    assert message.startswith("unet: TensorRT failed on u.plan: [!] CUDA Error: 35."), message
+    assert message.count("CUDA Error: 35") == 1 and "no NVIDIA driver is installed" in message
+    assert "too old" not in message
 
 
 def test_a_missing_cuda_runtime_is_one_engine_error(monkeypatch) -> None:

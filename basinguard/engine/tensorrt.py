@@ -537,10 +537,11 @@ class TensorRTModel:
             except OSError as exc:  # a library polygraphy loads with ctypes: libcudart
                 raise EngineError(f"{self.name}: {_cudart_load_problem(exc)}") from None
             except (PolygraphyException, RuntimeError) as exc:
-                detail = " | ".join([*errors.messages[-2:], str(exc)] if str(exc) not in errors.messages[-2:]
-                                    else errors.messages[-2:])
+                logged = errors.messages[-2:]  # polygraphy logs its critical message ("[!] ...") before raising it
+                detail = " | ".join(logged if any(str(exc) in m for m in logged) else [*logged, str(exc)])
                 if re.search(r"CUDA Error: 35\b", detail):  # polygraphy's cudart calls: cudaErrorInsufficientDriver
-                    detail += f"; {driver_hint(Cuda())}"
+                    with contextlib.suppress(EngineError):  # no cuda-python to ask: the error as polygraphy put it
+                        detail += f"; {driver_hint(Cuda())}"
                 raise EngineError(f"{self.name}: TensorRT failed on {self.plan_path.name}: {detail}") from None
 
     def profile_for(self, shapes: dict[str, Shape]) -> int:
