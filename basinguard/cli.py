@@ -129,6 +129,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latest-transition-t", type=int, default=None, metavar="T",
                    help="dtp/og-dtp: an image whose d has had no local minimum by t <= T switches there "
                    "(default: off, Algorithm 1: such an image never switches)")
+    p.add_argument("--guidance-end-t", type=int, default=None, metavar="T",
+                   help="any policy: once t <= T, the conditional prediction alone (scale 1, one UNet row per image, "
+                   "d not measured), as guidance in a limited interval (default: guidance to the last step)")
     p.add_argument("--long-prompts", choices=("truncate", "error"), default="truncate",
                    help="a prompt longer than the text encoder takes: cut it and warn, naming the dropped words, "
                    "as diffusers does (default), or refuse it")

@@ -306,10 +306,10 @@ class TimedPolicy:
     def __init__(self, policy):
         self.policy, self.seconds = policy, 0.0
 
-    def needs_cond(self, step: int, t: float) -> bool:
+    def rows(self, step: int, t: float):
         t0 = time.perf_counter()
         try:
-            return self.policy.needs_cond(step, t)
+            return self.policy.rows(step, t)
         finally:
             self.seconds += time.perf_counter() - t0
 
@@ -513,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny UNet instead of the SD1.5-sized one (CPU tests)")
     ap.add_argument("--unet", choices=("auto", "diffusers", "own"), default="auto",
                     help="auto/diffusers: diffusers' UNet2DConditionModel when importable; own: benchmarks/sd_unet.py")
-    ap.add_argument("--batch", type=int, default=1, help="N images: guided steps run the UNet at 2N")
+    ap.add_argument("--batch", type=int, default=4, help="N images: STP's unconditional-only steps run the UNet at N, "
+                    "guided steps at 2N; both are timed (at N = 1 launch overheads hide the difference)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 512, tiny 64)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 30, tiny 4)")
     ap.add_argument("--model", type=Path, default=None, help="an exported ONNX folder (default: the shipped model)")
@@ -526,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or (64 if args.tiny else 512)
     steps = args.steps or (4 if args.tiny else 30)
     r = Report(args.budget_s, args.json)
+    r.data["settings"] = {"batch": args.batch, "size": size, "steps": steps, "budget_s": args.budget_s}
     args.work.mkdir(parents=True, exist_ok=True)
     env = environment(r, args.device)
     r.data["environment"] = env

@@ -78,10 +78,10 @@ def perturb(caption: str, kind: str, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
-def rows_to_run(spec: ModelSpec, taus: list[int], og_taus: list[int],
+def rows_to_run(spec: ModelSpec, taus: list[int], og_taus: list[int], ends: list[int] = (),
                 **common: object) -> list[tuple[str, SamplingConfig, str | None]]:
     """The benchmark's rows at the model's own sampling defaults (λ, λ_og, scheduler, steps) with `common`
-    overrides."""
+    overrides; for each T of `ends`, cfg, stp (at the model's τ), dtp and og-dtp again with an end of guidance."""
     rows = [("cfg", spec.sampling(policy="cfg", **common), None)]
     rows += [(f"stp τ={t}", spec.sampling(policy="stp", transition_t=t, **common), None) for t in taus]
     rows.append(("dtp", spec.sampling(policy="dtp", **common), None))
@@ -90,6 +90,9 @@ def rows_to_run(spec: ModelSpec, taus: list[int], og_taus: list[int],
     rows += [("og-dtp", spec.sampling(policy="og-dtp", **common), None),
              ("random word (cfg)", spec.sampling(policy="cfg", **common), "word"),
              ("random number (cfg)", spec.sampling(policy="cfg", **common), "number")]
+    for end in ends:
+        rows += [(f"{name} end={end}", spec.sampling(policy=name, guidance_end_t=end, **common), None)
+                 for name in ("cfg", "stp", "dtp", "og-dtp")]
     return rows
 
 
@@ -116,6 +119,10 @@ def main() -> None:
     ap.add_argument("--guidance-scale", type=float, default=None, help="override the model's λ")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/memorization"))
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--guidance-ends", default="", metavar="T,T,...", help="rows of cfg, stp (the model's τ), dtp and "
+                    "og-dtp with an end of guidance at each T (--guidance-end-t)")
+    ap.add_argument("--rows", default=None, help="run only the rows with these comma-separated labels (e.g. "
+                    "'cfg,dtp,cfg end=200'), and neither the d curves nor detection (default: every row and both)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline(args.model, threads=args.threads)
@@ -143,9 +150,15 @@ def main() -> None:
     results = []
     examples: dict[str, np.ndarray] = {}
     gap_curves: dict[str, dict[str, np.ndarray]] = {}
-    for label, row_sampling, prompt_kind in rows_to_run(pipe.spec, [int(t) for t in args.taus.split(",")],
-                                                          [int(t) for t in args.og_taus.split(",")],
-                                                          guidance_scale=args.guidance_scale):
+    rows = rows_to_run(pipe.spec, [int(t) for t in args.taus.split(",")], [int(t) for t in args.og_taus.split(",")],
+                       [int(t) for t in args.guidance_ends.split(",") if t], guidance_scale=args.guidance_scale)
+    if args.rows is not None:
+        wanted = [label.strip() for label in args.rows.split(",")]
+        unknown = sorted(set(wanted) - {label for label, _, _ in rows})
+        if unknown:
+            raise SystemExit(f"--rows: no row {unknown[0]!r}; rows: {', '.join(label for label, _, _ in rows)}")
+        rows = [row for row in rows if row[0] in wanted]
+    for label, row_sampling, prompt_kind in rows:
         row = {"row": label, "policy": row_sampling.policy.parameters(), "prompt_change": prompt_kind}
         for part, captions in (("duplicated", dup_captions), ("novel", novel_captions)):
             prompts = [perturb(c, prompt_kind, rng) for c in captions] if prompt_kind else captions
@@ -184,9 +197,10 @@ def main() -> None:
 
     # d per step under zero CFG, opposite guidance and CFG (paper Figs. 2, 3, 6, 9).
     lam, og = defaults.get("guidance_scale", 7.5), defaults.get("opposite_scale")
-    for name, policy in (("zero CFG", PolicyConfig("cfg", guidance_scale=0.0)),
+    curves = () if args.rows is not None else (("zero CFG", PolicyConfig("cfg", guidance_scale=0.0)),
                          ("opposite guidance", PolicyConfig("og-stp", guidance_scale=lam, transition_t=0, opposite_scale=og)),
-                         ("CFG", PolicyConfig("cfg", guidance_scale=lam))):
+                         ("CFG", PolicyConfig("cfg", guidance_scale=lam)))
+    for name, policy in curves:
         gap_curves[name] = {}
         for part, captions in (("duplicated", dup_captions), ("novel", novel_captions)):
             _, traces, _ = generate_set(pipe, captions, args.seeds, replace(sampling, policy=policy))
@@ -196,7 +210,7 @@ def main() -> None:
     # use: plain CFG at λ, the first step(s), mean over seeds), duplicated captions against every varied caption the
     # model folder lists, so that TPR at 1 % FPR rests on more than a handful of negatives.
     detection = []
-    combos = ((1, 1), (1, 4), (5, 4), (1, args.seeds))
+    combos = () if args.rows is not None else ((1, 1), (1, 4), (5, 4), (1, args.seeds))
     for steps, seeds in dict.fromkeys((st, min(se, args.seeds)) for st, se in combos):
         at_lambda = replace(sampling, policy=PolicyConfig("cfg", guidance_scale=lam))
         pos, neg = (detection_scores(pipe, captions, at_lambda, list(range(seeds)), steps=steps, batch_size=16)

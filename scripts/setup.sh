@@ -10,11 +10,11 @@ $PIP install -q --upgrade pip >/dev/null
 if [ "${1:-}" = "test" ]; then
   # Pin torch first: an unpinned torch resolves to a multi-GB CUDA build.
   $PIP install -q "torch==2.13.0"
-  $PIP install -q -e ".[export,test,ray,c2pa,shards]" "torch==2.13.0"
+  $PIP install -q -e ".[cpu,export,test,ray,c2pa,shards]" "torch==2.13.0"
   # The real CLIP BPE vocabulary ships inside open_clip_torch; its data file is all the tests use.
   $PIP install -q --no-deps "open_clip_torch==3.3.0"
   # TensorRT's type stubs for the static check; --no-deps: their metadata pins tensorrt, which needs an NVIDIA GPU.
   $PIP install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
 else
-  $PIP install -q -e .
+  $PIP install -q -e ".[cpu]"  # onnxruntime's CPU build: an extra, so a GPU install has only onnxruntime-gpu
 fi

@@ -27,6 +27,7 @@ from basinguard.engine.fusion import FUSED_SUFFIX
 from basinguard.runtime.guidance import PolicyConfig
 from basinguard.runtime.model_folder import model_identity
 from basinguard.runtime.pipeline import Pipeline, SamplingConfig
+from basinguard.runtime.settings import sampling_from
 from basinguard.runtime.spec import ModelSpec
 
 STEPS = 20
@@ -716,7 +717,6 @@ def test_resume_on_another_engine_warns(tiny_onnx_dir, tmp_path, capsys):
 def test_a_line_may_leave_the_jobs_auto_gate(tiny_onnx_dir, tmp_path, capsys):
     """Under a job's auto + threshold, a line with its own stp opts out of the gate (its images are not flagged);
     a line that sets its own threshold under stp (s_pre 0, no d at step 0) is refused."""
-    from basinguard.cli import build_parser, sampling_from_args
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "a red cat"}) + "\n" + json.dumps({"prompt": "a dog", "policy": "stp"})
@@ -730,6 +730,5 @@ def test_a_line_may_leave_the_jobs_auto_gate(tiny_onnx_dir, tmp_path, capsys):
     assert by_line[2]["policy"]["name"] == "stp"
     # A model's default threshold belongs to its default auto policy, not to a policy the user picks.
     defaults = {"policy": "stp", "detect_threshold": 1.0}
-    args = build_parser().parse_args(["batch", "p.txt", "out"])
-    assert sampling_from_args(args, defaults).policy.detect_threshold is None
-    assert sampling_from_args(args, {**defaults, "policy": "auto"}).policy.detect_threshold == 1.0
+    assert sampling_from(defaults, {}).policy.detect_threshold is None
+    assert sampling_from({**defaults, "policy": "auto"}, {}).policy.detect_threshold == 1.0

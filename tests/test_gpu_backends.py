@@ -9,13 +9,20 @@ loading and running plans, dynamic and static, with CUDA graphs, against ONNX Ru
 
 from __future__ import annotations
 
+import enum
+import importlib.metadata
 import json
+import os
+import shutil
+import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_tiny_clip_vocab
 
 import basinguard.engine.plans as plans
 import basinguard.engine.tensorrt as trt_backend
@@ -85,7 +92,7 @@ def fake_folder(root: Path) -> Path:
     """A model folder ModelFolder accepts (configs; tiny ONNX files), SD geometry: VAE factor 8, UNet /8."""
     for role in ("text_encoder", "unet", "vae_decoder"):
         tiny_unet_onnx(root / role / "model.onnx")
-    (root / "tokenizer").mkdir()
+    write_tiny_clip_vocab(root / "tokenizer")  # the spec builds the tokenizer: its length is the text profile's
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
     (root / "unet" / "config.json").write_text(json.dumps({"sample_size": 64, "block_out_channels": [1, 2, 3, 4]}))
@@ -197,8 +204,9 @@ def test_onnx_digest_covers_external_data_not_configs_and_is_memoised(tmp_path: 
     assert onnx_digest(model, memo) != first and calls == [data]
 
 
-def fields_for(onnx_sha: str = "a" * 64, env: EngineEnv = ENV, batch: int = 1, fp16: bool = True) -> dict:
-    spec = BuildSpec(batch=batch, fp16=fp16)
+def fields_for(onnx_sha: str = "a" * 64, env: EngineEnv = ENV, batch: int = 1, fp16: bool = True,
+               tf32: bool = True) -> dict:
+    spec = BuildSpec(batch=batch, fp16=fp16, tf32=tf32)
     return key_fields("unet", onnx_sha, env, role_profiles("unet", spec, 8, 512, 64),
                       plans.precision_for("unet", spec), spec)
 
@@ -209,7 +217,8 @@ def test_plan_key_changes_with_every_field() -> None:
     assert plan_key(json.loads(json.dumps(fields_for()))) == base  # a sidecar round trip keeps the key
     others = [fields_for(onnx_sha="b" * 64), fields_for(env=EngineEnv("10.8.0", ENV.gpu, ENV.compute_capability)),
               fields_for(env=EngineEnv(ENV.tensorrt, "NVIDIA A100-SXM4-80GB", "8.0")),
-              fields_for(env=EngineEnv(ENV.tensorrt, ENV.gpu, "9.1")), fields_for(batch=2), fields_for(fp16=False)]
+              fields_for(env=EngineEnv(ENV.tensorrt, ENV.gpu, "9.1")), fields_for(batch=2), fields_for(fp16=False),
+              fields_for(tf32=False)]
     keys = {plan_key(f) for f in others}
     assert base not in keys and len(keys) == len(others)
     assert plans.precision_for("vae_decoder", BuildSpec()) == {"fp16": False}
@@ -374,6 +383,48 @@ def test_build_plan_reuses_valid_plans_and_rebuilds_stale_ones(tmp_path: Path, m
     assert builds == ["unet"] * 4 and changed.plan != first.plan
     trt_backend.build_plan(model, "unet", profiles, spec, cache, env=ENV, force=True, log=logs.append)
     assert len(builds) == 5
+
+
+class FakeBuilderConfig:
+    """What polygraphy's CreateConfig sets flags on; TensorRT's builder config starts with TF32 set."""
+
+    def __init__(self) -> None:
+        self.flags = {"TF32"}
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: str) -> None:
+        self.flags.discard(flag)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_builds_keep_tensorrt_tf32_unless_told_not_to(tmp_path: Path, monkeypatch, tf32: bool) -> None:
+    """The CreateConfig our build passes to polygraphy, run through polygraphy's own flag code against a stand-in
+    tensorrt module: TF32 stays set (TensorRT's default, which polygraphy clears unless tf32=True) for an fp32
+    plan, and BuildSpec(tf32=False) clears it."""
+    pytest.importorskip("polygraphy")
+    import polygraphy.backend.trt as polygraphy_trt
+
+    fake_trt = types.ModuleType("tensorrt")
+    fake_trt.__version__ = "10.13.0.35"
+    fake_trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", FP16="FP16", BF16="BF16", FP8="FP8", INT8="INT8")
+    fake_trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)  # what polygraphy's lazy import returns
+    monkeypatch.setattr(trt_backend, "_import_tensorrt", lambda: fake_trt)
+    network = types.SimpleNamespace(num_inputs=0)  # an all-static graph: no profiles
+    monkeypatch.setattr(polygraphy_trt, "NetworkFromOnnxPath", lambda path, strongly_typed: lambda: (None, network, None))
+    configs: list = []
+    monkeypatch.setattr(polygraphy_trt, "EngineBytesFromNetwork",
+                        lambda network, config, save_timing_cache: configs.append(config) or (lambda: b"plan"))
+    spec = BuildSpec(fp16=False, tf32=tf32)
+    serialized, _ = trt_backend._serialize(tmp_path / "model.onnx", "vae_decoder",
+                                           role_profiles("vae_decoder", spec, 8, 64, 64), spec, tmp_path / "timing.cache")
+    (config,) = configs
+    assert serialized == b"plan" and isinstance(config, polygraphy_trt.CreateConfig)
+    builder_config = FakeBuilderConfig()
+    config._configure_flags(None, None, builder_config)  # polygraphy 0.53's precision-flag step of CreateConfig
+    assert builder_config.flags == ({"TF32"} if tf32 else set())
 
 
 def test_fp16_conversion_keeps_float32_io_and_the_results(tmp_path: Path, ort_session) -> None:
@@ -574,6 +625,146 @@ def test_a_silent_fallback_to_cpu_is_an_error() -> None:
         check_active("tensorrt", ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
+def _fake_cudart(driver: int, runtime: int) -> types.SimpleNamespace:
+    """cuda-python's runtime module as it answers without a usable driver: cudaGetDevice fails with
+    cudaErrorInsufficientDriver; cudaDriverGetVersion gives 0 when there is no driver at all."""
+
+    class Error(enum.Enum):
+        cudaSuccess = 0
+        cudaErrorMemoryAllocation = 2
+        cudaErrorInsufficientDriver = 35
+
+    return types.SimpleNamespace(
+        cudaError_t=Error, cudaGetDevice=lambda: (Error.cudaErrorInsufficientDriver, None),
+        cudaGetErrorString=lambda err: (Error.cudaSuccess, b"CUDA driver version is insufficient for CUDA runtime version"),
+        cudaDriverGetVersion=lambda: (Error.cudaSuccess, driver), cudaRuntimeGetVersion=lambda: (Error.cudaSuccess, runtime))
+
+
+def test_insufficient_driver_tells_no_driver_from_an_old_one(monkeypatch) -> None:
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: _fake_cudart(driver=0, runtime=13000))
+    with pytest.raises(EngineError) as none:
+        trt_backend.cuda_device()
+    assert "cudaErrorInsufficientDriver" in str(none.value) and "no NVIDIA driver is installed" in str(none.value)
+    assert "newer" not in str(none.value) and "too old" not in str(none.value)
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: _fake_cudart(driver=12040, runtime=13000))
+    with pytest.raises(EngineError, match=r"this NVIDIA driver supports CUDA up to 12\.4, the installed CUDA packages "
+                                          r"are CUDA 13\.0: .*basinguard\[tensorrt-cu12\]"):
+        trt_backend.cuda_device()
+
+
+def test_polygraphy_cuda_errors_without_a_driver_say_so(monkeypatch) -> None:
+    """polygraphy's own cudart calls report a missing driver as "CUDA Error: 35" (cudaErrorInsufficientDriver),
+    e.g. when TrtRunner.activate() makes its stream: the model's error adds what it means here."""
+    from polygraphy.exception import PolygraphyException
+
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: _fake_cudart(driver=0, runtime=13000))
+    model = object.__new__(trt_backend.TensorRTModel)
+    model.name, model.plan_path, model._closed = "unet", Path("unet-abc.plan"), True
+
+    def activate() -> None:
+        raise PolygraphyException("CUDA Error: 35. To figure out what this means, refer to https://docs.nvidia.com/cuda")
+
+    with pytest.raises(EngineError, match=r"unet: TensorRT failed on unet-abc.plan: CUDA Error: 35\..*; no NVIDIA driver"):
+        model._call(activate)
+
+
+def test_no_driver_here_is_named_as_such() -> None:
+    """The real cuda-python on a machine without an NVIDIA driver: CUDA says cudaErrorInsufficientDriver, and the
+    message must not send the user after a newer driver."""
+    runtime = pytest.importorskip("cuda.bindings.runtime")
+    if runtime.cudaDriverGetVersion()[1] != 0:
+        pytest.skip("an NVIDIA driver is installed here")
+    with pytest.raises(EngineError) as err:
+        trt_backend.cuda_device()
+    assert "cudaErrorInsufficientDriver" in str(err.value) and "no NVIDIA driver is installed" in str(err.value)
+    assert "newer" not in str(err.value)
+
+
+def _wheel_cudart(major: int) -> Path | None:
+    """libcudart.so.<major> as pip's record of the nvidia-cuda-runtime wheel lists it (independent of the code's
+    own search), or None when that wheel is not installed."""
+    dist = {13: "nvidia-cuda-runtime", 12: "nvidia-cuda-runtime-cu12"}[major]
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return next((Path(f.locate()).resolve() for f in files if f.name == f"libcudart.so.{major}"), None)
+
+
+def test_polygraphy_loads_libcudart_from_the_cuda_13_wheel(tmp_path: Path) -> None:
+    """tensorrt-cu13's CUDA runtime wheel puts libcudart.so.13 in nvidia/cu13/lib, where polygraphy 0.53 does not
+    look (it then loads whatever "libcudart.so" the loader finds, or raises OSError without a CUDA toolkit).
+    With a TensorRT cu13 install (its wheel's metadata, planted here), polygraphy's CUDA wrapper must load the
+    wheel's library, and the process's LD_LIBRARY_PATH must be as before. Fresh processes: polygraphy loads the
+    library once per process."""
+    pytest.importorskip("polygraphy")
+    wheel = _wheel_cudart(13)
+    if wheel is None:
+        pytest.skip("nvidia-cuda-runtime 13 is not installed (the test extra installs it)")
+    assert wheel.parent.parts[-3:] == ("nvidia", "cu13", "lib")
+    meta = tmp_path / "site" / "tensorrt_cu13_libs-10.13.3.9.dist-info"  # what pip leaves for tensorrt-cu13
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: tensorrt_cu13_libs\nVersion: 10.13.3.9\n")
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), str(Path(trt_backend.__file__).parents[2])])
+
+    def loaded(code: str) -> list[str]:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 0 or "OSError" in run.stderr, run.stderr[-2000:]
+        return run.stdout.split()
+
+    report = ("import ctypes, os; v = ctypes.c_int(); h = w.handle; h.cudaRuntimeGetVersion(ctypes.byref(v)); "
+              "print(os.path.realpath(h._name), v.value, os.environ.get('LD_LIBRARY_PATH', '-'))")
+    alone = loaded("from polygraphy import cuda; w = cuda.wrapper(); " + report)
+    assert not alone or Path(alone[0]) != wheel  # the cause: polygraphy's own search misses the cu13 wheel
+    ours = loaded("import basinguard.engine.tensorrt as t; w = t.polygraphy_cuda(); " + report)
+    assert ours == [str(wheel), ours[1], "-"] and ours[1].startswith("13")  # a CUDA 13.x runtime, LD_LIBRARY_PATH unset
+
+
+def test_without_a_driver_the_runners_stream_fails_as_one_error(tmp_path: Path) -> None:
+    """The real chain on a machine without an NVIDIA driver: polygraphy's wrapper on the cu13 wheel's libcudart
+    makes the stream TrtRunner.activate() makes, CUDA refuses it (error 35), and the model's error says that there
+    is no driver (cuda-python asked) rather than that it is too old."""
+    pytest.importorskip("polygraphy")
+    runtime = pytest.importorskip("cuda.bindings.runtime")
+    if _wheel_cudart(13) is None:
+        pytest.skip("nvidia-cuda-runtime 13 is not installed (the test extra installs it)")
+    if runtime.cudaDriverGetVersion()[1] != 0:
+        pytest.skip("an NVIDIA driver is installed here")
+    meta = tmp_path / "site" / "tensorrt_cu13_libs-10.13.3.9.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: tensorrt_cu13_libs\nVersion: 10.13.3.9\n")
+    code = ("import pathlib, basinguard.engine.tensorrt as t; from polygraphy import cuda\n"
+            "m = object.__new__(t.TensorRTModel); m.name, m.plan_path, m._closed = 'unet', pathlib.Path('u.plan'), True\n"
+            "m._call(t.polygraphy_cuda)\n"
+            "try:\n    m._call(cuda.Stream)\nexcept t.EngineError as exc:\n    print(exc)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(Path(trt_backend.__file__).parents[2])])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    message = run.stdout.splitlines()[-1]  # after polygraphy's own notices
+    assert message.startswith("unet: TensorRT failed on u.plan: [!] CUDA Error: 35."), message
+    assert message.count("CUDA Error: 35") == 1 and "no NVIDIA driver is installed" in message
+    assert "too old" not in message
+
+
+def test_a_missing_cuda_runtime_is_one_engine_error(monkeypatch) -> None:
+    """polygraphy's last resort, ctypes.CDLL("libcudart.so"), raises OSError where no CUDA runtime is found."""
+    pytest.importorskip("polygraphy")
+    import polygraphy.cuda
+
+    def no_cudart() -> None:
+        raise OSError("libcudart.so: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(polygraphy.cuda, "wrapper", no_cudart)
+    with pytest.raises(EngineError, match=r"cannot load the CUDA runtime library libcudart \(libcudart.so: cannot open.*"
+                                          r"basinguard\[tensorrt-cu13\].*LD_LIBRARY_PATH"):
+        trt_backend.polygraphy_cuda()
+    model = object.__new__(trt_backend.TensorRTModel)
+    model.name, model.plan_path, model._closed = "unet", Path("unet-abc.plan"), True
+    with pytest.raises(EngineError, match=r"^unet: cannot load the CUDA runtime library libcudart"):
+        model._call(no_cudart)  # raised from inside TrtRunner.activate(), as polygraphy makes its stream
+
+
 def test_cuda_runtime_errors_are_engine_errors_without_a_gpu() -> None:
     pytest.importorskip("cuda.bindings.runtime")
     cuda = trt_backend.Cuda()
@@ -586,8 +777,8 @@ def test_cuda_runtime_errors_are_engine_errors_without_a_gpu() -> None:
 
 
 def test_tensorrt_refusals_are_engine_errors() -> None:
-    """Fakes behave as TensorRT's bindings do: set_optimization_profile_async raises RuntimeError where TensorRT
-    refuses a profile (it returns True otherwise); set_input_shape returns False for a shape outside the profile.
+    """Fakes behave as TensorRT's bindings do: set_optimization_profile_async raises RuntimeError for some refusals
+    and returns False for others; set_input_shape returns False for a shape outside the profile.
     Neither is a traceback here. Stub objects: no TensorRT or GPU needed."""
 
     class Context:
@@ -598,9 +789,9 @@ def test_tensorrt_refusals_are_engine_errors() -> None:
             self.memory = (memory, size)
 
         def set_optimization_profile_async(self, profile: int, stream: int) -> bool:
-            if profile >= 2:
+            if profile == 2:
                 raise RuntimeError("Error in set optimization profile async: profile index out of range")
-            return True
+            return profile < 2  # TensorRT's other refusals: False
 
         def set_input_shape(self, name: str, shape: tuple) -> bool:
             return shape[0] <= 2
@@ -620,6 +811,9 @@ def test_tensorrt_refusals_are_engine_errors() -> None:
     assert context.memory == (4096, 1 << 20)  # every context on the one shared activation block
     with pytest.raises(EngineError, match="could not select optimization profile 2: Error in set optimization"):
         runner._context(2)
+    with pytest.raises(EngineError, match="could not select optimization profile 3$"):
+        runner._context(3)
+    assert set(runner.contexts) == {1}
     with pytest.raises(EngineError, match=r"rejected shape \(4, 4\) for input 'sample'"):
         runner._slot(((4, 4),), {"sample": np.zeros((4, 4), np.float32)}, 1)
 
@@ -773,6 +967,7 @@ def test_gpu_check_runs_the_torch_path_on_cpu(tmp_path: Path) -> None:
                          "--work", str(tmp_path / "work"), "--json", str(report)])
     data = json.loads(report.read_text())
     assert rc == 0, data
+    assert data["settings"]["batch"] == 4  # the default N: the UNet timed at N = 4 and 2N = 8
     runs = data["sections"]["sd"]["runs"]["torch eager"]
     assert set(gpu_check.POLICIES) <= set(runs)
     assert runs["stp"]["batch_n_steps"] > 0 and runs["cfg"]["batch_n_steps"] == 0
@@ -803,6 +998,44 @@ def test_gpu_check_keeps_what_it_measured_when_stopped(tmp_path: Path, monkeypat
     r = gpu_check.Report(budget_s=60, json_path=report)
     assert not r.afford("TensorRT build (UNet)", gpu_check.BUILD_S["sd15"])
     assert "needs ~420 s" in json.loads(report.read_text())["skipped"][0]["why"]
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# A stand-in interpreter for gpu_check.sh: numpy, onnxruntime and tokenizers import, diffusers and onnx do not; pip
+# takes a second and fails; gpu_check.py only records its arguments. Every call is logged with its start time.
+echo "$(date +%s.%N) $*" >> "$FAKE_LOG"
+case "$*" in
+  "-c import numpy"|"-c import onnxruntime"|"-c import tokenizers") exit 0 ;;
+  "-c import "*) exit 1 ;;
+  "-m pip install"*) sleep 1; exit 1 ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("budget", [124, 200])
+def test_gpu_check_sh_counts_its_pip_attempts_in_its_budget(tmp_path: Path, budget: int) -> None:
+    """gpu_check.sh's whole run fits its budget: pip attempts are made only with time to spare (none when only
+    gpu_check.py's share is left) and what they take comes off the budget gpu_check.py is given."""
+    if shutil.which("timeout") is None:
+        pytest.skip("needs coreutils' timeout")
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_LOG": str(log), "GPU_CHECK_BUDGET_S": str(budget),
+           "PATH": os.environ.get("PATH", "")}
+    run = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    calls = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    pips = [args for _, args in calls if args.startswith("-m pip install")]
+    (check,) = [(float(t), args.split()) for t, args in calls if "gpu_check.py" in args]
+    given = float(check[1][check[1].index("--budget-s") + 1])
+    taken = check[0] - float(calls[0][0])  # what the shell spent before starting gpu_check.py (pip, mostly)
+    if budget == 124:
+        assert pips == [] and "no time left" in run.stderr
+    else:
+        assert len(pips) == 2  # diffusers and onnx
+    assert given <= budget - 30 - int(taken)  # 10 s for the hard timeout, 20 s between it and the soft stop
 
 
 # ---------------------------------------------------------------------------------------- GPU (TensorRT)

@@ -70,15 +70,15 @@ def test_dtp_hand_computed():
 def test_stp_switches_at_tau_and_skips_cond_only_when_pre_scale_is_zero():
     timesteps = np.array([981, 781, 581, 501, 500, 301, 1])
     stp = make_policy(PolicyConfig("stp", guidance_scale=7.5, transition_t=500), 3)
-    assert [stp.needs_cond(i, t) for i, t in enumerate(timesteps)] == [False] * 4 + [True] * 3
+    assert [stp.rows(i, t).kind for i, t in enumerate(timesteps)] == ["uncond"] * 4 + ["both"] * 3
     got = np.stack([stp.scale(i, t, None if t > 500 else np.ones(3)) for i, t in enumerate(timesteps)])
     np.testing.assert_array_equal(got[:, 0], [0, 0, 0, 0, 7.5, 7.5, 7.5])
     assert stp.transition_step.tolist() == [4, 4, 4]
     og = make_policy(PolicyConfig("og-stp", guidance_scale=7.5, transition_t=500, opposite_scale=3.0), 2)
-    assert all(og.needs_cond(i, t) for i, t in enumerate(timesteps))
+    assert all(og.rows(i, t).kind == "both" for i, t in enumerate(timesteps))
     assert og.scale(0, 981, np.ones(2)).tolist() == [-3.0, -3.0]
     nonzero_pre = make_policy(PolicyConfig("stp", transition_t=500, pre_scale=1.5), 1)
-    assert nonzero_pre.needs_cond(0, 981)
+    assert nonzero_pre.rows(0, 981).kind == "both"
 
 
 def test_cfg_is_constant_and_auto_gates_per_sample():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,8 @@ def test_cli_generate_matches_diffusers(tiny_onnx_dir, torch_pipe, tmp_path, sch
 
 
 def reference_loop(pipe, prompts: list[str], lat: np.ndarray, config: PolicyConfig, steps: int):
-    """Algorithm 1 in torch on diffusers' modules: both branches every step, the rule per sample."""
+    """Algorithm 1 in torch on diffusers' modules: both branches every step, the rule per sample; with an end of
+    guidance, the conditional prediction alone once t <= it."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -104,11 +106,18 @@ def reference_loop(pipe, prompts: list[str], lat: np.ndarray, config: PolicyConf
         for i, t in enumerate(sched.timesteps):
             eps = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
             eps_u, eps_c = eps[:n], eps[n:]
+            if config.guidance_end_t is not None and int(t) <= config.guidance_end_t:  # the conditional ε alone
+                for k in range(n):
+                    d_hist[k].append(np.nan)
+                x = sched.step(eps_c, t, x).prev_sample
+                continue
             scales = []
             for k in range(n):
                 d = float((eps_c[k] - eps_u[k]).norm())
                 d_hist[k].append(d)
                 if switched[k] is None:
+                    if config.name == "cfg":
+                        switched[k] = i
                     if config.name.endswith("stp") and int(t) <= config.transition_t:
                         switched[k] = i
                     h = d_hist[k]
@@ -184,6 +193,65 @@ def test_a_mixed_batch_makes_each_image_as_alone(switching, tiny_switching_onnx_
             assert diff_unguided <= 1e-5, (k, diff_unguided)
         else:  # guided (or opposed) at some step: not the unguided image
             assert diff_unguided > 0.005, (k, diff_unguided)
+
+
+@pytest.mark.parametrize("name", ["cfg", "stp", "dtp", "og-dtp"])
+def test_an_end_of_guidance_matches_the_reference(switching, switching_torch_pipe, tiny_switching_onnx_dir, name):
+    """Once t <= T every image takes ε(x, e_p) alone: scale 1, d not measured; before, its policy as ever."""
+    end = 300
+    prompts, lat = switch_case(tiny_switching_onnx_dir)
+    config = PolicyConfig(name, guidance_scale=7.5, transition_t=500, opposite_scale=2.0, guidance_end_t=end)
+    ref, switched, _ = reference_loop(switching_torch_pipe, prompts, lat, config, SWITCH_STEPS)
+    calls = []
+    run = switching.unet.model.run
+    switching.unet.model.run = lambda inputs: (calls.append(len(inputs["sample"])), run(inputs))[1]
+    try:
+        gens = switching.generate(prompts, SamplingConfig(steps=SWITCH_STEPS, scheduler="ddim", height=SIZE,
+                                                          width=SIZE, policy=config), latents=lat)
+    finally:
+        switching.unet.model.run = run
+    assert np.abs(np.stack([g.pixels for g in gens]) - ref).max() <= 1e-3
+    assert [g.trace["transition_step"] for g in gens] == switched
+    timesteps = gens[0].trace["timesteps"]
+    ended = [t <= end for t in timesteps]
+    assert 3 <= sum(ended) < len(ended)
+    for g in gens:
+        assert all(s == 1.0 and d is None for s, d, e in zip(g.trace["scale"], g.trace["gap"], ended) if e)
+        assert g.trace["policy"]["guidance_end_t"] == end
+    # one UNet row per image once guidance has ended
+    assert [c for c, e in zip(calls, ended) if e] == [SWITCH_N] * sum(ended)
+    # and it is not the image without the end (the last steps changed it)
+    (full,) = switching.generate(prompts[:1], SamplingConfig(steps=SWITCH_STEPS, scheduler="ddim", height=SIZE,
+                                 width=SIZE, policy=replace(config, guidance_end_t=None)), latents=lat[:1])
+    assert np.abs(full.pixels - gens[0].pixels).max() > 1e-3
+
+
+def test_auto_runs_each_image_on_the_rows_its_policy_needs(switching, switching_torch_pipe, tiny_switching_onnx_dir):
+    """`auto` with stp as mitigation: after step 0 a flagged image needs only ε(x, e_∅) until τ, a clean one both,
+    so the batch pays 3 rows a step, not 4; each image is its policy's reference image (stp flagged, cfg clean)."""
+    prompts, lat = switch_case(tiny_switching_onnx_dir)
+    prompts, lat = prompts[:2], lat[:2]
+    sampling = SamplingConfig(steps=SWITCH_STEPS, scheduler="ddim", height=SIZE, width=SIZE)
+    d0 = [g.trace["gap"][0] for g in switching.generate(prompts, sampling, latents=lat)]
+    assert d0[0] != d0[1]
+    threshold = sum(d0) / 2  # flags exactly one of the two
+    auto = PolicyConfig("auto", guidance_scale=7.5, transition_t=500, detect_threshold=threshold, mitigation="stp")
+    calls = []
+    run = switching.unet.model.run
+    switching.unet.model.run = lambda inputs: (calls.append(len(inputs["sample"])), run(inputs))[1]
+    try:
+        gens = switching.generate(prompts, replace(sampling, policy=auto), latents=lat)
+    finally:
+        switching.unet.model.run = run
+    flagged = [d > threshold for d in d0]
+    timesteps = gens[0].trace["timesteps"]
+    assert calls == [4] + [3 if t > 500 else 4 for t in timesteps[1:]]
+    for k, g in enumerate(gens):
+        policy = PolicyConfig("stp" if flagged[k] else "cfg", guidance_scale=7.5, transition_t=500)
+        ref, switched, _ = reference_loop(switching_torch_pipe, prompts[k:k + 1], lat[k:k + 1], policy, SWITCH_STEPS)
+        assert np.abs(g.pixels - ref[0]).max() <= 1e-3
+        assert g.trace["transition_step"] == switched[0]
+        assert g.trace["detection_score"] == pytest.approx(d0[k])
 
 
 def test_stp_runs_batch_n_before_tau(ours, tiny_onnx_dir):
@@ -404,8 +472,8 @@ def test_generate_checks_the_latents_count_against_the_prompts(ours):
     from basinguard.runtime.errors import InputError
 
     sampling = SamplingConfig(steps=2)
-    resolved = ours.resolve(sampling)
-    latents = ours.initial_latents([0, 1, 2], resolved.height, resolved.width)
+    resolved = ours.spec.resolve(sampling)
+    latents = ours.spec.initial_latents([0, 1, 2], resolved.height, resolved.width)
     with pytest.raises(InputError, match=r"latents have shape \(3, .* with 2 images needs \(2, "):
         ours.generate([PROMPTS[0]] * 2, sampling, latents=latents)
 
@@ -417,8 +485,8 @@ def test_python_api_misuse_is_one_clear_error(ours):
     from basinguard.runtime.guidance import PolicyError
 
     sampling = SamplingConfig(steps=2)
-    resolved = ours.resolve(sampling)
-    latents = ours.initial_latents([0], resolved.height, resolved.width)
+    resolved = ours.spec.resolve(sampling)
+    latents = ours.spec.initial_latents([0], resolved.height, resolved.width)
     cases = [
         (lambda: ours.generate("a red cat", sampling, seeds=[0] * 9), "prompts must be a list of strings"),  # not 9 images
         (lambda: ours.generate(["a", None], sampling, seeds=[0, 1]), "prompts must be a list of strings"),

@@ -32,7 +32,7 @@ def test_euler_ancestral_image_is_the_same_alone_or_in_a_batch(tiny_onnx_dir):
     euler = ours.generate(PROMPTS[1:2], replace(sampling, scheduler="euler"), seeds=[4])[0]
     assert np.abs(euler.pixels - alone.pixels).mean() > 1e-3
     # given latents (no seed): image k's noise comes from its own x_T, so again alone == in a batch
-    lat = ours.initial_latents([3, 4, 5], SIZE, SIZE)
+    lat = ours.spec.initial_latents([3, 4, 5], SIZE, SIZE)
     batch = ours.generate(PROMPTS, sampling, latents=lat)
     alone = ours.generate(PROMPTS[2:], sampling, latents=lat[2:])[0]
     np.testing.assert_allclose(batch[2].pixels, alone.pixels, atol=1e-5)

@@ -385,7 +385,7 @@ def test_fp16_export_keeps_sizes_and_the_vae_in_float32(tiny_sdxl_pipeline_dir, 
 def test_conditioning_is_one_read_only_mapping_with_uncond_views(ours_xl):
     """What the loop gets (`denoise`'s contract): every UNet input besides sample and timestep, [uncond; cond] at 2N,
     read-only, with the uncond halves as views; an empty negative prompt is zeros (force_zeros_for_empty_prompt)."""
-    sampling = ours_xl.resolve(SamplingConfig(steps=2))
+    sampling = ours_xl.spec.resolve(SamplingConfig(steps=2))
     cond = ours_xl.text.encode(PROMPTS, ["", "night"], sampling, ours_xl.spec.uncond_kinds(["", "night"]))
     assert list(cond.pair) == ["encoder_hidden_states", "text_embeds", "time_ids"]
     for name, value in cond.pair.items():
@@ -459,7 +459,7 @@ def test_clip_skip_matches_diffusers(tiny_sdxl_onnx_dir, torch_xl, ours_xl, tmp_
     gens = ours_xl.generate(PROMPTS, sampling, latents=lat, negative_prompts=NEGATIVES)
     assert np.abs(pixels(gens) - ref).max() <= LEVEL and gens[0].trace["clip_skip"] == 1
     with pytest.raises(InputError, match=r"clip_skip 2 not allowed: must be an integer in \[0, 1\]"):
-        ours_xl.resolve(SamplingConfig(clip_skip=2))  # text_encoder has 2 layers
+        ours_xl.spec.resolve(SamplingConfig(clip_skip=2))  # text_encoder has 2 layers
     lines = tmp_path / "p.jsonl"
     lines.write_text(json.dumps({"prompt": PROMPTS[0], "seed": 7, "clip_skip": 1}) + "\n")
     out = tmp_path / "batch"
@@ -468,7 +468,7 @@ def test_clip_skip_matches_diffusers(tiny_sdxl_onnx_dir, torch_xl, ours_xl, tmp_
     entry = json.loads((out / "manifest.jsonl").read_text())
     assert entry["clip_skip"] == 1 and entry["uncond"] == "zeros"
     # clip_skip 0 selects the layer unset does (hidden_states[-2]): one record for both, so a job resumes either way
-    assert ours_xl.resolve(SamplingConfig(clip_skip=0)).clip_skip is None
+    assert ours_xl.spec.resolve(SamplingConfig(clip_skip=0)).clip_skip is None
     lines.write_text(json.dumps({"prompt": PROMPTS[0], "seed": 7}) + "\n")
     zero = ["batch", str(lines), str(tmp_path / "zero"), "--model", str(tiny_sdxl_onnx_dir), "--threads", "1", "--steps",
             "4", "--no-progress"]
@@ -512,7 +512,7 @@ def test_micro_conditioning_takes_a_numpy_pair_as_a_tuple(ours_xl):
                               for size in ((32, 24), np.array([32, 24])))
     assert array_pair.trace["original_size"] == [32, 24] and np.array_equal(array_pair.pixels, tuple_pair.pixels)
     with pytest.raises(InputError, match="original_size"):
-        ours_xl.resolve(SamplingConfig(original_size=np.array([32, 24, 1])))
+        ours_xl.spec.resolve(SamplingConfig(original_size=np.array([32, 24, 1])))
 
 
 def test_the_demo_report_runs_on_an_sdxl_model(tiny_sdxl_onnx_dir, ours_xl, tmp_path):

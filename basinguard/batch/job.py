@@ -158,7 +158,7 @@ def unmeasured_threshold(sampling: SamplingConfig, spec: ModelSpec) -> str | Non
     if policy.detect_threshold is None or policy.name == "auto":
         return None
     scheduler = spec.make_scheduler(sampling)
-    if make_policy(policy, 1, spec.folder.num_train_timesteps).needs_cond(0, scheduler.timesteps[0]):
+    if make_policy(policy, 1, spec.folder.num_train_timesteps).rows(0, scheduler.timesteps[0]).kind == "both":
         return None
     return (f"a detection threshold flags images by d at step 0, which {policy.name} with pre-scale "
             f"{policy.pre_scale:g} does not measure (it runs only the unconditional branch before τ); "
@@ -230,7 +230,7 @@ def warn_truncated(job: BatchJob, parsed: PromptFile, pending: Sequence[ImageTas
     shown = "; ".join(str(note) for note in notes[:TRUNCATIONS_SHOWN])
     more = f"; and {len(notes) - TRUNCATIONS_SHOWN} more" if len(notes) > TRUNCATIONS_SHOWN else ""
     print(f"basinguard batch: warning: {job.prompts}: {len(notes)} prompt(s) cut to the text encoder's length, as "
-          f"diffusers cuts them (each manifest line records what was dropped): {shown}{more}", file=sys.stderr)
+          f"diffusers cuts them (each manifest line records the words cut): {shown}{more}", file=sys.stderr)
 
 
 @dataclass

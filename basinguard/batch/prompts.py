@@ -45,7 +45,8 @@ MAX_IMAGES_PER_LINE = 10_000  # a typo guard: num_images beyond this is almost s
 FIELD_TYPES: dict[str, type] = {
     "prompt": str, "negative_prompt": str, "seed": int, "num_images": int,
     "policy": str, "guidance_scale": float, "transition_t": int, "pre_scale": float, "opposite_scale": float,
-    "mitigation": str, "detect_threshold": float, "latest_transition_t": int, "steps": int, "scheduler": str,
+    "mitigation": str, "detect_threshold": float, "latest_transition_t": int, "guidance_end_t": int, "steps": int,
+    "scheduler": str,
     **dict.fromkeys(MICRO_CONDITIONING, tuple),  # SDXL's (height, width) / (top, left) pairs, in pixels
     "clip_skip": int,
 }

@@ -7,10 +7,15 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from basinguard.engine.base import EngineError, TensorSpec, conform
 from basinguard.errors import first_line
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # it comes from an extra (cpu, or a GPU set), not from the base install
+    raise EngineError(f"onnxruntime is not installed ({exc}); pip install 'basinguard[cpu]', or a GPU set such as "
+                      "'basinguard[gpu-cu12]' (docs/gpu.md)") from None
 
 PROVIDERS = {  # what --provider asks for, in ORT's priority order (CPU takes the ops a GPU provider cannot)
     "cpu": ["CPUExecutionProvider"],

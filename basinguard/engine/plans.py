@@ -29,7 +29,8 @@ from basinguard.engine.base import EngineError, onnx_files
 from basinguard.files import digest_memo, file_digests, write_atomic
 
 ENGINE_DIR_ENV = "BASINGUARD_ENGINE_DIR"  # where plans live; default: ONNX_DIR/tensorrt
-PLAN_FORMAT = 2  # bump when the profile rules, the build or the sidecar change: old plans then no longer match
+# Bump when the profile rules, the build or the sidecar change: old plans then no longer match (3: TF32 on).
+PLAN_FORMAT = 3
 ROLES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # text_encoder_2: SDXL's second encoder
 DEFAULT_SEQ_LEN = 77  # CLIP's context; a folder's own length comes in its ModelGeometry
 # Fields that must equal this machine's and this ONNX file's for a plan to load (the rest only name the build).
@@ -60,6 +61,7 @@ class BuildSpec:
     vae_fp16: bool = False  # the SD VAE decoder overflows fp16 at large activations: fp32 unless asked
     workspace_mib: int | None = None  # cap on the builder's scratch memory (None: TensorRT's default)
     opt_level: int | None = None  # builder optimization level 0-5 (None: TensorRT's default, 3)
+    tf32: bool = True  # fp32 layers on TF32 tensor cores (TensorRT's default); False: strict fp32
 
     def validate(self) -> None:
         if self.batch < 1:
@@ -257,7 +259,7 @@ def key_fields(role: str, onnx_sha: str, env: EngineEnv, profiles: Sequence[Role
     return _normal({"format": PLAN_FORMAT, "model": role, "onnx_sha256": onnx_sha, "tensorrt": env.tensorrt,
                     "gpu": env.gpu, "compute_capability": env.compute_capability,
                     "profiles": [p.as_dict() for p in profiles], "precision": precision, "static": spec.static,
-                    "builder": {"workspace_mib": spec.workspace_mib, "opt_level": spec.opt_level}})
+                    "builder": {"workspace_mib": spec.workspace_mib, "opt_level": spec.opt_level, "tf32": spec.tf32}})
 
 
 def plan_key(fields: dict) -> str:

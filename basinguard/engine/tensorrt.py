@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import re
@@ -31,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsInt
 
 import numpy as np
 
@@ -80,7 +83,7 @@ _MAX_OPEN_PLANS = 2  # plans of one model kept deserialized at once (each holds 
 # ---------------------------------------------------------------------------------------- GPU libraries (lazy)
 
 
-def _import_tensorrt() -> ModuleType:
+def _import_tensorrt():  # no annotation: pyright infers the tensorrt module, so uses are checked against the stubs
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -94,15 +97,76 @@ def _import_tensorrt() -> ModuleType:
     return trt
 
 
-def _import_cudart() -> ModuleType:  # cuda.bindings.runtime
+def _import_cudart() -> ModuleType:
+    """cuda-python's runtime module: cuda.bindings.runtime, or cuda.cudart before cuda-python 12.6. Imported by name:
+    it is a compiled module, whose names pyright cannot see, so it is typed as a plain module."""
     try:
-        from cuda.bindings import runtime  # pyright: ignore[reportMissingImports]  (not installed in CI)
+        return importlib.import_module("cuda.bindings.runtime")
     except ImportError:
         try:
-            from cuda import cudart as runtime  # pyright: ignore[reportMissingImports]  (cuda-python < 12.6)
+            return importlib.import_module("cuda.cudart")
         except ImportError as exc:
             raise EngineError(f"cuda-python is not installed ({exc}); {INSTALL_HINT}") from None
-    return runtime
+
+
+def _cudart_in_wheels() -> dict[int, Path]:
+    """libcudart from NVIDIA's CUDA runtime wheels, by CUDA major, in every folder the `nvidia` namespace spans:
+    nvidia-cuda-runtime-cu12 puts it in nvidia/cuda_runtime/lib, nvidia-cuda-runtime 13 in nvidia/cu13/lib."""
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return {}
+    found: dict[int, Path] = {}
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        for lib in sorted(Path(root).glob("*/lib/libcudart.so.*")):
+            if (major := re.fullmatch(r"libcudart\.so\.(\d+)", lib.name)) is not None:
+                found.setdefault(int(major.group(1)), lib)
+    return found
+
+
+def _tensorrt_cuda_major() -> int | None:
+    """The CUDA major the installed TensorRT wheels are built for (tensorrt-cu12 / tensorrt-cu13), or None."""
+    for major in (13, 12):
+        for dist in (f"tensorrt-cu{major}-libs", f"tensorrt-cu{major}-bindings", f"tensorrt-cu{major}"):
+            try:
+                importlib.metadata.distribution(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            return major
+    return None
+
+
+def _cudart_load_problem(exc: OSError) -> str:
+    return (f"cannot load the CUDA runtime library libcudart ({exc}); install it with the CUDA set that matches the "
+            f"driver ({INSTALL_HINT}), or put the folder holding libcudart.so.* on LD_LIBRARY_PATH")
+
+
+def polygraphy_cuda() -> Any:
+    """polygraphy's CUDA wrapper (its runners' streams and buffers), with libcudart from the CUDA runtime wheel of
+    TensorRT's CUDA major when one is installed.
+
+    polygraphy 0.53 looks for libcudart.so* on LD_LIBRARY_PATH, in /usr/local/cuda/lib64, /usr/lib, /lib and
+    nvidia/cuda_runtime/lib (the CUDA 12 wheel), then falls back to loading "libcudart.so" by name: it misses
+    nvidia-cuda-runtime 13's nvidia/cu13/lib, and without a CUDA toolkit the fallback raises OSError. It reads
+    LD_LIBRARY_PATH first (from os.environ, when the wrapper is first made), so the wheel's folder goes there for
+    that moment; the loader itself never re-reads it. A toolkit of another CUDA major is not used over the wheel."""
+    from polygraphy import cuda as polygraphy_cuda_module
+
+    major = _tensorrt_cuda_major()
+    lib = _cudart_in_wheels().get(major) if major is not None else None
+    before = os.environ.get("LD_LIBRARY_PATH")
+    if lib is not None:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([str(lib.parent), *([before] if before else [])])
+    try:
+        return polygraphy_cuda_module.wrapper()
+    except OSError as exc:
+        raise EngineError(_cudart_load_problem(exc)) from None
+    finally:
+        if lib is not None:
+            if before is None:
+                os.environ.pop("LD_LIBRARY_PATH", None)
+            else:
+                os.environ["LD_LIBRARY_PATH"] = before
 
 
 def native_problem() -> str | None:
@@ -151,17 +215,46 @@ class Cuda:
         return name, f"{prop.major}.{prop.minor}", int(free), int(total)
 
 
+def _cuda_version(encoded: int) -> str:
+    return f"{encoded // 1000}.{encoded % 1000 // 10}"  # CUDA's 1000 * major + 10 * minor
+
+
+def driver_hint(cuda: Cuda) -> str:
+    """What cudaErrorInsufficientDriver means on this machine. CUDA reports it both when there is no NVIDIA driver
+    at all and when the driver is older than the runtime; cudaDriverGetVersion tells them apart (0: no driver)."""
+    rt = cuda.rt
+    try:
+        driver = int(cuda("cudaDriverGetVersion", rt.cudaDriverGetVersion()))
+        runtime = int(cuda("cudaRuntimeGetVersion", rt.cudaRuntimeGetVersion()))
+    except CudaError:
+        driver, runtime = -1, 0
+    if driver == 0:
+        return ("no NVIDIA driver is installed here (CUDA finds none): install the NVIDIA driver, or give the "
+                "container GPU access (docker run --gpus all); nvidia-smi must work")
+    if driver > 0 and runtime > driver:
+        return (f"this NVIDIA driver supports CUDA up to {_cuda_version(driver)}, the installed CUDA packages are "
+                f"CUDA {_cuda_version(runtime)}: install the set for the driver's CUDA version, e.g. pip install "
+                "'basinguard[tensorrt-cu12]' for a CUDA 12 driver, or update the driver")
+    return "the NVIDIA driver is too old for the installed CUDA packages, or not loaded (nvidia-smi)"
+
+
+def cuda_device() -> tuple[str, str]:
+    """(name, compute capability) of the current GPU; an EngineError saying why there is none."""
+    cuda = Cuda()
+    try:
+        name, cc, _, _ = cuda.device()
+    except CudaError as exc:
+        hint = "check the GPU is visible (nvidia-smi, CUDA_VISIBLE_DEVICES) and the NVIDIA driver is loaded"
+        if "InsufficientDriver" in str(exc):
+            hint = driver_hint(cuda)
+        raise EngineError(f"no usable CUDA device: {exc}; {hint}") from None
+    return name, cc
+
+
 def engine_env() -> EngineEnv:
     """TensorRT version and the current GPU; an EngineError naming what to install when either is missing."""
     trt = _import_tensorrt()
-    try:
-        name, cc, _, _ = Cuda().device()
-    except CudaError as exc:
-        hint = ("; check the GPU is visible (nvidia-smi, CUDA_VISIBLE_DEVICES) and the NVIDIA driver is loaded")
-        if "InsufficientDriver" in str(exc):  # a CUDA 13 set on a CUDA 12 driver, typically
-            hint = ("; the installed CUDA packages need a newer NVIDIA driver than this one: install the set for the "
-                    "driver's CUDA version (nvidia-smi), e.g. pip install 'basinguard[tensorrt-cu12]' for a CUDA 12 driver")
-        raise EngineError(f"no usable CUDA device: {exc}{hint}") from None
+    name, cc = cuda_device()
     return EngineEnv(trt.__version__, name, cc)
 
 
@@ -275,8 +368,11 @@ def _serialize(onnx_path: Path, role: str, profiles: Sequence[RoleProfile], spec
             pools = {trt.MemoryPoolType.WORKSPACE: spec.workspace_mib << 20} if spec.workspace_mib else None
             # Timing cache: tactic timings from earlier builds (any model) on this TensorRT + GPU skip re-measuring;
             # polygraphy reads it, and merges this build's timings into it, under a file lock.
+            # tf32: polygraphy's default (False) clears TensorRT's TF32 flag, which TensorRT sets by default; with
+            # it fp32 layers (an fp32 plan's, and the fp32 islands of an fp16 graph) run matmuls and convolutions on
+            # TF32 tensor cores. BuildSpec(tf32=False) keeps strict fp32.
             config = CreateConfig(profiles=trt_profiles or None, load_timing_cache=str(timing_cache),
-                                  memory_pool_limits=pools, builder_optimization_level=spec.opt_level)
+                                  memory_pool_limits=pools, builder_optimization_level=spec.opt_level, tf32=spec.tf32)
             serialized = EngineBytesFromNetwork((builder, network, parser), config=config,
                                                 save_timing_cache=str(timing_cache))()
         except EngineError:
@@ -424,9 +520,10 @@ class TensorRTModel:
         self._runner: Any = None
         self._graphs: _GraphRunner | None = None
         if cuda_graph:
-            self._graphs = _GraphRunner(trt, engine, self.name, self.inputs, self.outputs)
+            self._graphs = _GraphRunner(engine, self.name, self.inputs, self.outputs)
         else:
             self._runner = TrtRunner(engine, name=self.name)
+            self._call(polygraphy_cuda)  # the CUDA runtime for the runner's stream, from the wheel of TensorRT's CUDA
             self._call(self._runner.activate)
         self._closed = False
 
@@ -437,9 +534,14 @@ class TensorRTModel:
         with _polygraphy_errors() as errors:
             try:
                 return fn(*args, **kwargs)
+            except OSError as exc:  # a library polygraphy loads with ctypes: libcudart
+                raise EngineError(f"{self.name}: {_cudart_load_problem(exc)}") from None
             except (PolygraphyException, RuntimeError) as exc:
-                detail = " | ".join([*errors.messages[-2:], str(exc)] if str(exc) not in errors.messages[-2:]
-                                    else errors.messages[-2:])
+                logged = errors.messages[-2:]  # polygraphy logs its critical message ("[!] ...") before raising it
+                detail = " | ".join(logged if any(str(exc) in m for m in logged) else [*logged, str(exc)])
+                if re.search(r"CUDA Error: 35\b", detail):  # polygraphy's cudart calls: cudaErrorInsufficientDriver
+                    with contextlib.suppress(EngineError):  # no cuda-python to ask: the error as polygraphy put it
+                        detail += f"; {driver_hint(Cuda())}"
                 raise EngineError(f"{self.name}: TensorRT failed on {self.plan_path.name}: {detail}") from None
 
     def profile_for(self, shapes: dict[str, Shape]) -> int:
@@ -501,12 +603,15 @@ class _GraphRunner:
     does; buffers per shape set (pinned host staging, so replays see fixed addresses); each shape set's
     execution captured after one plain run and replayed from then on."""
 
-    def __init__(self, trt: Any, engine: tensorrt.ICudaEngine, name: str, inputs: dict[str, TensorSpec],
+    def __init__(self, engine: tensorrt.ICudaEngine, name: str, inputs: dict[str, TensorSpec],
                  outputs: dict[str, TensorSpec]):
-        self.trt, self.engine, self.name, self.inputs, self.outputs = trt, engine, name, inputs, outputs
+        self.trt = _import_tensorrt()  # typed from the stubs: its enum members are checked
+        self.engine, self.name, self.inputs, self.outputs = engine, name, inputs, outputs
         self.cuda = Cuda()
         rt = self.cuda.rt
-        self.stream = self.cuda("cudaStreamCreate", rt.cudaStreamCreate())
+        # cuda-python's cudaStream_t, for cuda-python calls; TensorRT takes the handle (an int). Typed as what it
+        # is, not int, so that passing the object to TensorRT is a type error (tests/test_tensorrt_static.py).
+        self.stream: SupportsInt = self.cuda("cudaStreamCreate", rt.cudaStreamCreate())
         self.handle = int(self.stream)
         self.contexts: dict[int, tensorrt.IExecutionContext] = {}
         self.slots: OrderedDict[tuple[Shape, ...], _Slot] = OrderedDict()
@@ -531,10 +636,13 @@ class _GraphRunner:
             if context is None:
                 raise EngineError(f"{self.name}: TensorRT could not create an execution context")
             context.set_device_memory(self.memory, self.memory_size)
-            try:  # TensorRT raises RuntimeError where it refuses a profile; it returns True otherwise
-                context.set_optimization_profile_async(profile, self.handle)
+            why = ""
+            try:  # TensorRT raises RuntimeError for some refusals and returns False for others
+                selected = context.set_optimization_profile_async(profile, self.handle)
             except RuntimeError as exc:
-                raise EngineError(f"{self.name}: TensorRT could not select optimization profile {profile}: {exc}") from None
+                selected, why = False, f": {exc}"
+            if not selected:
+                raise EngineError(f"{self.name}: TensorRT could not select optimization profile {profile}{why}")
             self.cuda("cudaStreamSynchronize", self.cuda.rt.cudaStreamSynchronize(self.stream))
             self.contexts[profile] = context
         return context

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
@@ -19,6 +19,7 @@ import numpy as np
 from basinguard.engine import LoadedModel, load_model
 from basinguard.model_format import ModelFolderError, read_json
 from basinguard.runtime.errors import InputError
+from basinguard.runtime.guidance import Rows
 from basinguard.runtime.settings import FAMILY_SETTINGS, MICRO_CONDITIONING, SamplingConfig, family_record
 from basinguard.runtime.timer import StageTimer
 from basinguard.runtime.tokenizer import PromptTokenizer
@@ -33,11 +34,12 @@ MICRO_MAX = 16384  # pixels: the largest original/target side or crop offset SDX
 class Conditioning:
     """Every UNet input besides (sample, timestep), batched [uncond; cond] at 2N: SD's encoder_hidden_states, SDXL's
     also text_embeds and time_ids. `uncond` holds the uncond halves at N as views made once, so the loop slices
-    halves without knowing the model family. The arrays are read-only: constant across the loop (an engine may
-    keep them on the device between calls)."""
+    halves without knowing the model family; `rows` picks any rows of either half. The arrays are read-only:
+    constant across the loop (an engine may keep them on the device between calls)."""
 
     pair: Mapping[str, np.ndarray]
     uncond: Mapping[str, np.ndarray]
+    _picked: dict[bytes, Mapping[str, np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, pair: Mapping[str, np.ndarray]) -> Conditioning:
@@ -48,6 +50,22 @@ class Conditioning:
         for value in arrays.values():
             value.flags.writeable = False
         return cls(MappingProxyType(arrays), MappingProxyType({name: value[:n] for name, value in arrays.items()}))
+
+    def rows(self, rows: Rows) -> Mapping[str, np.ndarray]:
+        """The conditioning of the samples' uncond rows (in order), then of their cond rows, as `Rows` asks. Made
+        once per pattern (a pattern changes only where a sample switches), read-only like the rest."""
+        key = np.packbits(np.concatenate([rows.uncond, rows.cond])).tobytes()
+        picked = self._picked.get(key)
+        if picked is None:
+            n = len(rows.uncond)
+            index = np.concatenate([np.flatnonzero(rows.uncond), n + np.flatnonzero(rows.cond)])
+            arrays = {name: value[index] for name, value in self.pair.items()}
+            for value in arrays.values():
+                value.flags.writeable = False
+            if len(self._picked) > 64:  # many distinct patterns: start over rather than grow
+                self._picked.clear()
+            picked = self._picked[key] = MappingProxyType(arrays)
+        return picked
 
 
 class TextConditioner(Protocol):

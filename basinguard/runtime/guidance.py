@@ -4,12 +4,15 @@ Names follow Jain et al. (CVPR 2025): `pre_scale` is the scale used inside the a
 (0: no guidance; -opposite_scale: opposite guidance), `guidance_scale` is λ after the
 transition, `transition_step` is the index of the first step at λ.
 
-Every policy answers for a batch of N samples at once; every sample switches on its own.
+Every policy answers for a batch of N samples at once; every sample switches on its own, and says per step which
+UNet predictions it needs (`Rows`): the unconditional one where its scale is 0, the conditional one where its scale
+is 1 and no d is wanted (after the end of guidance), both otherwise.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from numbers import Real
 
 import numpy as np
@@ -42,15 +45,19 @@ class PolicyConfig:
     # dtp/og-dtp: a sample whose d has shown no local minimum by the first step with t <= this switches there (a
     # fallback off by default, so Algorithm 1 is the default; without it such a sample never gets λ)
     latest_transition_t: int | None = None
+    # Any policy: once t <= this, the conditional prediction alone (scale 1, one UNet row per image, d not measured),
+    # as guidance limited to an interval (Kynkäänniemi et al., NeurIPS 2024); None: guidance to the last step.
+    guidance_end_t: int | None = None
 
     def validate(self, num_train_timesteps: int = 1000) -> None:
         if self.name not in (*POLICY_NAMES, "auto"):
             raise PolicyError(f"unknown policy {self.name!r}; choose one of {', '.join((*POLICY_NAMES, 'auto'))}")
         for field in ("guidance_scale", "transition_t", "pre_scale", "opposite_scale", "detect_threshold",
-                      "latest_transition_t"):
+                      "latest_transition_t", "guidance_end_t"):
             value = getattr(self, field)
             if not (isinstance(value, Real) and not isinstance(value, bool)) and not (
-                    value is None and field in ("opposite_scale", "detect_threshold", "latest_transition_t")):
+                    value is None and field in ("opposite_scale", "detect_threshold", "latest_transition_t",
+                                                "guidance_end_t")):
                 raise PolicyError(f"{field} must be a number (got {value!r})")
         # NaN fails every comparison below, so each check is written to fail for it.
         if not 0 <= self.guidance_scale <= MAX_SCALE:
@@ -61,6 +68,14 @@ class PolicyConfig:
         if self.latest_transition_t is not None and not 0 <= self.latest_transition_t <= num_train_timesteps:
             raise PolicyError(f"latest transition t must be in [0, {num_train_timesteps}] "
                               f"(got {self.latest_transition_t})")
+        if self.guidance_end_t is not None and not 0 <= self.guidance_end_t < num_train_timesteps:
+            raise PolicyError(f"guidance end t must be in [0, {num_train_timesteps - 1}] (got {self.guidance_end_t}): "
+                              "guidance stops once t <= it")
+        static = self.mitigation if self.name == "auto" else self.name
+        if (self.guidance_end_t is not None and static in ("stp", "og-stp")
+                and self.guidance_end_t >= self.transition_t):
+            raise PolicyError(f"guidance end t {self.guidance_end_t} is not below τ = {self.transition_t}: {static} "
+                              "would end guidance before it starts")
         if not -MAX_SCALE <= self.pre_scale <= MAX_SCALE:
             raise PolicyError(f"pre-scale must be in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (got {self.pre_scale})")
         if self.opposite_scale is not None and not 0 < self.opposite_scale <= MAX_SCALE:
@@ -94,6 +109,10 @@ class PolicyConfig:
             used = set(asdict(self))
         if self.latest_transition_t is None:  # off: recorded as before the fallback existed, so old jobs resume
             used.discard("latest_transition_t")
+        if self.guidance_end_t is None:  # likewise
+            used.discard("guidance_end_t")
+        else:
+            used.add("guidance_end_t")
         return {k: v for k, v in (asdict(self) | {"opposite_scale": self.opposite}).items() if k in used}
 
 
@@ -123,16 +142,42 @@ def setting_problem(setting: str, policy: str, mitigation: str, name: str) -> st
     return f"{name} applies to {' and '.join(users)} only, not {effective}{WHY_NOT.get((setting, effective), '')}{auto}"
 
 
-def _constant(n: int, value: float) -> np.ndarray:
-    """One read-only scale array for every step. Right after a UNet call the CPU caches are cold and each numpy
-    call costs 10-70 µs (measured on the shipped model), so the per-step policy work is kept to few calls."""
+def _constant(n: int, value: float | bool) -> np.ndarray:
+    """One read-only array for every step. Right after a UNet call the CPU caches are cold and each numpy call
+    costs 10-70 µs (measured on the shipped model), so the per-step policy work is kept to few calls."""
     out = np.full(n, value)
     out.flags.writeable = False
     return out
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Which UNet predictions each of N samples needs at a step: ε(x, e_∅) where `uncond`, ε(x, e_p) where `cond`.
+    A sample with both gets ε_∅ + s·(ε_p − ε_∅) and its d measured; with the unconditional one alone, ε_∅ (its
+    scale must be 0); with the conditional one alone, ε_p (its scale must be 1)."""
+
+    uncond: np.ndarray  # bool (N,)
+    cond: np.ndarray  # bool (N,)
+
+    @classmethod
+    def constant(cls, n: int, uncond: bool, cond: bool) -> Rows:
+        return cls(_constant(n, uncond), _constant(n, cond))
+
+    @cached_property
+    def kind(self) -> str:
+        """"both" (every sample both: batch 2N), "uncond" or "cond" (every sample one: batch N), else "mixed"."""
+        u, c = bool(self.uncond.all()), bool(self.cond.all())
+        if u and c:
+            return "both"
+        if u and not self.cond.any():
+            return "uncond"
+        if c and not self.uncond.any():
+            return "cond"
+        return "mixed"
+
+
 class GuidancePolicy:
-    """Base: constant λ (plain CFG). Subclasses override `needs_cond` and `scale` with their switch rule."""
+    """Base: constant λ (plain CFG). Subclasses override `rows` and `scale` with their switch rule."""
 
     def __init__(self, n: int, guidance_scale: float, pre_scale: float = 0.0):
         self.n = n
@@ -140,10 +185,11 @@ class GuidancePolicy:
         self.pre_scale = pre_scale
         self.transition_step = np.zeros(n, np.int64)  # cfg: λ from the first step
         self._full_scale = _constant(n, guidance_scale)  # λ for every sample
+        self._both = Rows.constant(n, True, True)
 
-    def needs_cond(self, step: int, t: float) -> bool:
-        """Whether this step needs ε(x_t, e_p); False lets the loop run the UNet at batch N."""
-        return True
+    def rows(self, step: int, t: float) -> Rows:
+        """The predictions each sample needs at this step (`Rows`)."""
+        return self._both
 
     def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
         return self._full_scale
@@ -157,10 +203,11 @@ class StaticTransition(GuidancePolicy):
         self.transition_t = transition_t
         self.transition_step = np.full(n, NO_TRANSITION, np.int64)
         self._pre = _constant(n, pre_scale)
+        self._uncond = Rows.constant(n, True, False)
 
-    def needs_cond(self, step: int, t: float) -> bool:
+    def rows(self, step: int, t: float) -> Rows:
         # With s_pre = 0 the guided ε is ε_∅ alone before τ; d is then not measured.
-        return t <= self.transition_t or self.pre_scale != 0
+        return self._both if t <= self.transition_t or self.pre_scale != 0 else self._uncond
 
     def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
         if t > self.transition_t:
@@ -209,14 +256,55 @@ class DetectionGated(GuidancePolicy):
         self.score = np.full(n, np.nan)
         self.flagged = np.zeros(n, bool)
 
+    def rows(self, step: int, t: float) -> Rows:
+        """Step 0 scores every sample (both rows); then a flagged sample needs what its mitigation needs, the rest
+        both (CFG), so a batch of clean and flagged prompts pays per image."""
+        if step == 0:
+            return self._both
+        mitigation = self.mitigation.rows(step, t)
+        if mitigation.kind == "both":
+            return self._both
+        return Rows(np.where(self.flagged, mitigation.uncond, True), np.where(self.flagged, mitigation.cond, True))
+
     def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
-        assert d is not None, "detection measures d at every step"
+        assert d is not None or step > 0, "detection measures d at the first step"
+        if d is None:  # every sample flagged, and its mitigation runs the unconditional branch alone
+            d = np.full(self.n, np.nan)
         if step == 0:
             self.score = d.astype(np.float64)
-            self.flagged = self.score > self.threshold
+            self.flagged = self.score > self.threshold  # NaN (not measured) flags nothing
         mitigated = self.mitigation.scale(step, t, d)
         self.transition_step = np.where(self.flagged, self.mitigation.transition_step, 0)
         return np.where(self.flagged, mitigated, self.guidance_scale)
+
+
+class GuidanceEnd(GuidancePolicy):
+    """An end to guidance: once t <= `end_t` every sample takes the conditional prediction alone (scale 1, one UNet
+    row each, d not measured); before, the wrapped policy decides."""
+
+    def __init__(self, policy: GuidancePolicy, end_t: float):
+        super().__init__(policy.n, policy.guidance_scale, policy.pre_scale)
+        self.policy, self.end_t = policy, end_t
+        self._cond = Rows.constant(policy.n, False, True)
+        self._one = _constant(policy.n, 1.0)
+
+    @property  # type: ignore[override]
+    def transition_step(self) -> np.ndarray:
+        return self.policy.transition_step
+
+    @transition_step.setter
+    def transition_step(self, value: np.ndarray) -> None:  # the base class's initial value; the policy's counts
+        pass
+
+    @property
+    def score(self) -> np.ndarray | None:
+        return getattr(self.policy, "score", None)
+
+    def rows(self, step: int, t: float) -> Rows:
+        return self._cond if t <= self.end_t else self.policy.rows(step, t)
+
+    def scale(self, step: int, t: float, d: np.ndarray | None) -> np.ndarray:
+        return self._one if t <= self.end_t else self.policy.scale(step, t, d)
 
 
 def make_policy(config: PolicyConfig, n: int, num_train_timesteps: int = 1000) -> GuidancePolicy:
@@ -234,4 +322,6 @@ def make_policy(config: PolicyConfig, n: int, num_train_timesteps: int = 1000) -
     if config.name == "auto":
         assert config.detect_threshold is not None
         policy = DetectionGated(n, policy, config.detect_threshold)
+    if config.guidance_end_t is not None:
+        policy = GuidanceEnd(policy, config.guidance_end_t)
     return policy

@@ -10,7 +10,7 @@ import numpy as np
 from basinguard.engine import EngineError, LoadedModel
 from basinguard.runtime.conditioning import Conditioning
 from basinguard.runtime.errors import InputError
-from basinguard.runtime.guidance import GuidancePolicy
+from basinguard.runtime.guidance import GuidancePolicy, Rows
 from basinguard.runtime.schedulers import Scheduler
 from basinguard.runtime.timer import StageTimer
 
@@ -29,7 +29,8 @@ def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np
     pair_batch = pair.reshape(2 * n, *x.shape[1:])
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, i)
-        if policy.needs_cond(i, t):
+        rows = policy.rows(i, t)
+        if rows.kind == "both":  # every sample: ε_∅ and ε_p in one call at 2N
             pair[:] = x_in
             eps = unet(pair_batch, t, cond.pair)  # [ε(x, e_∅); ε(x, e_p)]
             eps_uncond, guidance = eps[:n], np.subtract(eps[n:], eps[:n], out=eps[n:])  # ε(x, e_p) − ε(x, e_∅)
@@ -40,12 +41,36 @@ def denoise(unet: UNetStage, scheduler: Scheduler, policy: GuidancePolicy, x: np
             # ε̂ = ε_∅ + s · (ε_p − ε_∅), per sample
             np.multiply(guidance, scale[i, :, None, None, None].astype(x.dtype), out=guidance)
             eps = np.add(eps_uncond, guidance, out=eps_uncond)
-        else:  # the policy guarantees scale 0 here: ε̂ = ε_∅, at batch N
+        elif rows.kind == "uncond":  # the policy guarantees scale 0 here: ε̂ = ε_∅, at batch N
             eps = unet(x_in, t, cond.uncond)
             scale[i] = policy.scale(i, t, None)
             assert not scale[i].any(), "a policy that skips the conditional branch must use scale 0"
+        else:  # each sample its own rows (an end of guidance, a batch of flagged and clean prompts)
+            eps = guided_rows(unet, x_in, t, cond, rows, policy, i, gap[i], scale[i], scheduler.eps_gap_scale[i])
         x = scheduler.step(eps, i, x)
     return x, gap, scale
+
+
+def guided_rows(unet: UNetStage, x: np.ndarray, t: float, cond: Conditioning, rows: Rows, policy: GuidancePolicy,
+                step: int, gap: np.ndarray, scale: np.ndarray, eps_gap_scale: float) -> np.ndarray:
+    """One step where samples need different predictions: one UNet call on just the rows they need (ε_∅ rows first,
+    then ε_p rows), d where a sample has both, and ε̂ per sample; `gap` and `scale` (this step's, (N,)) are filled."""
+    uncond, cond_rows = np.flatnonzero(rows.uncond), np.flatnonzero(rows.cond)
+    out = unet(np.concatenate([x[uncond], x[cond_rows]]), t, cond.rows(rows))
+    eps_uncond = np.zeros_like(x)
+    eps_cond = np.zeros_like(x)
+    eps_uncond[uncond], eps_cond[cond_rows] = out[:len(uncond)], out[len(uncond):]
+    both = rows.uncond & rows.cond
+    guidance = eps_cond - eps_uncond
+    if both.any():
+        flat = guidance[both].reshape(int(both.sum()), -1)
+        gap[both] = np.sqrt(np.vecdot(flat, flat)) * eps_gap_scale
+    scale[:] = policy.scale(step, t, gap)
+    assert not scale[rows.uncond & ~rows.cond].any(), "a sample without the conditional branch must use scale 0"
+    assert (scale[rows.cond & ~rows.uncond] == 1).all(), "a sample without the unconditional branch must use scale 1"
+    # ε̂ = ε_∅ + s · (ε_p − ε_∅): ε_∅ where s = 0, ε_p where only it was made
+    return np.where(rows.uncond[:, None, None, None], eps_uncond + scale[:, None, None, None].astype(x.dtype) * guidance,
+                    eps_cond).astype(x.dtype, copy=False)
 
 
 def check_finite(values: np.ndarray, stage: str) -> None:

@@ -24,13 +24,15 @@ MAX_LATENT_CHANNELS = 256  # SD uses 4, later families 16; far beyond, x_T alone
 _DEFAULT_TYPES: dict[str, type | tuple[type, ...]] = {
     "policy": str, "mitigation": str, "scheduler": str, "steps": int, "transition_t": int,
     "guidance_scale": (int, float), "pre_scale": (int, float), "opposite_scale": (int, float),
-    "detect_threshold": (int, float), "latest_transition_t": int,
+    "detect_threshold": (int, float), "latest_transition_t": int, "guidance_end_t": int,
 }
 # null: the model's own scheduler, the usual default (opposite_scale: λ; latest_transition_t: no fallback)
 # sampling_defaults key -> PolicyConfig field
 _POLICY_FIELDS = {"policy": "name", **{k: k for k in ("guidance_scale", "transition_t", "pre_scale", "opposite_scale",
-                                                       "detect_threshold", "mitigation", "latest_transition_t")}}
-_MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale", "latest_transition_t")
+                                                       "detect_threshold", "mitigation", "latest_transition_t",
+                                                       "guidance_end_t")}}
+_MAY_BE_UNSET = ("scheduler", "mitigation", "detect_threshold", "opposite_scale", "latest_transition_t",
+                 "guidance_end_t")
 
 
 def _positive_int(value: object, what: str, path: Path, most: int | None = None) -> int:

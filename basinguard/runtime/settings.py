@@ -33,7 +33,7 @@ class SamplingConfig:
 # Setting name (flag, keyword and prompt-file field alike) -> the PolicyConfig field it sets.
 POLICY_SETTINGS = {"policy": "name", **{name: name for name in (
     "guidance_scale", "transition_t", "pre_scale", "opposite_scale", "mitigation", "detect_threshold",
-    "latest_transition_t")}}
+    "latest_transition_t", "guidance_end_t")}}
 MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")  # SDXL's time_ids, in this order
 FAMILY_SETTINGS = (*MICRO_CONDITIONING, "clip_skip")  # settings a model family may take (see conditioning.py)
 SAMPLING_SETTINGS = ("steps", "scheduler", "height", "width", *FAMILY_SETTINGS)
@@ -42,7 +42,7 @@ SETTINGS = (*POLICY_SETTINGS, *SAMPLING_SETTINGS)
 # for λ_og, no threshold, no fallback).
 LIBRARY_DEFAULTS: dict[str, Any] = {"policy": "cfg", "guidance_scale": 7.5, "transition_t": 500, "pre_scale": 0.0,
                                     "opposite_scale": None, "mitigation": "og-dtp", "detect_threshold": None,
-                                    "latest_transition_t": None, "steps": 50, "scheduler": None}
+                                    "latest_transition_t": None, "guidance_end_t": None, "steps": 50, "scheduler": None}
 _CHECKED = ("pre_scale", "transition_t", "opposite_scale", "mitigation", "latest_transition_t")
 
 
