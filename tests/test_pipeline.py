@@ -344,7 +344,7 @@ def test_bad_input_gives_one_clear_line(tiny_onnx_dir, tmp_path):
         (["--latents", str(tmp_path / "nan_lat.npy")], "--latents must hold finite real numbers"),
         (["--latents", str(tmp_path / "two_lat.npy"), "--num-images", "3"], "--num-images 3 but --latents holds 2"),
         (["--out", str(tmp_path / "a_dir")], "is a directory"),
-        (["--out", str(tmp_path / "o.jpg")], "must end in .png or .npy"),
+        (["--out", str(tmp_path / "o.gif")], "must end in .png or .jpg or .jpeg or .webp or .npy"),
         (["--trace", str(tmp_path / "a_dir")], f"--trace {tmp_path / 'a_dir'} is a directory"),
         (["--trace", str(tmp_path / "o.png")], f"--trace {tmp_path / 'o.png'} must end in .json"),  # not the image
         (["--out", str(tmp_path / "a_file" / "o.png")], "is a file, not a directory"),
