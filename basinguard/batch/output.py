@@ -3,14 +3,16 @@
 Nothing lost, nothing twice
   OUT_DIR/.lock is held with flock for the whole job (the kernel drops it when the process dies), so a second
   job on the same OUT_DIR refuses. Each image is written to `.<id>.png.tmp` and renamed; only then is its
-  manifest line appended in one write and fsynced. With `--output-format webdataset|parquet` images go into
-  shards instead (`basinguard.outputs.shards`): a shard is renamed into place whole, then its images' lines are
-  appended in one write, each naming the shard as its `file`; on start a shard whose images are not all in the
-  manifest (a kill between the two) is removed and its images are made again. On start the job removes leftover temporary files, cuts a
+  manifest line appended in one write and fsynced. On start the job removes leftover temporary files, cuts a
   truncated last manifest line (a kill mid-append), merges Ray shards (`manifest.part-K.jsonl`), drops the lines
   of images whose PNG was deleted, and skips every image id the manifest still has, so a restart with the same
   arguments makes each missing image exactly once. Manifest entries are checked against the prompt file, the
   settings and the model (`check_same_job`), so a different job's OUT_DIR is refused rather than mixed.
+
+Dataset shards (`--output-format webdataset|parquet`, `ImageSink` over `basinguard.outputs.shards`)
+  A shard is renamed into place whole, then its images' lines are appended in one write, each naming the shard as
+  its `file`. On start a shard whose images are not all in the manifest (a kill between the two) is removed, and
+  its images are made again, as those of a temporary (unpublished) shard are: each image ends up in one shard.
 """
 
 from __future__ import annotations
