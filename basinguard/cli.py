@@ -363,8 +363,8 @@ def cmd_build_engines(args: argparse.Namespace) -> None:
     spec = BuildSpec(batch=args.batch, min_batch=args.min_batch, image=args.image_size, min_image=args.min_image_size,
                      max_image=args.max_image_size, static=args.static, fp16=not args.fp32, vae_fp16=args.vae_fp16,
                      workspace_mib=args.workspace_mib, opt_level=args.opt_level)
-    spec = ModelSpec(Path(args.onnx_dir))
-    folder = spec.folder
+    model = ModelSpec(Path(args.onnx_dir))
+    folder = model.folder
     for flag, size in (("--image-size", args.image_size), ("--min-image-size", args.min_image_size),
                        ("--max-image-size", args.max_image_size)):
         try:  # the sizes generate accepts: a plan for others could never be used
@@ -375,7 +375,7 @@ def cmd_build_engines(args: argparse.Namespace) -> None:
     absent = [role for role in args.models or [] if not (folder.path / role / "model.onnx").is_file()]
     if absent:
         raise BasinguardError(f"--models {' '.join(absent)}: {folder.path} has no {absent[0]}/model.onnx")
-    geometry = spec.engine_geometry()
+    geometry = model.engine_geometry()
     records = build_engines(Path(args.onnx_dir), geometry, spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                             roles=args.models, force=args.force)
     for role, record in records.items():

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from conftest import write_tiny_clip_vocab
 
+import basinguard.engine.cuda as cuda_module
 import basinguard.engine.plans as plans
 import basinguard.engine.tensorrt as trt_backend
 from basinguard import files
@@ -641,12 +642,12 @@ def _fake_cudart(driver: int, runtime: int) -> types.SimpleNamespace:
 
 
 def test_insufficient_driver_tells_no_driver_from_an_old_one(monkeypatch) -> None:
-    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: _fake_cudart(driver=0, runtime=13000))
+    monkeypatch.setattr(cuda_module, "import_cudart", lambda: _fake_cudart(driver=0, runtime=13000))
     with pytest.raises(EngineError) as none:
         trt_backend.cuda_device()
     assert "cudaErrorInsufficientDriver" in str(none.value) and "no NVIDIA driver is installed" in str(none.value)
     assert "newer" not in str(none.value) and "too old" not in str(none.value)
-    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: _fake_cudart(driver=12040, runtime=13000))
+    monkeypatch.setattr(cuda_module, "import_cudart", lambda: _fake_cudart(driver=12040, runtime=13000))
     with pytest.raises(EngineError, match=r"this NVIDIA driver supports CUDA up to 12\.4, the installed CUDA packages "
                                           r"are CUDA 13\.0: .*basinguard\[tensorrt-cu12\]"):
         trt_backend.cuda_device()
@@ -657,7 +658,7 @@ def test_polygraphy_cuda_errors_without_a_driver_say_so(monkeypatch) -> None:
     e.g. when TrtRunner.activate() makes its stream: the model's error adds what it means here."""
     from polygraphy.exception import PolygraphyException
 
-    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: _fake_cudart(driver=0, runtime=13000))
+    monkeypatch.setattr(cuda_module, "import_cudart", lambda: _fake_cudart(driver=0, runtime=13000))
     model = object.__new__(trt_backend.TensorRTModel)
     model.name, model.plan_path, model._closed = "unet", Path("unet-abc.plan"), True
 
