@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +39,32 @@ def _specs(args: list) -> dict[str, TensorSpec]:
     return specs
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what taskset, cgroup cpusets and batch schedulers
+    allow), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def thread_count_problem(threads: int | None) -> str | None:
+    """Why `threads` intra-op threads cannot run here, or None: more threads than CPUs only contend (999 threads on
+    2 CPUs made a 2.6 s generate take 170 s), so a count above the CPUs available is refused, not capped: a
+    silent cap would record one count and run another."""
+    cpus = available_cpus()
+    if threads is not None and threads > cpus:
+        return (f"threads {threads} is more than the {cpus} CPU{'s' if cpus > 1 else ''} this process may use; "
+                f"give 1 to {cpus} (or leave it out for ONNX Runtime's default, one per CPU)")
+    return None
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
-    """Sequential execution, full graph optimisation; `threads` caps intra-op threads (None: ORT's default)."""
+    """Sequential execution, full graph optimisation; `threads` caps intra-op threads (None: ORT's default). A count
+    above the CPUs available is an EngineError (`thread_count_problem`)."""
+    problem = thread_count_problem(threads)
+    if problem:
+        raise EngineError(problem)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -128,6 +155,38 @@ def _preload_gpu_libraries() -> None:
             pass
 
 
+_runner: ThreadPoolExecutor | None = None
+_runner_lock = threading.Lock()
+
+
+def cancellable(call: Callable[[ort.RunOptions], list]) -> list:
+    """`call(run_options)` (a session run), cancelled when the main thread is interrupted while it runs.
+
+    Python runs a signal's handler (Ctrl-C's KeyboardInterrupt, the CLI's SIGTERM handler) in the main thread once
+    the C call it is in returns, and a UNet call at a large size runs for minutes. So a call made from the main
+    thread runs in a worker thread while the main thread waits, interruptibly; an exception raised in the wait sets
+    ONNX Runtime's `terminate` flag, which ends the run at its next node, and is re-raised once the worker is done
+    (no session is left running). Other threads receive no signals: their calls run where they are made."""
+    options = ort.RunOptions()
+    if threading.current_thread() is not threading.main_thread():
+        return call(options)
+    global _runner
+    with _runner_lock:
+        if _runner is None:  # one worker: the main thread makes one call at a time
+            _runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="basinguard-ort")
+    future: Future = _runner.submit(call, options)
+    try:
+        return future.result()
+    except BaseException:
+        options.terminate = True  # (a run not started yet returns at once too)
+        while not future.done():  # the run's own error ("terminate flag set") is not the news: the interrupt is
+            try:
+                wait([future])
+            except BaseException:  # another Ctrl-C while the run winds down: it is ending already
+                continue
+        raise
+
+
 MAX_SPECIALISED = 4  # shape-specialised sessions per model (e.g. N and 2N for STP, at one or two sizes)
 RESIDENT_BYTES = 256 << 20  # device copies of read-only inputs kept per model (least recently used dropped)
 
@@ -179,7 +238,7 @@ class DeviceBinding:
                     self.bound.pop(name, None)
             for name in outputs:
                 self.binding.bind_output(name, self.device, 0)
-            self.session.run_with_iobinding(self.binding)
+            cancellable(lambda options: self.session.run_with_iobinding(self.binding, options))
             return self.binding.copy_outputs_to_cpu()
 
 
@@ -307,7 +366,7 @@ class OrtModel:
                 values = self._binding.run(feed, inputs, self._output_names)
             else:
                 session = self._session_for(feed) if self.static_shapes else self.session
-                values = session.run(self._output_names, feed)
+                values = cancellable(lambda options: session.run(self._output_names, feed, options))
         except EngineError:
             raise
         except Exception as exc:  # ORT's own types (InvalidArgument, Fail...): shapes that do not fit, a bad kernel
