@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from basinguard.errors import BasinguardWarning
+
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): mkstemp's 0600 is widened to it
 os.umask(_UMASK)
 _TEMP_EXTRA = len(".") + len(".xxxxxxxx.tmp")  # what `write_atomic` adds to a name: `.NAME.<8 random>.tmp`
@@ -102,7 +104,8 @@ def file_digests(paths: Sequence[Path], memo: Path | None = None) -> list[str]:
             if memo not in _memo_warned:
                 _memo_warned.add(memo)
                 warnings.warn(f"cannot write the file-hash cache {memo} ({exc.strerror or exc}); model files are "
-                              "hashed again on every job (set BASINGUARD_CACHE_DIR to a writable folder)", stacklevel=2)
+                              "hashed again on every job (set BASINGUARD_CACHE_DIR to a writable folder)",
+                              BasinguardWarning, stacklevel=2)
     return digests
 
 
