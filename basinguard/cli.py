@@ -93,7 +93,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by generate, batch, detect and demo. None means: the model's own default."""
     p.add_argument("--model", help="exported ONNX model folder (default: the shipped model)")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
-    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads per model (default: ORT's)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="intra-op threads per model, at most the CPUs this process may use (default: ORT's)")
     p.add_argument("--static-shapes", action="store_true",
                    help="cpu: shape-specialised UNet sessions, built at a shape's first call (~0.5 s and one more "
                    "copy of the weights each); 10-20 %% faster UNet calls on small models, for long jobs")
@@ -738,8 +739,8 @@ def oversize_warning(native: tuple[int, int], height: int, width: int) -> str | 
     pixels = height * width / (nh * nw)
     return (f"{height}x{width} is {factor:.3g}x this model's native {nh}x{nw} per side ({pixels:,.0f}x the pixels): "
             f"each UNet call does {pixels:,.0f}x to {pixels * pixels:,.0f}x the work of one at the native size "
-            "(convolutions grow with the pixels, attention with their square), so a run may take hours where one at "
-            "the native size takes seconds; models also make their best images near their native size")
+            "(convolutions grow with the pixels, attention with their square), and memory grows alike; models make "
+            "their best images near their native size")
 
 
 def _size_warning(args: argparse.Namespace) -> str | None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -155,36 +156,71 @@ def _preload_gpu_libraries() -> None:
             pass
 
 
-_runner: ThreadPoolExecutor | None = None
-_runner_lock = threading.Lock()
+class _Canceller:
+    """Cancels the main thread's running ONNX Runtime call when a signal arrives.
+
+    Python runs a signal's handler (Ctrl-C's KeyboardInterrupt, the CLI's SIGTERM handler) in the main thread only
+    once the C call it is in returns, and a UNet call at a large size runs for minutes. But Python's C-level
+    handler also writes the signal's number to the wakeup fd (`signal.set_wakeup_fd`) at once: a thread waiting on
+    it sets ONNX Runtime's `terminate` flag on the main thread's running call, which then ends at its next node,
+    and the handler runs. Installed at the first call, only where no one else uses the wakeup fd (asyncio may);
+    without it a call is interrupted when it returns, as before. Nothing is added to a call but a RunOptions."""
+
+    def __init__(self) -> None:
+        self.running: set[ort.RunOptions] = set()
+        self.installed: bool | None = None  # None: not tried yet
+
+    def install(self) -> bool:
+        if self.installed is None:
+            self.installed = False
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)  # Python's handler must never block on it
+            try:
+                previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+            except ValueError:  # not the main thread's interpreter
+                previous = None
+            if previous != -1:  # someone else's: theirs stays
+                if previous is not None:
+                    signal.set_wakeup_fd(previous)
+                reader.close()
+                writer.close()
+                return False
+            self._sockets = (reader, writer)  # kept open for the process's life
+            threading.Thread(target=self._watch, args=(reader,), name="basinguard-cancel", daemon=True).start()
+            self.installed = True
+        return self.installed
+
+    def _watch(self, reader: socket.socket) -> None:
+        while reader.recv(64):
+            for options in list(self.running):
+                options.terminate = True
+
+    def run(self, call: Callable[[ort.RunOptions], list]) -> list:
+        options = ort.RunOptions()
+        if threading.current_thread() is not threading.main_thread() or not self.install():
+            return call(options)  # other threads receive no signals
+        self.running.add(options)
+        try:
+            return call(options)
+        except Exception:
+            if options.terminate:  # the signal's own handler runs (and raises) at the next Python call
+                _let_signal_handlers_run()
+                raise KeyboardInterrupt from None  # where the handler did not raise
+            raise
+        finally:
+            self.running.discard(options)
+
+
+def _let_signal_handlers_run() -> None:
+    """A Python-level call: the interpreter runs pending signal handlers on entering it."""
+
+
+_canceller = _Canceller()
 
 
 def cancellable(call: Callable[[ort.RunOptions], list]) -> list:
-    """`call(run_options)` (a session run), cancelled when the main thread is interrupted while it runs.
-
-    Python runs a signal's handler (Ctrl-C's KeyboardInterrupt, the CLI's SIGTERM handler) in the main thread once
-    the C call it is in returns, and a UNet call at a large size runs for minutes. So a call made from the main
-    thread runs in a worker thread while the main thread waits, interruptibly; an exception raised in the wait sets
-    ONNX Runtime's `terminate` flag, which ends the run at its next node, and is re-raised once the worker is done
-    (no session is left running). Other threads receive no signals: their calls run where they are made."""
-    options = ort.RunOptions()
-    if threading.current_thread() is not threading.main_thread():
-        return call(options)
-    global _runner
-    with _runner_lock:
-        if _runner is None:  # one worker: the main thread makes one call at a time
-            _runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="basinguard-ort")
-    future: Future = _runner.submit(call, options)
-    try:
-        return future.result()
-    except BaseException:
-        options.terminate = True  # (a run not started yet returns at once too)
-        while not future.done():  # the run's own error ("terminate flag set") is not the news: the interrupt is
-            try:
-                wait([future])
-            except BaseException:  # another Ctrl-C while the run winds down: it is ending already
-                continue
-        raise
+    """`call(run_options)` (a session run), cancelled by a signal that arrives while it runs (see `_Canceller`)."""
+    return _canceller.run(call)
 
 
 MAX_SPECIALISED = 4  # shape-specialised sessions per model (e.g. N and 2N for STP, at one or two sizes)
