@@ -9,6 +9,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +22,7 @@ PROVIDERS = {  # what --provider asks for, in ORT's priority order (CPU takes th
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+T = TypeVar("T")
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -195,7 +197,7 @@ class _Canceller:
             for options in list(self.running):
                 options.terminate = True
 
-    def run(self, call: Callable[[ort.RunOptions], list]) -> list:
+    def run(self, call: Callable[[ort.RunOptions], T]) -> T:
         options = ort.RunOptions()
         if threading.current_thread() is not threading.main_thread() or not self.install():
             return call(options)  # other threads receive no signals
@@ -218,7 +220,7 @@ def _let_signal_handlers_run() -> None:
 _canceller = _Canceller()
 
 
-def cancellable(call: Callable[[ort.RunOptions], list]) -> list:
+def cancellable(call: Callable[[ort.RunOptions], T]) -> T:
     """`call(run_options)` (a session run), cancelled by a signal that arrives while it runs (see `_Canceller`)."""
     return _canceller.run(call)
 
