@@ -301,6 +301,9 @@ class OrtModel:
                  trt_profile: dict[str, tuple] | None = None, static_shapes: bool = False,
                  fuse_attention: bool = True, io_binding: bool | None = None):
         path = Path(path)
+        problem = thread_count_problem(threads)  # here, or a session's failure to start would be blamed on the file
+        if problem:
+            raise EngineError(problem)
         self.path, self.threads = path, threads
         self.name = name or path.parent.name
         if not path.is_file():
