@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +27,9 @@ if TYPE_CHECKING:
     from basinguard.runtime.pipeline import Generation, SamplingConfig
     from basinguard.runtime.spec import ModelSpec
 
-SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_MODEL = PACKAGE_DIR / "models" / "shapes"
+OVERSIZE_FACTOR = 2  # a side above this many times the native one gets a warning: the work grows fast, quality drops
 SCHEDULER_CHOICES = tuple(SCHEDULERS)
 USEFUL_AUC = 0.7  # below it a calibration's threshold is little better than chance (0.5): warn
 DETECT_IGNORES = ("--policy", "--pre-scale", "--transition-t", "--opposite-scale", "--mitigation",
@@ -115,7 +121,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by generate, batch, detect and demo. None means: the model's own default."""
     p.add_argument("--model", help="exported ONNX model folder (default: the shipped model)")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
-    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads per model (default: ORT's)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="intra-op threads per model, at most the CPUs this process may use (default: ORT's)")
     p.add_argument("--static-shapes", action="store_true",
                    help="cpu: shape-specialised UNet sessions, built at a shape's first call (~0.5 s and one more "
                    "copy of the weights each); 10-20 %% faster UNet calls on small models, for long jobs")
@@ -582,7 +589,14 @@ def cmd_detect(args: argparse.Namespace) -> None:
 
 class OneLineParser(argparse.ArgumentParser):
     """A usage mistake (a flag's value of the wrong type, a missing argument) is one line naming it and where the
-    help is, not the whole usage: the usage of `generate` alone is some 20 lines, and the error is its last."""
+    help is, not the whole usage: the usage of `generate` alone is some 20 lines, and the error is its last.
+
+    A value that starts with '-' and a digit is a (negative) number, as Python 3.12's argparse reads it: 3.11's
+    takes '-5e-1', '-1e3' and '-1,0' for flags and answers "expected one argument". No flag here starts so."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")  # as 3.12's; argparse only calls its .match
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -698,15 +712,120 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _ours(category: type[Warning], filename: str) -> bool:
+    """A warning basinguard wrote: of one of its warning classes, or a plain UserWarning warned from its code."""
+    if category.__module__.split(".")[0] == "basinguard":
+        return True
+    return category is UserWarning and os.path.realpath(filename).startswith(str(PACKAGE_DIR) + os.sep)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings (e.g. a truncated prompt naming its dropped words) as one line, not a source excerpt."""
-    print(f"basinguard: warning: {message}", file=sys.stderr)
+    """Our warnings (e.g. a truncated prompt naming its dropped words) as one line, not a source excerpt; a
+    library's as Python prints it, naming its source, so that it is not taken for ours."""
+    if _ours(category, filename):
+        print(f"basinguard: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+# Libraries' messages that say nothing a user of basinguard can act on.
+NOISY_WARNINGS = (
+    # torch, on a machine without CUDA, when diffusers (loaded by `export`) decorates functions with a CUDA autocast
+    "CUDA is not available or torch_xla is imported. Disabling autocast.",
+)
+NOISY_LOG_LINES = {  # logger → the starts of its records that are dropped
+    # diffusers, where two installed distributions provide one package (optimum and optimum-onnx both `optimum`)
+    "diffusers.utils.import_utils": ("Multiple distributions found for package",),
+    # Ray, starting a local instance for `batch --ray` (the "disabled" warning, which matters, still shows)
+    "ray._private.authentication.authentication_token_setup": (
+        "Token authentication is enabled for this Ray cluster", "Generated new authentication token"),
+}
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def quiet_known_noise() -> None:
+    """Silence NOISY_WARNINGS and NOISY_LOG_LINES (by the libraries' logger names: nothing is imported here)."""
+    for text in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(text), category=UserWarning)
+    for name, starts in NOISY_LOG_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) for f in logger.filters):
+            logger.addFilter(_DropRecords(starts))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that it ends a run as Ctrl-C does: the running ONNX Runtime call is
+    cancelled (`engine.ort.cancellable`), temporary files are removed, what was finished stays."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def thread_problem(args: argparse.Namespace) -> str | None:
+    """--threads above the CPUs this process may use (see `engine.ort.thread_count_problem`), checked before any
+    work; not for a Ray cluster (`--ray ADDRESS`), whose nodes have CPUs of their own."""
+    threads = getattr(args, "threads", None)
+    if threads is None or getattr(args, "ray", None) not in (None, "local"):
+        return None
+    from basinguard.engine.ort import thread_count_problem
+
+    problem = thread_count_problem(threads)
+    return None if problem is None else f"--{problem}"
+
+
+def oversize_warning(native: tuple[int, int], height: int, width: int) -> str | None:
+    """A warning for a size more than OVERSIZE_FACTOR times the native one per side, with what it costs."""
+    nh, nw = native
+    factor = max(height / nh, width / nw)
+    if factor <= OVERSIZE_FACTOR:
+        return None
+    pixels = height * width / (nh * nw)
+    return (f"{height}x{width} is {factor:.3g}x this model's native {nh}x{nw} per side ({pixels:,.0f}x the pixels): "
+            f"each UNet call does {pixels:,.0f}x to {pixels * pixels:,.0f}x the work of one at the native size "
+            "(convolutions grow with the pixels, attention with their square), and memory grows alike; models make "
+            "their best images near their native size")
+
+
+def _size_warning(args: argparse.Namespace) -> str | None:
+    """oversize_warning for --height/--width, where the model folder reads and the size is one it accepts (a bad
+    folder or size is the command's to report)."""
+    height, width = getattr(args, "height", None), getattr(args, "width", None)
+    if height is None and width is None:
+        return None
+    from basinguard.runtime.model_folder import ModelFolder
+
+    try:
+        folder = ModelFolder.open(model_dir(getattr(args, "model", None)))
+        native = folder.default_image
+        height, width = height or native[0], width or native[1]
+        folder.check_size(height, width)
+    except BasinguardError:
+        return None
+    return oversize_warning(native, height, width)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
+    quiet_known_noise()
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
+        problem = thread_problem(args)
+        if problem:
+            raise BasinguardError(problem)
+        warning = _size_warning(args)
+        if warning:
+            print(f"basinguard {args.command}: warning: {warning}", file=sys.stderr)
         args.func(args)
         sys.stdout.flush()  # here, so that a closed pipe is seen below and not at exit
     except BrokenPipeError:
@@ -721,9 +840,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"basinguard {args.command}: error: cannot read or write{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"basinguard {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C (SIGINT) or SIGTERM: the shell's 128 + the signal's number
+        terminated = isinstance(exc, Terminated)
+        print(f"basinguard {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        if in_main_thread and previous is not None:  # None: a handler set outside Python, which stays
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -7,6 +7,10 @@ class BasinguardError(Exception):
     """A problem with the user's input, files or environment; the message names it and the allowed range."""
 
 
+class BasinguardWarning(UserWarning):
+    """A warning of basinguard's own (the CLI prints it with its prefix, and a library's in the library's form)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message without terminal colour codes (libraries' messages are
     often multi-line, Ray's coloured), else the exception's type: one-line errors quote a library's failure so."""

@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from basinguard.errors import BasinguardWarning
+
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): mkstemp's 0600 is widened to it
 os.umask(_UMASK)
 _TEMP_EXTRA = len(".") + len(".xxxxxxxx.tmp")  # what `write_atomic` adds to a name: `.NAME.<8 random>.tmp`
@@ -64,6 +66,11 @@ def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
+def file_stamp(path: Path) -> list[int]:
+    """`path`'s identity as a memo records it (see `_stamp`): equal stamps mean the same, unchanged file."""
+    return _stamp(Path(path).stat())
+
+
 def _read_memo(memo: Path) -> dict:
     try:
         known = json.loads(memo.read_text())
@@ -92,18 +99,31 @@ def file_digests(paths: Sequence[Path], memo: Path | None = None) -> list[str]:
         digests.append(sha)
     if memo is not None and new:
         try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            with open(memo.with_name(memo.name + ".lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                # drop files gone (os.path.exists: False, not an error, for paths that cannot be checked)
-                merged = {k: v for k, v in _read_memo(memo).items() if os.path.exists(k)} | new
-                write_atomic(memo, json.dumps(merged, indent=1).encode())
+            update_memo(memo, new)
         except OSError as exc:
             if memo not in _memo_warned:
                 _memo_warned.add(memo)
                 warnings.warn(f"cannot write the file-hash cache {memo} ({exc.strerror or exc}); model files are "
-                              "hashed again on every job (set BASINGUARD_CACHE_DIR to a writable folder)", stacklevel=2)
+                              "hashed again on every job (set BASINGUARD_CACHE_DIR to a writable folder)",
+                              BasinguardWarning, stacklevel=2)
     return digests
+
+
+def read_memo(memo: Path | None) -> dict:
+    """A JSON memo of derived data keyed by file path (`update_memo`); {} where it is missing or unreadable."""
+    return {} if memo is None else _read_memo(memo)
+
+
+def update_memo(memo: Path, new: dict) -> None:
+    """Merge `new` (resolved file path → entry) into the JSON memo `memo` under a lock, so that processes adding
+    other files at the same time keep each other's entries; entries of files that are gone are dropped. Raises
+    OSError where the memo cannot be written (callers decide whether that is worth a word)."""
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    with open(memo.with_name(memo.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # drop files gone (os.path.exists: False, not an error, for paths that cannot be checked)
+        merged = {k: v for k, v in _read_memo(memo).items() if os.path.exists(k)} | new
+        write_atomic(memo, json.dumps(merged, indent=1).encode())
 
 
 def lock_held(path: Path) -> bool:
@@ -141,7 +161,10 @@ def write_atomic(path: Path, content: bytes | memoryview | Callable[[Path], None
     has accepted, so it is off by default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a read-only folder: the error names our temporary file, not the file asked for
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -160,7 +183,9 @@ def write_atomic(path: Path, content: bytes | memoryview | Callable[[Path], None
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.filename is None:  # a write that failed (a full disk, a quota) names no file: name the one written
+        # A write that failed (a full disk, a quota) names no file, a failed rename our temporary one: name the file
+        # the caller asked for. An error naming another file (one `content` read) stays as it is.
+        if exc.filename is None or str(exc.filename) == str(tmp):
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     except BaseException:

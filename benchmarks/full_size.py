@@ -1,6 +1,6 @@
 """Full-size checkpoints on one machine: SD 1.5, SD 2.1-768-v and SDXL base, exported, checked and timed.
 
-    python benchmarks/full_size.py build  --model sd21-768v [--work /work/fullsize]
+    python benchmarks/full_size.py build  --model sd21-768v [--work build/fullsize]
     python benchmarks/full_size.py export --model sd21-768v [--work ...]       # `basinguard export`, peak RSS
     python benchmarks/full_size.py check  --model sd21-768v [--steps 3]        # generate vs diffusers, peak RSS
     python benchmarks/full_size.py memory --model sd21-768v                    # loaded RSS vs weights on disk
@@ -55,6 +55,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).with_name("full_size_configs.json")
 DEFAULT_RESULTS = ROOT / "benchmarks/results/full_size.json"
+DEFAULT_WORK = ROOT / "build" / "fullsize"  # inside the checkout (build/ is git-ignored), not a path of one machine
 MODELS = ("sd15", "sd21-768v", "sdxl")
 PROMPT = "a photo of an astronaut riding a horse on mars"
 GOALS = {"unet_vs_torch": 1.5, "unet_vs_optimum": 1.1, "dtp_over_cfg": 1.01, "stp_over_cfg": 0.8}
@@ -527,7 +528,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", choices=("build", *SECTIONS, "all", "_diffusers", "_stage", "_policies", "_memory"))
     parser.add_argument("--model", choices=MODELS, required=True)
-    parser.add_argument("--work", type=Path, default=Path("/work/fullsize"), help="pipelines and exports go here")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                        help="pipelines and exports go here (default: build/fullsize in the checkout, git-ignored; "
+                        "tens of GB)")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="check and policies: denoising steps")

@@ -398,7 +398,8 @@ def test_a_scheduler_the_runtime_cannot_run_is_said_before_exporting(tiny_sd_pip
 
 def test_working_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path: Path) -> None:
     """A killed export leaves its hidden working folder (gigabytes for SD); the next export to the same OUT removes
-    it, but not the folder of an export still running (its lock held)."""
+    it. An export still running into the same OUT (its lock held) makes the next one stop at its start, touching
+    nothing (it would find OUT taken only after a whole export of its own)."""
     import subprocess
     import sys
 
@@ -417,15 +418,18 @@ def test_working_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path: 
         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        work, lock = _prepare_out(tmp_path / "out")
-        os.close(lock)
+        with pytest.raises(ExportError, match=f"another export into {tmp_path / 'out'} is running"):
+            _prepare_out(tmp_path / "out")
+        assert killed.is_dir() and live.is_dir() and (tmp_path / ".out.partial-live.lock").exists()
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()
+    work, lock = _prepare_out(tmp_path / "out")  # the live one is gone now (killed): its folder goes too
+    os.close(lock)
     assert not killed.exists() and not (tmp_path / ".out.partial-killed.lock").exists()
-    assert not (tmp_path / ".out.partial-lonely.lock").exists() and (tmp_path / ".out.partial-live.lock").exists()
-    assert live.is_dir() and work.is_dir() and work.name.startswith(".out.partial-")
+    assert not (tmp_path / ".out.partial-lonely.lock").exists() and not (tmp_path / ".out.partial-live.lock").exists()
+    assert not live.exists() and work.is_dir() and work.name.startswith(".out.partial-")
     (tmp_path / "afile").write_text("")
     with pytest.raises(ExportError, match="cannot make the folder .*afile/sub for the output"):
         _prepare_out(tmp_path / "afile" / "sub" / "out")

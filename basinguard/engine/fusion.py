@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from basinguard.files import write_atomic
+from basinguard.files import digest_memo, file_digests, file_stamp, read_memo, update_memo, user_cache_dir, write_atomic
 
 MS_DOMAIN = "com.microsoft"
 # Bump whenever the rewrite changes: a cached `<name>.fused.onnx` written by another version is then rebuilt.
 FUSION_VERSION = 2
 FUSED_SUFFIX = ".fused.onnx"
+FUSED_DIR = "fused-graphs"  # in the user cache dir: fused copies of models that hold their own weights
 _KEY_PROP = "basinguard.fusion.key"  # metadata_props of a cached fused graph: what it was built from
 _COUNT_PROP = "basinguard.fusion.count"
 
@@ -378,13 +379,20 @@ def fuse_attention(model) -> int:
 
 
 def fused_path(path: Path) -> Path:
-    """Where the fused graph of an external-data model `path` is cached: `<name>.fused.onnx` beside it."""
+    """Where the fused graph of an external-data model `path` is cached: `<name>.fused.onnx` beside it (see
+    `_write_fused` for the others)."""
     return Path(path).with_name(Path(path).stem + FUSED_SUFFIX)
 
 
 def is_fusion_cache(path: Path) -> bool:
     """A file this module writes beside a model (not part of the model: hashes of the model skip it)."""
     return Path(path).name.endswith(FUSED_SUFFIX)
+
+
+def fusion_memo() -> Path | None:
+    """What each model file fused to (count, cached file and its stamp), so that a warm load needs no `onnx`."""
+    cache = user_cache_dir()
+    return None if cache is None else cache / "fused-graphs.json"
 
 
 def _cached_count(target: Path, key: str) -> int | None:
@@ -400,37 +408,97 @@ def _cached_count(target: Path, key: str) -> int | None:
         return None
 
 
-def fused_model(path: Path) -> tuple[bytes | str, int]:
-    """What to open for `path`: the fused model (serialised) and the count, or `path` itself and 0 when nothing
-    matched. A model whose weights live in external data files is fused into `<name>.fused.onnx` beside it (the
-    weights are not copied: it names the same data files); where that folder is read-only it is not fused.
+def _remembered(path: Path, key: str) -> tuple[str, int] | None:
+    """What the memo says `path` (of `key`) fused to: (the file to open, count), when the memo's entry is for this
+    key and a cached file is still the one written then (its stamp: size, mtime, ctime, inode); else None."""
+    entry = read_memo(fusion_memo()).get(str(Path(path).resolve()))
+    if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("count"), int):
+        return None
+    if entry["count"] == 0:
+        return str(path), 0
+    try:
+        current = file_stamp(Path(entry["fused"]))
+    except (OSError, TypeError):
+        return None
+    return (str(entry["fused"]), entry["count"]) if current == entry.get("stamp") else None
 
-    The cached file is reused only when it was built from exactly this `path` (the sha256 of its bytes: the graph,
-    a few MB, which is all the fused file derives from; the weights are read from their files at load) by this
-    FUSION_VERSION; timestamps are not trusted (cp -p, rsync -a and tar keep older ones)."""
+
+def _remember(path: Path, key: str, fused: Path | None, count: int) -> None:
+    """Record what `path` fused to (a memo that cannot be written only costs `import onnx` on the next load)."""
+    memo = fusion_memo()
+    if memo is None:
+        return
+    entry: dict = {"key": key, "count": count}
+    try:
+        if fused is not None:
+            entry |= {"fused": str(fused), "stamp": file_stamp(fused)}
+        update_memo(memo, {str(Path(path).resolve()): entry})
+    except OSError:
+        pass
+
+
+def _write_fused(model, path: Path, key: str, count: int, external: bool) -> Path | None:
+    """Write the fused `model`: a model that holds its own weights to the user cache dir (model folders stay as
+    they are: shipped in a package, shared, read-only), else beside `path`; a model with external data beside them
+    (its initializers name those files). None where nothing could be written."""
+    from onnx import helper
+
+    props = {p.key: p.value for p in model.metadata_props} | {_KEY_PROP: key, _COUNT_PROP: str(count)}
+    helper.set_model_props(model, props)  # what the file was built from, checked before reuse without a memo
+    data = model.SerializeToString()
+    cache = user_cache_dir()
+    places = [fused_path(path)]
+    if not external and cache is not None:
+        places.insert(0, cache / FUSED_DIR / (hashlib.sha256(key.encode()).hexdigest()[:32] + FUSED_SUFFIX))
+    for target in places:
+        try:
+            write_atomic(target, data)
+        except OSError:
+            continue
+        old = read_memo(fusion_memo()).get(str(path.resolve()))
+        stale = Path(old["fused"]) if isinstance(old, dict) and isinstance(old.get("fused"), str) else None
+        if cache is not None and stale is not None and stale != target and stale.parent == cache / FUSED_DIR:
+            stale.unlink(missing_ok=True)  # this model's earlier version: it would only fill the cache
+        return target
+    return None
+
+
+def fused_model(path: Path) -> tuple[bytes | str, int]:
+    """What to open for `path`: the fused model and the count of fused attentions, or `path` itself and 0 when
+    nothing matched. The fused model is cached (`_write_fused`: a model holding its own weights in the user cache
+    dir, an external-data model in `<name>.fused.onnx` beside it, naming the same weight files, which are not
+    copied); where nothing can be written it is returned serialised, and an external-data model is not fused.
+
+    A cache is reused only when it was built from exactly this `path` (the sha256 of its bytes, remembered by
+    `files.file_digests` per file stamp so that a warm load reads no model file twice) by this FUSION_VERSION;
+    the memo (`fusion_memo`) records each file's result, zero attentions included, so that a warm load imports no
+    `onnx` (1.6 s of a 2.7 s generate on the shipped model)."""
+    path = Path(path)
+    digest = file_digests([path], digest_memo())[0]
+    key = json.dumps({"fusion": FUSION_VERSION, "source": path.name, "sha256": digest})
+    remembered = _remembered(path, key)
+    if remembered is not None:
+        return remembered
+
     import onnx
 
-    data = Path(path).read_bytes()
-    model = onnx.load_model_from_string(data)  # external weights are not read
+    model = onnx.load_model_from_string(path.read_bytes())  # external weights are not read
     if not float32_only(model):
+        _remember(path, key, None, 0)
         return str(path), 0
     external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
-    target, key = fused_path(path), ""
-    if external:  # (a model without external data is fused in memory on each load: no cache, nothing to hash)
-        key = json.dumps({"fusion": FUSION_VERSION, "source": Path(path).name,
-                          "sha256": hashlib.sha256(data).hexdigest()})
-        cached = _cached_count(target, key)
+    target = fused_path(path)
+    if external:
+        cached = _cached_count(target, key)  # built before the memo knew it (another user's cache dir)
         if cached is not None:
+            _remember(path, key, target, cached)
             return str(target), cached
     count = fuse_attention(model)
     if count == 0:
+        _remember(path, key, None, 0)
         return str(path), 0
-    if not external:
-        return model.SerializeToString(), count
-    props = {p.key: p.value for p in model.metadata_props} | {_KEY_PROP: key, _COUNT_PROP: str(count)}
-    onnx.helper.set_model_props(model, props)  # what the file was built from, checked before reuse
-    try:  # the graph alone: its initializers still name the weight files beside it, which are not copied
-        write_atomic(target, model.SerializeToString())
-    except OSError:
-        return str(path), 0
-    return str(target), count
+    written = _write_fused(model, path, key, count, external)
+    if written is None:
+        return (str(path), 0) if external else (model.SerializeToString(), count)
+    _remember(path, key, written, count)
+    return str(written), count

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -22,6 +27,7 @@ PROVIDERS = {  # what --provider asks for, in ORT's priority order (CPU takes th
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+T = TypeVar("T")
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -41,8 +47,32 @@ def _specs(args: list) -> dict[str, TensorSpec]:
     return specs
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what taskset, cgroup cpusets and batch schedulers
+    allow), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def thread_count_problem(threads: int | None) -> str | None:
+    """Why `threads` intra-op threads cannot run here, or None: more threads than CPUs only contend (999 threads on
+    2 CPUs made a 2.6 s generate take 170 s), so a count above the CPUs available is refused, not capped: a
+    silent cap would record one count and run another."""
+    cpus = available_cpus()
+    if threads is not None and threads > cpus:
+        return (f"threads {threads} is more than the {cpus} CPU{'s' if cpus > 1 else ''} this process may use; "
+                f"give 1 to {cpus} (or leave it out for ONNX Runtime's default, one per CPU)")
+    return None
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
-    """Sequential execution, full graph optimisation; `threads` caps intra-op threads (None: ORT's default)."""
+    """Sequential execution, full graph optimisation; `threads` caps intra-op threads (None: ORT's default). A count
+    above the CPUs available is an EngineError (`thread_count_problem`)."""
+    problem = thread_count_problem(threads)
+    if problem:
+        raise EngineError(problem)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -133,6 +163,73 @@ def _preload_gpu_libraries() -> None:
             pass
 
 
+class _Canceller:
+    """Cancels the main thread's running ONNX Runtime call when a signal arrives.
+
+    Python runs a signal's handler (Ctrl-C's KeyboardInterrupt, the CLI's SIGTERM handler) in the main thread only
+    once the C call it is in returns, and a UNet call at a large size runs for minutes. But Python's C-level
+    handler also writes the signal's number to the wakeup fd (`signal.set_wakeup_fd`) at once: a thread waiting on
+    it sets ONNX Runtime's `terminate` flag on the main thread's running call, which then ends at its next node,
+    and the handler runs. Installed at the first call, only where no one else uses the wakeup fd (asyncio may);
+    without it a call is interrupted when it returns, as before. Nothing is added to a call but a RunOptions."""
+
+    def __init__(self) -> None:
+        self.running: set[ort.RunOptions] = set()
+        self.installed: bool | None = None  # None: not tried yet
+
+    def install(self) -> bool:
+        if self.installed is None:
+            self.installed = False
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)  # Python's handler must never block on it
+            try:
+                previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+            except ValueError:  # not the main thread's interpreter
+                previous = None
+            if previous != -1:  # someone else's: theirs stays
+                if previous is not None:
+                    signal.set_wakeup_fd(previous)
+                reader.close()
+                writer.close()
+                return False
+            self._sockets = (reader, writer)  # kept open for the process's life
+            threading.Thread(target=self._watch, args=(reader,), name="basinguard-cancel", daemon=True).start()
+            self.installed = True
+        return self.installed
+
+    def _watch(self, reader: socket.socket) -> None:
+        while reader.recv(64):
+            for options in list(self.running):
+                options.terminate = True
+
+    def run(self, call: Callable[[ort.RunOptions], T]) -> T:
+        options = ort.RunOptions()
+        if threading.current_thread() is not threading.main_thread() or not self.install():
+            return call(options)  # other threads receive no signals
+        self.running.add(options)
+        try:
+            return call(options)
+        except Exception:
+            if options.terminate:  # the signal's own handler runs (and raises) at the next Python call
+                _let_signal_handlers_run()
+                raise KeyboardInterrupt from None  # where the handler did not raise
+            raise
+        finally:
+            self.running.discard(options)
+
+
+def _let_signal_handlers_run() -> None:
+    """A Python-level call: the interpreter runs pending signal handlers on entering it."""
+
+
+_canceller = _Canceller()
+
+
+def cancellable(call: Callable[[ort.RunOptions], T]) -> T:
+    """`call(run_options)` (a session run), cancelled by a signal that arrives while it runs (see `_Canceller`)."""
+    return _canceller.run(call)
+
+
 MAX_SPECIALISED = 4  # shape-specialised sessions per model (e.g. N and 2N for STP, at one or two sizes)
 RESIDENT_BYTES = 256 << 20  # device copies of read-only inputs kept per model (least recently used dropped)
 
@@ -184,7 +281,7 @@ class DeviceBinding:
                     self.bound.pop(name, None)
             for name in outputs:
                 self.binding.bind_output(name, self.device, 0)
-            self.session.run_with_iobinding(self.binding)
+            cancellable(lambda options: self.session.run_with_iobinding(self.binding, options))
             return self.binding.copy_outputs_to_cpu()
 
 
@@ -209,6 +306,9 @@ class OrtModel:
                  trt_profile: dict[str, tuple] | None = None, static_shapes: bool = False,
                  fuse_attention: bool = True, io_binding: bool | None = None):
         path = Path(path)
+        problem = thread_count_problem(threads)  # here, or a session's failure to start would be blamed on the file
+        if problem:
+            raise EngineError(problem)
         self.path, self.threads = path, threads
         self.name = name or path.parent.name
         if not path.is_file():
@@ -312,7 +412,7 @@ class OrtModel:
                 values = self._binding.run(feed, inputs, self._output_names)
             else:
                 session = self._session_for(feed) if self.static_shapes else self.session
-                values = session.run(self._output_names, feed)
+                values = cancellable(lambda options: session.run(self._output_names, feed, options))
         except EngineError:
             raise
         except Exception as exc:  # ORT's own types (InvalidArgument, Fail...): shapes that do not fit, a bad kernel

@@ -160,12 +160,20 @@ def _load_models(folder: Path) -> TorchModels:
                        loaded.get("text_encoder_2"))
 
 
+def _running_export(out: Path, besides: Path | None = None) -> bool:
+    """Whether another export into `out` holds its lock (`.NAME.partial-XXXX.lock`, see `_prepare_out`). Two that
+    start at the same moment may both see the other and stop; never may both go on."""
+    return any(lock != besides and lock_held(lock) for lock in out.parent.glob(f".{out.name}.partial-*.lock"))
+
+
 def _prepare_out(out: Path) -> tuple[Path, int]:
     """A fresh working folder next to OUT, which becomes OUT by one rename once everything is written, and the
     descriptor of its lock (`.NAME.partial-XXXX.lock` beside it, flock-held while this export runs). Working
     folders of exports that were killed (their lock free) are removed first: an SD export's is gigabytes."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output {out} already exists; remove it or choose another path")
+    if _running_export(out):  # it would find OUT taken only once its own export is done
+        raise ExportError(f"another export into {out} is running; wait for it to finish or choose another path")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file where a folder of the path should be, or no permission
@@ -179,9 +187,16 @@ def _prepare_out(out: Path) -> tuple[Path, int]:
                 lock_path.unlink(missing_ok=True)
     # The lock first (a unique name, held at once), then its folder: another export's cleanup never sees this
     # folder without its held lock.
-    lock, lock_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", suffix=".lock", dir=out.parent)
+    try:
+        lock, lock_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", suffix=".lock", dir=out.parent)
+    except OSError as exc:  # a read-only folder: name the output asked for, not our lock file
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
     fcntl.flock(lock, fcntl.LOCK_EX)
     tmp = Path(lock_name[: -len(".lock")])
+    if _running_export(out, besides=Path(lock_name)):  # one that started between the check above and our lock
+        Path(lock_name).unlink(missing_ok=True)
+        os.close(lock)
+        raise ExportError(f"another export into {out} is running; wait for it to finish or choose another path")
     tmp.mkdir()
     umask = os.umask(0)
     os.umask(umask)
