@@ -1,0 +1,7 @@
+"""`python -m basinguard.cli`."""
+
+import sys
+
+from basinguard.cli import main
+
+sys.exit(main())
