@@ -122,3 +122,15 @@ def test_without_onnxruntime_loading_a_model_names_the_extra(tmp_path: Path) -> 
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("onnxruntime is not installed") and "pip install 'basinguard[cpu]'" in run.stdout
+
+
+def test_export_without_onnxruntime_names_the_set_to_install(tmp_path: Path) -> None:
+    """onnxruntime comes from one set (cpu or a GPU one), not from the export extra: an export without it names the
+    set, not the export extra it already has."""
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "from basinguard.cli import main\n"
+            f"sys.exit(main(['export', {str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "export needs ONNX Runtime: pip install 'basinguard[cpu]'" in proc.stderr
+    assert "Traceback" not in proc.stderr

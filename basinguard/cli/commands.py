@@ -17,6 +17,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     try:
         from basinguard.export.onnx_export import ExportError, export_pipeline
     except ImportError as exc:
+        if (exc.name or "").startswith("onnxruntime"):  # the export validates with ONNX Runtime: one of its sets
+            raise BasinguardError(f"export needs ONNX Runtime: pip install 'basinguard[cpu]' (or a GPU set, "
+                                  f"docs/gpu.md) ({exc})") from None
         raise BasinguardError(f"export needs the export extra: pip install 'basinguard[export]' ({exc})") from None
     if getattr(args, "tensorrt", False):
         from basinguard.engine.tensorrt import native_problem
