@@ -326,3 +326,22 @@ def test_the_package_imports_without_torch_and_guard_names_the_extra():
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr
     assert "needs torch and diffusers: pip install 'basinguard[diffusers]'" in proc.stdout
+
+
+def test_the_gpu_checks_adapter_section_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_check_diffusers.py's section, here with the CPU as the device (gpu_check.py runs it on CUDA)."""
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        import gpu_check
+        from gpu_check_diffusers import diffusers_section
+    finally:
+        sys.path.remove(str(benchmarks))
+    report = gpu_check.Report(budget_s=300, json_path=tmp_path / "report.json")
+    result = diffusers_section(report, "cpu", tiny=True)
+    checks = json.loads((tmp_path / "report.json").read_text())["checks"]
+    assert len(checks) == 4 and all(c["ok"] for c in checks), checks
+    timing = result["tiny timing"]
+    assert timing["batch_n_steps"] > 0 and set(timing["seconds"]) == {"plain", "guarded cfg", "guarded stp",
+                                                                      "guarded dtp"}
+    assert result["tiny stp transition steps"]["cpu"] == [timing["steps"] - timing["batch_n_steps"]] * 3

@@ -74,17 +74,14 @@ class GuidedRun:
         self.gaps: list[np.ndarray] = []  # per step, (N,) float64; NaN where d was not measured
         self.scales: list[np.ndarray] = []
         self.sample_shape: tuple[int, ...] | None = None
+        self.prediction_type = "epsilon"  # the scheduler's, read at the first step
 
     def eps_gap_scale(self, step: int, t: float) -> float:
         """What turns a difference of two UNet outputs at this step into one of ε, as the runtime's schedulers do:
         1 for ε-prediction; α_t = √ᾱ_t for v-prediction (ε_p − ε_∅ = α_t (v_p − v_∅) at the same x_t), with ᾱ from
         the scheduler's sigma where it steps in sigmas (ᾱ = 1 / (1 + σ²)), else from alphas_cumprod at t."""
         scheduler = self.pipe.scheduler
-        prediction = scheduler.config.get("prediction_type", "epsilon")
-        if prediction not in PREDICTION_TYPES:
-            raise AdapterError(f"prediction_type {prediction!r} is not supported (supported: "
-                               f"{', '.join(PREDICTION_TYPES)})")
-        if prediction == "epsilon":
+        if self.prediction_type == "epsilon":
             return 1.0
         sigmas = getattr(scheduler, "sigmas", None)
         index = getattr(scheduler, "step_index", None)
@@ -107,7 +104,11 @@ class GuidedRun:
         if rows % 2:
             raise AdapterError(f"the UNet was called with {rows} rows; classifier-free guidance batches [uncond; cond]")
         n = rows // 2
-        if self.policy is None:
+        if self.policy is None:  # the first step: the scheduler is the one this call runs
+            self.prediction_type = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+            if self.prediction_type not in PREDICTION_TYPES:
+                raise AdapterError(f"prediction_type {self.prediction_type!r} is not supported (supported: "
+                                   f"{', '.join(PREDICTION_TYPES)})")
             num_train = int(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
             self.policy = make_policy(self.config, n, num_train)
             self.sample_shape = tuple(sample.shape[1:])
