@@ -9,7 +9,8 @@ under every policy). Times, in one process and interleaved over --repeats rounds
 - guarded cfg: guard(pipe, "cfg"): the same work plus d per image and the policy each step (the adapter's cost);
 - guarded stp: guard(pipe, "stp", transition_t=τ): the steps before τ run the UNet on the N unconditional rows only;
 - guarded dtp: guard(pipe, "dtp"): d every step, so batch 2N throughout (its saving is memorization, not time).
-Prints each variant's seconds, stp/cfg, the number of batch-N steps, and the batch-N/batch-2N UNet time ratio.
+Seconds are CPU time of the process on the CPU (so that other work on the machine does not count), wall time on a
+GPU. Prints each variant's seconds, stp/cfg, the number of batch-N steps, and the batch-N/batch-2N UNet time ratio.
 Also a library: gpu_check_diffusers.py builds its pipelines with `build_pipeline`.
 """
 
@@ -81,6 +82,12 @@ def initial_latents(pipe: Any, n: int, size: int, seed: int = 0) -> Any:
     return torch.randn((n, pipe.unet.config.in_channels, side, side), generator=g).to(pipe.device, pipe.unet.dtype)
 
 
+def clock(pipe: Any) -> Any:
+    """The timer: on the CPU the process's CPU time (the work done, whatever else shares the machine; with one torch
+    thread it equals wall time on an idle machine), on a GPU wall time around synchronised calls."""
+    return time.process_time if pipe.device.type == "cpu" else time.perf_counter
+
+
 def synchronize(pipe: Any) -> None:
     import torch
 
@@ -102,7 +109,7 @@ def unet_seconds(pipe: Any, n: int, size: int, repeats: int) -> dict[int, float]
     """Median seconds of one UNet call at batch N and at 2N."""
     import torch
 
-    out = {}
+    out, now = {}, clock(pipe)
     for rows in (n, 2 * n):
         x = initial_latents(pipe, rows, size)
         e = embeddings(pipe, rows)["prompt_embeds"]
@@ -110,10 +117,10 @@ def unet_seconds(pipe: Any, n: int, size: int, repeats: int) -> dict[int, float]
         with torch.inference_mode():
             for _ in range(repeats + 1):
                 synchronize(pipe)
-                start = time.perf_counter()
+                start = now()
                 pipe.unet(x, 500, encoder_hidden_states=e)
                 synchronize(pipe)
-                times.append(time.perf_counter() - start)
+                times.append(now() - start)
         out[rows] = statistics.median(times[1:])
     return out
 
@@ -125,16 +132,17 @@ def measure(pipe: Any, n: int, size: int, steps: int, tau: int, repeats: int) ->
     call = dict(latents=initial_latents(pipe, n, size), num_inference_steps=steps, height=size, width=size,
                 output_type="latent", **embeddings(pipe, n))
     seconds: dict[str, list[float]] = {name: [] for name in runs}
-    traces = {}
+    traces, now = {}, clock(pipe)
     for round_ in range(repeats + 1):
         for name, run in runs.items():
             synchronize(pipe)
-            start = time.perf_counter()
+            start = now()
             out = run(**call)
             synchronize(pipe)
             if round_:
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(now() - start)
             traces[name] = getattr(out, "traces", None)
+        print(f"round {round_} of {repeats} done" + " (warm-up)" * (not round_), file=sys.stderr, flush=True)
     median = {name: statistics.median(values) for name, values in seconds.items()}
     unet = unet_seconds(pipe, n, size, repeats)
     stp = traces["guarded stp"][0]
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp16", action="store_true", help="float16 weights (GPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--batch", type=int, default=4, help="N images")
-    ap.add_argument("--size", type=int, default=256, help="image side in pixels (latents: size / 8)")
+    ap.add_argument("--size", type=int, default=128, help="image side in pixels (latents: size / 8)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--transition-t", type=int, default=500, help="stp's τ")
     ap.add_argument("--repeats", type=int, default=3)
