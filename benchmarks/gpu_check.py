@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="an exported ONNX folder (default: the shipped model)")
     ap.add_argument("--skip-shipped", action="store_true")
     ap.add_argument("--skip-sd", action="store_true")
+    ap.add_argument("--skip-diffusers", action="store_true", help="skip the diffusers adapter section")
     ap.add_argument("--budget-s", type=float, default=450, help="stop starting sections after this many seconds")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "basinguard-gpu-check")
     ap.add_argument("--json", type=Path, default=Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
@@ -557,6 +558,15 @@ def main(argv: list[str] | None = None) -> int:
                 r.say(f"  FAIL SD UNet section: {exc}\n{traceback.format_exc(limit=4)}")
                 rc = 1
             r.save()
+    if args.device == "cuda" and not args.skip_diffusers and env["can_torch"]:  # benchmarks/gpu_check_diffusers.py
+        try:
+            from gpu_check_diffusers import diffusers_section
+
+            r.data["sections"]["diffusers"] = diffusers_section(r, args.device, args.tiny)
+        except Exception as exc:
+            r.say(f"  FAIL diffusers adapter section: {exc}\n{traceback.format_exc(limit=4)}")
+            rc = 1
+        r.save()
     failed = [c["what"] for c in r.data["checks"] if not c["ok"]]
     r.say(f"== done in {time.perf_counter() - r.start:.0f} s: {len(r.data['checks']) - len(failed)}/{len(r.data['checks'])} "
           f"checks passed, {len(r.data['skipped'])} skipped" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
