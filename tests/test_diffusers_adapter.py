@@ -200,6 +200,37 @@ def test_stp_runs_the_unet_at_batch_n_before_tau(sd_pipe, xl_pipe, family):
     assert [v is None for v in trace["gap"]] == [t > 500 for t in trace["timesteps"]]
 
 
+@pytest.mark.parametrize("name", ["cfg", "dtp", "auto"])
+def test_an_end_of_guidance_matches_basinguard_generate_with_one_row_per_image(sd_pipe, sd_ours, name):
+    """guidance_end_t: past it each image takes ε_p alone, one UNet row; before, its policy (auto: stp for the
+    flagged images, whose rows before τ are ε_∅ alone, CFG's two for the others); as the runtime does."""
+    prompts, lat = sd_case()
+    fields = {"guidance_end_t": 300}
+    if name == "auto":
+        threshold = auto_threshold(sd_ours, prompts, lat, SamplingConfig(
+            steps=SD_STEPS, scheduler="ddim", height=SD_SIZE, width=SD_SIZE, policy=PolicyConfig("cfg")))
+        fields |= {"detect_threshold": threshold, "mitigation": "stp", "transition_t": 500}
+    config = PolicyConfig(name, guidance_scale=7.5, **fields)
+    gens = sd_ours.generate(prompts, SamplingConfig(steps=SD_STEPS, scheduler="ddim", height=SD_SIZE, width=SD_SIZE,
+                                                    policy=config), latents=lat)
+    rows, handle = count_unet_rows(sd_pipe)
+    try:
+        out = guard(sd_pipe, name, guidance_scale=7.5, **fields)(
+            prompts, latents=torch.from_numpy(lat), num_inference_steps=SD_STEPS, height=SD_SIZE, width=SD_SIZE,
+            output_type="np")
+    finally:
+        handle.remove()
+    assert_same_as_runtime(out, gens, SD_STEPS)
+    n, timesteps = len(prompts), out.traces[0]["timesteps"]
+    ended = [t <= 300 for t in timesteps]
+    assert any(ended) and [r for r, e in zip(rows, ended) if e] == [n] * sum(ended)
+    if name == "auto":  # before τ a flagged image runs one row, a clean one two
+        flagged = sum(t["detection_score"] > threshold for t in out.traces)
+        assert 0 < flagged < n
+        assert [r for r, t in zip(rows[1:], timesteps[1:]) if t > 500] == [2 * n - flagged] * sum(
+            t > 500 for t in timesteps[1:])
+
+
 def test_a_users_callback_on_step_end_still_runs_and_can_change_latents(sd_pipe):
     prompts, lat = sd_case()
     seen: list[tuple[int, float, tuple]] = []
