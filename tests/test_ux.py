@@ -255,6 +255,19 @@ def test_known_library_noise_is_silenced_and_the_rest_passes():
 # ------------------------------------------------------------------------------------------------- export
 
 
+def test_an_export_into_a_relative_path_is_not_taken_for_a_second_one(tmp_path, monkeypatch):
+    """OUT given relative to the working folder: the export's own lock (named absolutely) is not another export's."""
+    pytest.importorskip("torch")
+    from basinguard.export.onnx_export import _prepare_out
+
+    monkeypatch.chdir(tmp_path)
+    work, lock = _prepare_out(Path("build") / "out")
+    try:
+        assert work.is_dir() and work.parent == (tmp_path / "build").resolve()
+    finally:
+        os.close(lock)
+
+
 def test_a_second_export_into_one_folder_is_refused_at_its_start(tiny_sd_pipeline_dir, tmp_path):
     """The second did the whole export, then failed with "Directory not empty". Also: the export's stderr carries
     no library noise dressed as ours (torch's autocast warning, printed twice per export)."""

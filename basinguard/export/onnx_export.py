@@ -163,7 +163,8 @@ def _load_models(folder: Path) -> TorchModels:
 def _running_export(out: Path, besides: Path | None = None) -> bool:
     """Whether another export into `out` holds its lock (`.NAME.partial-XXXX.lock`, see `_prepare_out`). Two that
     start at the same moment may both see the other and stop; never may both go on."""
-    return any(lock != besides and lock_held(lock) for lock in out.parent.glob(f".{out.name}.partial-*.lock"))
+    mine = None if besides is None else besides.resolve()  # mkstemp names it absolutely, glob as OUT was given
+    return any(lock.resolve() != mine and lock_held(lock) for lock in out.parent.glob(f".{out.name}.partial-*.lock"))
 
 
 def _prepare_out(out: Path) -> tuple[Path, int]:
