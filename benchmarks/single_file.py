@@ -9,9 +9,10 @@ diffusers' key mapping; basinguard itself has none), and two random rank-16 LoRA
 the UNet and the text encoder: one in diffusers/PEFT naming, one in kohya's (alpha 8).
 
 export: `basinguard export sd15.safetensors OUT --lora peft.safetensors:0.8 --lora kohya.safetensors:0.5` (the
-shipped SD 1.5 configs, fp32, validated) in a fresh process at `--threads`, its wall time and peak RSS (wait4's
-ru_maxrss) appended to `--results` (default benchmarks/results/single_file.json) with the date, versions and
-machine. Run it alone (`flock /tmp/basinguard-fullsize.lock ...`): it takes a few GiB and minutes.
+shipped SD 1.5 configs, fp32, validated), then `basinguard export` of the diffusers folder the file was written
+from, each in a fresh process at `--threads`: wall times, their ratio and peak RSS (wait4's ru_maxrss) appended to
+`--results` (default benchmarks/results/single_file.json) with the date, versions and machine. Run it alone
+(under the full-size lock): it takes a few GiB and minutes.
 """
 
 from __future__ import annotations
@@ -67,16 +68,23 @@ def build_files(work: Path, threads: int) -> None:
 
 
 def export(work: Path, threads: int, results: Path) -> None:
+    """The single file with both LoRAs, then the diffusers folder it was written from (same weights, no LoRA), one
+    after the other in the same conditions: the ratio of the two is the result on a loaded machine."""
     paths = _paths(work)
-    shutil.rmtree(paths["out"], ignore_errors=True)
-    command = [*_basinguard(), "export", str(paths["checkpoint"]), str(paths["out"])]
+    single = [*_basinguard(), "export", str(paths["checkpoint"]), str(paths["out"])]
     for name, weight in LORAS:
-        command += ["--lora", f"{paths[name]}:{weight}"]
-    run = run_measured(command, _threads_env(threads), work / "single-file/export.log")
-    print(run)
+        single += ["--lora", f"{paths[name]}:{weight}"]
+    folder = [*_basinguard(), "export", str(paths["pipeline"]), str(paths["out"])]
+    runs = {}
+    for label, command in (("single_file_2_loras", single), ("diffusers_folder", folder)):
+        shutil.rmtree(paths["out"], ignore_errors=True)
+        runs[label] = run_measured(command, _threads_env(threads), work / f"single-file/export-{label}.log")
+        print(label, runs[label])
+    shutil.rmtree(paths["out"], ignore_errors=True)
+    ratio = round(runs["single_file_2_loras"]["wall_s"] / runs["diffusers_folder"]["wall_s"], 2)
     append_record(results, {"section": "single_file_export", "model": "sd15 single file (float16 on disk) + 2 LoRAs",
                              "threads": threads, "checkpoint_gib": round(paths["checkpoint"].stat().st_size / 2**30, 2),
-                             **run})
+                             "runs": runs, "wall_ratio_single_over_folder": ratio})
 
 
 def main() -> None:

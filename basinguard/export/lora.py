@@ -10,7 +10,8 @@ adapters are unloaded, leaving the fused weights in plain modules that export as
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,12 @@ def check_lora_file(spec: LoraSpec) -> None:
                           ".safetensors files only")
 
 
-def _file_modules(pipe: Any, spec: LoraSpec) -> dict[str, set[str]]:
-    """The LoRA modules a file holds, per component, as diffusers' converter names them."""
+def lora_modules(pipeline_cls: Any, spec: LoraSpec, has_text_encoder_2: bool) -> dict[str, set[str]]:
+    """The LoRA modules a file holds, per component, as diffusers' converter (the pipeline class's
+    `lora_state_dict`) names them; a file for SDXL's second text encoder on a model without one is refused here,
+    before any model loads."""
     try:
-        state, _ = pipe.lora_state_dict(str(spec.path))
+        state, _ = pipeline_cls.lora_state_dict(str(spec.path))
     except Exception as exc:  # not a LoRA, an unknown naming, a corrupt file
         raise ExportError(f"--lora {spec.path} is not a LoRA diffusers can read: {first_line(exc)}") from None
     modules: dict[str, set[str]] = {}
@@ -69,7 +72,28 @@ def _file_modules(pipe: Any, spec: LoraSpec) -> dict[str, set[str]]:
     if not modules:
         raise ExportError(f"--lora {spec.path} holds no LoRA modules diffusers recognises "
                           f"({len(state)} tensors, e.g. {next(iter(state), 'none')})")
+    if "text_encoder_2" in modules and not has_text_encoder_2:
+        raise ExportError(f"--lora {spec.path} has text_encoder_2 layers (an SDXL LoRA) but the model is SD 1.x/2.x")
     return modules
+
+
+@contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _telling_line(exc: BaseException) -> str:
+    """torch's load_state_dict heads its message "Error(s) in loading state_dict for X:"; the first size mismatch
+    below it says what does not fit."""
+    mismatch = next((line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch")), None)
+    return mismatch or first_line(exc)
 
 
 def _loaded_modules(model: Any, adapter: str) -> int:
@@ -89,16 +113,13 @@ def fuse_loras(pipe: Any, loras: list[LoraSpec], log: Callable[[str], object]) -
     adapters, found = [], []
     for k, spec in enumerate(loras):
         adapter = f"basinguard_lora_{k}"
-        expected = _file_modules(pipe, spec)
-        parts = [p for p in ("text_encoder_2",) if p in expected and getattr(pipe, p, None) is None]
-        if parts:
-            raise ExportError(f"--lora {spec.path} has {parts[0]} layers (an SDXL LoRA) but the model has no "
-                              f"{parts[0]}")
+        expected = lora_modules(type(pipe), spec, getattr(pipe, "text_encoder_2", None) is not None)
         try:
-            pipe.load_lora_weights(str(spec.path), adapter_name=adapter)
+            with _diffusers_quiet():  # its warnings and errors about keys: the check below says it in one line
+                pipe.load_lora_weights(str(spec.path), adapter_name=adapter)
         except Exception as exc:  # shapes that differ, target modules the model lacks
             raise ExportError(f"--lora {spec.path} does not fit this model (a LoRA for another family or size?): "
-                              f"{first_line(exc)}") from None
+                              f"{_telling_line(exc)}") from None
         for part, names in expected.items():
             landed = _loaded_modules(getattr(pipe, part), adapter)
             if landed != len(names):

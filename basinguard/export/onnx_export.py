@@ -25,10 +25,10 @@ from typing import Any
 from basinguard.export.errors import ExportError, first_line
 from basinguard.export.graphs import GraphSpec, TorchModels, build_specs, pin_static_dims, trace_to_onnx
 from basinguard.export.graphs import unet_size_multiple as _unet_size_multiple
-from basinguard.export.lora import LoraSpec, check_lora_file, parse_lora
+from basinguard.export.lora import LoraSpec, check_lora_file, lora_modules, parse_lora
 from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
-from basinguard.export.single_file import PREDICTION_TYPES, prepare_single_file
+from basinguard.export.single_file import PREDICTION_TYPES, pipeline_class, prepare_single_file
 from basinguard.export.sources import Extras, assemble, check_vae_source, copy_configs, sources_record
 from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
 from basinguard.files import lock_held
@@ -430,6 +430,9 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
                     scheduler = configs / "scheduler/scheduler_config.json"
                     scheduler.write_text(json.dumps({**read_json(scheduler), "prediction_type": prediction_type},
                                                     indent=2) + "\n", encoding="utf-8")
+        xl = index.get("text_encoder_2", [None, None])[-1] is not None
+        for spec in extras.loras:  # readable, and for this family's parts, before the model loads
+            lora_modules(pipeline_class("sdxl" if xl else "sd1"), spec, xl)
         problem = scheduler_problem(configs)
         if problem:
             log(f"warning: {problem}")

@@ -313,12 +313,19 @@ def load_single_file(source: SingleFileSource, components: Mapping[str, Any],
     extra: dict[str, Any] = {}
     if source.family == "sd1" or source.family == "sd2":
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    from diffusers.utils import logging as diffusers_logging
+
+    bar = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # a bar per part on stderr, between the export's own lines
     try:  # a pickle is unpickled weights-only by from_single_file too
         pipe = cls.from_single_file(str(source.info.path), config=str(source.config_folder), local_files_only=True,
                                     torch_dtype=torch.float32, **extra, **components)
     except Exception as exc:  # shapes that do not fit, missing tensors, a corrupt file
         raise ExportError(f"cannot load {source.info.path} with diffusers' from_single_file: {first_line(exc)}") \
             from None
+    finally:
+        if bar:
+            diffusers_logging.enable_progress_bar()
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, part, None)
         if module is None:
