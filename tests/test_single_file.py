@@ -429,3 +429,37 @@ def test_lora_argument_parsing(tmp_path: Path) -> None:
     assert parse_lora("c:/x/a.safetensors").path == Path("c:/x/a.safetensors")  # no number after ':': all path
     with pytest.raises(ExportError, match="finite"):
         parse_lora("a.safetensors:nan")
+
+
+@pytest.mark.parametrize(("family", "prediction", "name"), [("sd1", None, "sd15"), ("sd2", "epsilon", "sd21-base"),
+                                                            ("sd2", "v_prediction", "sd21-768v"), ("sdxl", None, "sdxl")])
+def test_shipped_configs_are_a_diffusers_folder_read_offline(family: str, prediction: str | None, name: str,
+                                                             tmp_path: Path) -> None:
+    """What a checkpoint is configured from without --config: the published config, as diffusers reads it."""
+    import importlib.util
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from basinguard.export.configs import CLIP_BPE, published_config, write_config_folder
+    from basinguard.export.single_file import shipped_config_name
+
+    assert shipped_config_name(family, prediction, tmp_path / "x.safetensors") == name
+    folder = write_config_folder(name, tmp_path / name, prediction)
+    published = published_config(name)
+    unet = UNet2DConditionModel.load_config(folder / "unet")
+    assert all(unet[k] == (list(v) if isinstance(v, tuple) else v) for k, v in published["unet"].items())
+    assert AutoencoderKL.load_config(folder / "vae")["scaling_factor"] == published["vae"]["scaling_factor"]
+    text = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+    assert text.hidden_size == published["text_encoder"]["hidden_size"]
+    scheduler = json.loads((folder / "scheduler/scheduler_config.json").read_text())
+    assert scheduler.get("prediction_type", "epsilon") == (prediction or published["scheduler"].get("prediction_type",
+                                                                                                     "epsilon"))
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    # CLIP's own ids: <|startoftext|> a photo of an astronaut <|endoftext|>
+    assert tokenizer("a photo of an astronaut").input_ids == [49406, 320, 1125, 539, 550, 18376, 49407]
+    assert len(tokenizer) == 49408
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:  # the shipped BPE file is open_clip's, byte for byte
+        theirs = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+        assert CLIP_BPE.read_bytes() == theirs.read_bytes()
