@@ -28,8 +28,8 @@ from basinguard.export.graphs import unet_size_multiple as _unet_size_multiple
 from basinguard.export.lora import LoraSpec, check_lora_file, lora_modules, parse_lora
 from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
-from basinguard.export.single_file import PREDICTION_TYPES, pipeline_class, prepare_single_file
-from basinguard.export.sources import Extras, assemble, check_vae_source, copy_configs, sources_record
+from basinguard.export.single_file import PREDICTION_TYPES, copy_configs, pipeline_class, prepare_single_file
+from basinguard.export.sources import Extras, assemble, check_vae_source, sources_record
 from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
 from basinguard.files import lock_held
 from basinguard.runtime.model_folder import read_json

@@ -54,10 +54,7 @@ class CheckpointInfo:
         for name, shape in self.shapes.items():
             part = next((p for p, heads in PART_PREFIXES.items() if name.startswith(heads)), None)
             if part is not None:
-                count = 1
-                for dim in shape:
-                    count *= dim
-                counts[part] = counts.get(part, 0) + count
+                counts[part] = counts.get(part, 0) + _count(shape)
         return counts
 
 
@@ -241,6 +238,18 @@ class SingleFileSource:
     prediction_type: str
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5",
+                   "*.index.json")
+
+
+def copy_configs(src: Path, dest: Path) -> Path:
+    """A diffusers folder's configs, tokenizers and scheduler, without its weights (gigabytes, and not read)."""
+    import shutil
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(*WEIGHT_PATTERNS))
+    return dest
+
+
 def _config_index(folder: Path, family: str) -> dict[str, Any]:
     from basinguard.runtime.model_folder import read_json
 
@@ -259,8 +268,6 @@ def prepare_single_file(path: Path, work: Path, *, config: Path | None, predicti
                         allow_pickle: bool) -> SingleFileSource:
     """Inspect `path`, find its family and the configs it loads with (written into `work` when shipped ones are
     used, or `config` with the scheduler's prediction type overridden in a copy), and check they fit."""
-    import shutil
-
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ExportError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     info = inspect_checkpoint(path, allow_pickle)
@@ -277,11 +284,7 @@ def prepare_single_file(path: Path, work: Path, *, config: Path | None, predicti
         if is_xl != (family == "sdxl"):
             what = "an SDXL" if is_xl else "an SD 1.x/2.x"
             raise ExportError(f"--config {config} is {what} pipeline but {path} is an {FAMILIES[family]} checkpoint")
-        folder, origin = work / "config", str(config)
-        # Configs, tokenizers and scheduler only: a diffusers folder's weights are gigabytes and not read.
-        shutil.copytree(config, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt", "*.pt",
-                                                                          "*.pth", "*.onnx", "*.onnx_data", "*.msgpack",
-                                                                          "*.h5", "*.index.json"))
+        folder, origin = copy_configs(config, work / "config"), str(config)
         if prediction_type is not None:
             scheduler = folder / "scheduler/scheduler_config.json"
             settings = json.loads(scheduler.read_text(encoding="utf-8"))

@@ -6,7 +6,6 @@ went in is recorded (file names, SHA-256, weights) for basinguard.json's `source
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +15,6 @@ from basinguard.export.errors import ExportError, first_line
 from basinguard.export.lora import LoraSpec, fuse_loras
 from basinguard.export.single_file import PICKLE_SUFFIXES, SingleFileSource, load_single_file, pipeline_class
 from basinguard.files import digest_memo, file_digests
-
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5",
-                   "*.index.json")
-
-
-def copy_configs(src: Path, dest: Path) -> Path:
-    """A diffusers folder's configs, tokenizers and scheduler, without its weights (gigabytes, and not read)."""
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(*WEIGHT_PATTERNS))
-    return dest
 
 
 def sha256(path: Path) -> str:
