@@ -263,10 +263,17 @@ def test_vae_replaced_from_a_folder_and_from_a_file(sd_files: dict, tmp_path: Pa
 
 
 def test_lora_on_a_diffusers_folder_export(sd_files: dict, tmp_path: Path) -> None:
-    """--lora works on the folder way in too, and equals diffusers' folder pipeline with the LoRA fused."""
+    """--lora (and --prediction-type) work on the folder way in too: equal to diffusers' folder pipeline with the
+    LoRA fused (and its scheduler predicting v)."""
     out = tmp_path / "out"
-    export_pipeline(sd_files["config"], out, loras=[f"{sd_files['peft']}:0.9"], log=_quiet)
+    export_pipeline(sd_files["config"], out, loras=[f"{sd_files['peft']}:0.9"], prediction_type="v_prediction",
+                    log=_quiet)
+    assert json.loads((out / "scheduler/scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    assert "prediction_type" not in json.loads((sd_files["config"] / "scheduler/scheduler_config.json").read_text()) \
+        or json.loads((sd_files["config"] / "scheduler/scheduler_config.json").read_text())["prediction_type"] \
+        == "epsilon"  # the source folder is not changed
     pipe = _load_folder(sd_files["config"], False)
+    pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "prediction_type": "v_prediction"})
     pipe.load_lora_weights(str(sd_files["peft"]))
     pipe.fuse_lora(lora_scale=0.9)
     pipe.set_progress_bar_config(disable=True)
