@@ -10,7 +10,7 @@ the UNet and the text encoder: one in diffusers/PEFT naming, one in kohya's (alp
 
 export: `basinguard export sd15.safetensors OUT --lora peft.safetensors:0.8 --lora kohya.safetensors:0.5` (the
 shipped SD 1.5 configs, fp32, validated), then `basinguard export` of the diffusers folder the file was written
-from, each in a fresh process at `--threads`: wall times, their ratio and peak RSS (wait4's ru_maxrss) appended to
+from (`--folder-first`: in the other order), each in a fresh process at `--threads`: wall times, their ratio and peak RSS (wait4's ru_maxrss) appended to
 `--results` (default benchmarks/results/single_file.json) with the date, versions and machine. Run it alone
 (under the full-size lock): it takes a few GiB and minutes.
 """
@@ -67,7 +67,7 @@ def build_files(work: Path, threads: int) -> None:
     print(f"wrote {paths['checkpoint']} ({paths['checkpoint'].stat().st_size / 2**30:.2f} GiB) and two LoRAs")
 
 
-def export(work: Path, threads: int, results: Path) -> None:
+def export(work: Path, threads: int, results: Path, folder_first: bool = False) -> None:
     """The single file with both LoRAs, then the diffusers folder it was written from (same weights, no LoRA), one
     after the other in the same conditions: the ratio of the two is the result on a loaded machine."""
     paths = _paths(work)
@@ -76,7 +76,8 @@ def export(work: Path, threads: int, results: Path) -> None:
         single += ["--lora", f"{paths[name]}:{weight}"]
     folder = [*_basinguard(), "export", str(paths["pipeline"]), str(paths["out"])]
     runs = {}
-    for label, command in (("single_file_2_loras", single), ("diffusers_folder", folder)):
+    order = [("single_file_2_loras", single), ("diffusers_folder", folder)]
+    for label, command in order[::-1] if folder_first else order:
         shutil.rmtree(paths["out"], ignore_errors=True)
         runs[label] = run_measured(command, _threads_env(threads), work / f"single-file/export-{label}.log")
         print(label, runs[label])
@@ -84,7 +85,7 @@ def export(work: Path, threads: int, results: Path) -> None:
     ratio = round(runs["single_file_2_loras"]["wall_s"] / runs["diffusers_folder"]["wall_s"], 2)
     append_record(results, {"section": "single_file_export", "model": "sd15 single file (float16 on disk) + 2 LoRAs",
                              "threads": threads, "checkpoint_gib": round(paths["checkpoint"].stat().st_size / 2**30, 2),
-                             "runs": runs, "wall_ratio_single_over_folder": ratio})
+                             "order": list(runs), "runs": runs, "wall_ratio_single_over_folder": ratio})
 
 
 def main() -> None:
@@ -93,11 +94,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/work/fullsize"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--folder-first", action="store_true", help="export: the folder first (drift check)")
     args = parser.parse_args()
     if args.section == "build":
         build_files(args.work, args.threads)
     else:
-        export(args.work, args.threads, args.results)
+        export(args.work, args.threads, args.results, args.folder_first)
 
 
 if __name__ == "__main__":
