@@ -357,7 +357,7 @@ def _one_line_error(args: list[str], capsys) -> str:  # noqa: ANN001
 
 
 def test_bad_checkpoints_are_one_line_and_leave_nothing(sd_files: dict, tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     out = tmp_path / "out"
     truncated = tmp_path / "truncated.safetensors"
@@ -382,6 +382,11 @@ def test_bad_checkpoints_are_one_line_and_leave_nothing(sd_files: dict, tmp_path
     unet_only = tmp_path / "unet_only.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}, str(unet_only))
     assert "no text encoder basinguard knows" in _one_line_error(["export", str(unet_only), str(out)], capsys)
+    no_vae = tmp_path / "no_vae.safetensors"
+    save_file({k: v for k, v in load_file(str(sd_files["ckpt"])).items() if not k.startswith("first_stage_model.")},
+              str(no_vae))
+    line = _one_line_error(["export", str(no_vae), str(out), "--config", str(sd_files["config"])], capsys)
+    assert "has no VAE" in line and "--vae" in line
     # the tiny model against the shipped SD 1.5 configs: nothing shipped fits, --config is asked for
     line = _one_line_error(["export", str(sd_files["ckpt"]), str(out)], capsys)
     assert "does not fit the sd15" in line and "pass --config" in line and "32 channels, the config 320" in line

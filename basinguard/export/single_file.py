@@ -310,14 +310,16 @@ def load_single_file(source: SingleFileSource, components: Mapping[str, Any],
     """The diffusers pipeline `from_single_file` makes of the checkpoint with `source.config_folder`'s configs,
     offline and in float32; `components` (e.g. a replacement VAE) are used as given, not read from the file."""
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
+    if "vae" not in components and not any(name.startswith(VAE_PREFIX) for name in source.info.shapes):
+        raise ExportError(f"{source.info.path} has no VAE ({VAE_PREFIX}* tensors); pass --vae FILE_OR_FOLDER with "
+                          "the VAE it was trained with")
     cls = pipeline_class(source.family)
     log(f"loading {source.info.path.name} ({FAMILIES[source.family]}, configs: {source.config_origin})")
     extra: dict[str, Any] = {}
-    if source.family == "sd1" or source.family == "sd2":
+    if source.family != "sdxl":
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    from diffusers.utils import logging as diffusers_logging
-
     bar = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # a bar per part on stderr, between the export's own lines
     try:  # a pickle is unpickled weights-only by from_single_file too
@@ -335,6 +337,6 @@ def load_single_file(source: SingleFileSource, components: Mapping[str, Any],
             continue
         empty = [name for name, p in module.named_parameters() if p.device.type == "meta"]
         if empty:
-            raise ExportError(f"{source.info.path} lacks {len(empty)} of {part}'s tensors (e.g. {empty[0]}); is it "
-                              "complete, and the family's checkpoint?")
+            raise ExportError(f"{source.info.path} lacks {len(empty)} of {part}'s tensors (e.g. {empty[0]}): a pruned "
+                              "or damaged checkpoint, or configs of another model")
     return pipe
