@@ -8,9 +8,9 @@
     python benchmarks/full_size.py policies --model sd21-768v [--steps 4]      # whole generations: cfg, stp, dtp
     python benchmarks/full_size.py all    --model sd21-768v                    # export .. policies in order
 
-Pipelines are built from the published configs in `full_size_configs.json` (beside this script) with random
-weights (the classes' own initialisation, seed 0), CLIP's real BPE vocabulary (open_clip_torch's
-bpe_simple_vocab_16e6.txt.gz, the file CLIP's vocab.json/merges.txt were made from), and no download.
+Pipelines are built from the published configs basinguard ships (basinguard/export/configs/published.json) with
+random weights (the classes' own initialisation, seed 0), CLIP's real BPE vocabulary (bpe_simple_vocab_16e6.txt.gz
+beside it, the file CLIP's vocab.json/merges.txt were made from), and no download.
 
 Every section runs its models in a fresh subprocess, one model at a time, at `--threads` (default 2: torch
 set_num_threads, ONNX Runtime intra_op_num_threads, one inter-op thread), and appends its result to
@@ -40,7 +40,6 @@ Too slow and too big for CI (minutes and gigabytes per model); CI keeps the tiny
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -53,7 +52,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = Path(__file__).with_name("full_size_configs.json")
+sys.path.insert(0, str(ROOT))  # basinguard from this checkout
+from basinguard.export.configs import PUBLISHED as CONFIGS  # noqa: E402
+from basinguard.export.configs import clip_vocab  # noqa: E402
+
 DEFAULT_RESULTS = ROOT / "benchmarks/results/full_size.json"
 DEFAULT_WORK = ROOT / "build" / "fullsize"  # inside the checkout (build/ is git-ignored), not a path of one machine
 MODELS = ("sd15", "sd21-768v", "sdxl")
@@ -62,28 +64,6 @@ GOALS = {"unet_vs_torch": 1.5, "unet_vs_optimum": 1.1, "dtp_over_cfg": 1.01, "st
 
 
 # ------------------------------------------------------------------------------------------------ build
-
-
-def clip_vocab(folder: Path) -> tuple[Path, Path]:
-    """vocab.json + merges.txt made from open_clip's BPE file as CLIP's tokenizer files were: 256 byte symbols,
-    the same with "</w>", the first 48,894 merges, then <|startoftext|> and <|endoftext|> (49,408 tokens)."""
-    from importlib.util import find_spec
-
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    spec = find_spec("open_clip")  # located, not imported: open_clip's import needs torchvision
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("needs open_clip_torch for CLIP's BPE vocabulary: pip install open_clip_torch")
-    bpe = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1: 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges_file = folder / "vocab.json", folder / "merges.txt"
-    vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return vocab, merges_file
 
 
 def _save(module: Any, dest: Path) -> None:

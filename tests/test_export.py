@@ -185,10 +185,11 @@ def test_pickle_only_component_is_refused(tiny_sd_pipeline_dir: Path, tmp_path: 
     assert not (tmp_path / "out").exists()
 
 
-def test_single_file_checkpoint_is_refused(tmp_path: Path) -> None:
+def test_pickled_single_file_checkpoint_is_refused(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not loaded")
-    with pytest.raises(ExportError, match=r"model\.ckpt is a pickle checkpoint, which is not loaded"):
+    with pytest.raises(ExportError, match=r"model\.ckpt is a pickle checkpoint, which can run code when loaded; "
+                                          r"pass --allow-pickle"):
         export_pipeline(ckpt, tmp_path / "out", log=_quiet)
 
 

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_flags(g)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("export", help="diffusers pipeline folder → ONNX model folder")
-    e.add_argument("src")
+    e = sub.add_parser("export", help="diffusers pipeline folder or single-file checkpoint → ONNX model folder")
+    e.add_argument("src", help="a diffusers pipeline folder, or an SD 1.x/2.x/SDXL .safetensors checkpoint")
     e.add_argument("out")
     e.add_argument("--fp16", action="store_true", help="fp16 text encoder and UNet (for GPU); VAE stays fp32")
     e.add_argument("--opset", type=int, default=17)
@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tensorrt", action="store_true", help="then build TensorRT plans (build-engines' defaults)")
     e.add_argument("--no-memory-check", action="store_true",
                    help="export even where the estimated peak memory exceeds what is available")
+    e.add_argument("--config", metavar="DIFFUSERS_FOLDER",
+                   help="single file: the model's configs, tokenizers and scheduler (default: the published ones)")
+    e.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="what the UNet predicts, where the checkpoint cannot tell (SD 2.x)")
+    e.add_argument("--allow-pickle", action="store_true",
+                   help="load a pickled .ckpt single file (tensors only, by torch's weights-only unpickler)")
+    e.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="fuse a LoRA (.safetensors, kohya or diffusers/PEFT) at WEIGHT (default 1); repeatable")
+    e.add_argument("--vae", metavar="FILE_OR_FOLDER", help="replace the VAE (.safetensors file or diffusers folder)")
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("build-engines", help="TensorRT plans for an exported ONNX folder (for --provider tensorrt)")

@@ -29,7 +29,9 @@ def cmd_export(args: argparse.Namespace) -> None:
             raise BasinguardError(f"--tensorrt: {problem}")
     try:
         export_pipeline(args.src, Path(args.out), fp16=args.fp16, opset=args.opset, atol=args.atol,
-                        check_memory=not args.no_memory_check)
+                        check_memory=not args.no_memory_check, config=args.config,
+                        prediction_type=args.prediction_type, allow_pickle=args.allow_pickle, loras=args.lora or (),
+                        vae=args.vae)
     except ExportError as exc:
         raise BasinguardError(str(exc)) from None
     if getattr(args, "tensorrt", False):

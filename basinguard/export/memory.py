@@ -11,12 +11,18 @@ The factors round up what was measured here (benchmarks/full_size.py export, pea
 threads): SD 2.1-768-v (1.29 B parameters) peaked at 7.3 GiB, estimated 7.5; SD 1.5 (1.07 B) at 4.7 GiB,
 estimated 7.4. Part of what the factors cover is activations while tracing at the native size (the UNet's
 attention at 96x96 latents), so they overestimate smaller-latent models, as SD 1.5 shows.
+
+A single-file checkpoint is estimated the same way from its parts' parameter counts (read from its safetensors
+header): diffusers' `from_single_file` reads the file through a memory map, so the checkpoint's own tensors are
+page cache the kernel can drop, not memory the export holds, and the float32 modules it builds are the ones the
+folder export loads too. LoRAs fused in are small beside them.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +86,13 @@ class Estimate:
         return f"{parts} parameters, {self.dtype} export; peak while exporting the {self.phase}"
 
 
-def estimate_export(folder: Path, fp16: bool) -> Estimate:
-    """The export's peak memory from the parameter counts of `folder`'s components (see the module's docstring)."""
-    counts = {name: parameter_count(folder / name) for name in ORDER if (folder / name).is_dir()}
+def estimate_export(source: Path | Mapping[str, int], fp16: bool) -> Estimate:
+    """The export's peak memory from the parameter counts of a diffusers folder's components, or of a single-file
+    checkpoint's parts (`single_file.CheckpointInfo.part_parameters`; see the module's docstring)."""
+    if isinstance(source, Mapping):
+        counts = {name: int(source[name]) for name in ORDER if name in source}
+    else:
+        counts = {name: parameter_count(source / name) for name in ORDER if (source / name).is_dir()}
     dtype = "float16" if fp16 else "float32"
     peak, phase = 0, ""
     for k, name in enumerate(counts):
@@ -166,7 +176,8 @@ def available_memory() -> tuple[int, str] | None:
     return min(found) if found else None
 
 
-def check_export_memory(folder: Path, fp16: bool, available: tuple[int, str] | None = None) -> Estimate:
+def check_export_memory(folder: Path | Mapping[str, int], fp16: bool, available: tuple[int, str] | None = None
+                        ) -> Estimate:
     """Raise ExportError, before anything loads, when the export's estimated peak exceeds the memory available."""
     estimate = estimate_export(folder, fp16)
     available = available if available is not None else available_memory()

@@ -16,16 +16,20 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from basinguard.export.errors import ExportError, first_line
 from basinguard.export.graphs import GraphSpec, TorchModels, build_specs, pin_static_dims, trace_to_onnx
 from basinguard.export.graphs import unet_size_multiple as _unet_size_multiple
+from basinguard.export.lora import LoraSpec, check_lora_file, lora_modules, parse_lora
 from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
+from basinguard.export.single_file import PREDICTION_TYPES, copy_configs, pipeline_class, prepare_single_file
+from basinguard.export.sources import Extras, assemble, check_vae_source, sources_record
 from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
 from basinguard.files import lock_held
 from basinguard.model_format import read_json
@@ -47,12 +51,10 @@ _CONVERT_HINT = ("convert it in a trusted environment, e.g. `StableDiffusionPipe
 
 
 def _resolve_source(src: str | Path, log: Callable[[str], object]) -> Path:
-    """A local pipeline folder; a hub id is downloaded (safetensors only) into the Hugging Face cache."""
+    """A local pipeline folder or single-file checkpoint; a hub id is downloaded (safetensors only) into the Hugging
+    Face cache."""
     path = Path(src).expanduser()
-    if path.is_file():
-        kind = "a pickle checkpoint, which is not loaded" if path.suffix in PICKLE_SUFFIXES else "a single file"
-        raise ExportError(f"{path} is {kind}; export needs a diffusers pipeline folder: {_CONVERT_HINT}")
-    if path.is_dir():
+    if path.is_file() or path.is_dir():
         return path
     text = str(src)
     if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
@@ -137,7 +139,7 @@ def _variant(component: Path) -> str | None:
     return "fp16" if names and all(".fp16." in n for n in names) else None
 
 
-def _load_models(folder: Path) -> TorchModels:
+def _load_models(folder: Path) -> dict[str, Any]:
     """float32 torch modules, safetensors only (diffusers/transformers refuse pickle with use_safetensors=True)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -155,6 +157,10 @@ def _load_models(folder: Path) -> TorchModels:
             loaded[name] = model.float().eval()  # fp16-variant weights load as saved; export from float32
         except Exception as exc:  # corrupt weights, config mismatches
             raise ExportError(f"cannot load {folder / name}: {first_line(exc)}") from None
+    return loaded
+
+
+def _torch_models(loaded: dict[str, Any], folder: Path) -> TorchModels:
     steps = read_json(folder / "scheduler/scheduler_config.json").get("num_train_timesteps", 1000)
     return TorchModels(loaded["text_encoder"], loaded["unet"], loaded["vae"], folder, int(steps),
                        loaded.get("text_encoder_2"))
@@ -342,10 +348,16 @@ def _check_lengths(tokenizers: dict[str, dict], models: TorchModels) -> None:
                               f"(max_position_embeddings); fix {name}/tokenizer_config.json's model_max_length")
 
 
-def _build(folder: Path, tmp: Path, opts: _Options) -> dict:
-    """Write everything but the manifest into `tmp`; returns the manifest's export part."""
-    tokenizers = _copy_static(folder, tmp, opts.validate, opts.log)
-    models = _load_models(folder)
+def _build(folder: Path, tmp: Path, opts: _Options, extras: Extras, configs: Path) -> dict:
+    """Write everything but the manifest into `tmp`; returns the manifest's export part. `folder` is the diffusers
+    source, `configs` where the configs, tokenizers and scheduler are copied from (`folder` itself, or a copy of
+    its configs changed for a single file, a --vae or a --prediction-type)."""
+    tokenizers = _copy_static(configs, tmp, opts.validate, opts.log)
+    loaded = {} if extras.single is not None else _load_models(folder)
+    if extras.any:
+        loaded = assemble(loaded, configs, extras, opts.log)
+    models = _torch_models(loaded, configs)
+    del loaded
     _check_lengths(tokenizers, models)
     family, size_multiple = models.family, _unet_size_multiple(models.unet)
     specs = build_specs(models, opts.fp16)
@@ -354,10 +366,11 @@ def _build(folder: Path, tmp: Path, opts: _Options) -> dict:
     shutil.rmtree(tmp / "_raw")
     validation = {name: e.pop("validation") for name, e in entries.items() if "validation" in e}
     validation |= tokenizers
+    sources = {"sources": sources_record(extras)} if extras.any else {}
     return {"versions": _versions(), "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
             "opset": opts.opset, "fp16": opts.fp16, "model_family": family,
             "latent_size_multiple": size_multiple,
-            "models": entries, "validation": validation if opts.validate else None}
+            "models": entries, "validation": validation if opts.validate else None, **sources}
 
 
 def max_opset() -> int:
@@ -369,11 +382,21 @@ def max_opset() -> int:
 
 
 def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: int = 17, atol: float | None = None,
-                    validate: bool = True, log: Callable[[str], object] = print, check_memory: bool = True) -> dict:
-    """Export the diffusers pipeline `src` (folder or hub id) to the ONNX folder `out`; returns the manifest.
+                    validate: bool = True, log: Callable[[str], object] = print, check_memory: bool = True,
+                    config: str | Path | None = None, prediction_type: str | None = None, allow_pickle: bool = False,
+                    loras: Sequence[LoraSpec | str] = (), vae: str | Path | None = None) -> dict:
+    """Export the diffusers pipeline `src` (folder or hub id) or the single-file checkpoint `src` to the ONNX folder
+    `out`; returns the manifest.
 
-    Only safetensors weights are loaded. `fp16` exports the text encoder and UNet in float16 (the UNet's
-    timestep stays float32) and keeps the VAE decoder in float32, as SD VAEs overflow in float16.
+    Only safetensors weights are loaded (a pickled single file with `allow_pickle`, weights-only). `fp16` exports
+    the text encoder and UNet in float16 (the UNet's timestep stays float32) and keeps the VAE decoder in float32,
+    as SD VAEs overflow in float16.
+
+    A single file (SD 1.x, SD 2.x, SDXL base in the original layout) is configured from `config` (a diffusers
+    folder) or the published configs basinguard ships, with the scheduler's `prediction_type` overridden where
+    given (SD 2.x needs one or a `config`); see `basinguard.export.single_file`. `loras` (LoraSpec or "FILE[:WEIGHT]")
+    are fused into the UNet and text encoders, `vae` (a .safetensors file or a diffusers folder) replaces the VAE;
+    basinguard.json's `sources` then records what went in (names, SHA-256, weights).
 
     Validation: each model is run by ONNX Runtime CPU and by its float32 torch module on random inputs (batch 2
     and 3, non-square latents). An output passes when max |onnx - torch| <= atol * max(1, max |torch|):
@@ -393,29 +416,59 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
     if not MIN_OPSET <= opset <= highest:  # checked before any model loads: torch fails late, after a graph dump
         raise ExportError(f"opset must be in [{MIN_OPSET}, {highest}] (got {opset}): attention exports need "
                           f">= {MIN_OPSET}, and this torch exports up to {highest}")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ExportError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    extras = Extras([parse_lora(x) if isinstance(x, str) else x for x in loras],
+                    Path(vae).expanduser() if vae is not None else None)
+    for spec in extras.loras:
+        check_lora_file(spec)
+    if extras.vae is not None:
+        check_vae_source(extras.vae)
     out = Path(out)
     folder = _resolve_source(src, log)
-    index = check_source(folder)
-    problem = scheduler_problem(folder)
-    if problem:
-        log(f"warning: {problem}")
-    if check_memory:  # before minutes of loading and tracing end in the kernel's OOM kill
-        estimate = check_export_memory(folder, fp16)
-        log(f"memory: the export needs about {estimate.peak / GIB:.1f} GiB ({estimate.describe()})")
-    tmp, lock = _prepare_out(out)
-    try:
-        manifest = {"format": "basinguard-onnx", "format_version": 1, "source": str(src),
-                    "pipeline_class": index.get("_class_name"),
-                    **_build(folder, tmp, _Options(fp16, opset, atol, validate, log))}
-        (tmp / "basinguard.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # an empty folder left for us (checked in _prepare_out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
-        os.close(lock)
+    with tempfile.TemporaryDirectory(prefix="basinguard-export-configs-") as work:
+        if folder.is_file():
+            extras.single = prepare_single_file(folder, Path(work), config=Path(config) if config else None,
+                                                prediction_type=prediction_type, allow_pickle=allow_pickle)
+            configs = extras.single.config_folder
+            index = read_json(configs / "model_index.json")
+            counts: Path | dict[str, int] = extras.single.info.part_parameters()
+        else:
+            if config is not None or allow_pickle:
+                flag = "--config" if config is not None else "--allow-pickle"
+                raise ExportError(f"{flag} applies to a single-file checkpoint; {src} is a diffusers folder, whose "
+                                  "own configs are used")
+            index = check_source(folder)
+            configs, counts = folder, folder
+            if extras.vae is not None or prediction_type is not None:  # configs to change: a copy of them
+                configs = copy_configs(folder, Path(work) / "config")
+                if prediction_type is not None:
+                    scheduler = configs / "scheduler/scheduler_config.json"
+                    scheduler.write_text(json.dumps({**read_json(scheduler), "prediction_type": prediction_type},
+                                                    indent=2) + "\n", encoding="utf-8")
+        xl = index.get("text_encoder_2", [None, None])[-1] is not None
+        for spec in extras.loras:  # readable, and for this family's parts, before the model loads
+            lora_modules(pipeline_class("sdxl" if xl else "sd1"), spec, xl)
+        problem = scheduler_problem(configs)
+        if problem:
+            log(f"warning: {problem}")
+        if check_memory:  # before minutes of loading and tracing end in the kernel's OOM kill
+            estimate = check_export_memory(counts, fp16)
+            log(f"memory: the export needs about {estimate.peak / GIB:.1f} GiB ({estimate.describe()})")
+        tmp, lock = _prepare_out(out)
+        try:
+            manifest = {"format": "basinguard-onnx", "format_version": 1, "source": str(src),
+                        "pipeline_class": index.get("_class_name"),
+                        **_build(folder, tmp, _Options(fp16, opset, atol, validate, log), extras, configs)}
+            (tmp / "basinguard.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            if out.exists():
+                out.rmdir()  # an empty folder left for us (checked in _prepare_out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
+            os.close(lock)
     log(f"wrote {out}")
     return manifest
