@@ -251,7 +251,7 @@ def copy_configs(src: Path, dest: Path) -> Path:
 
 
 def _config_index(folder: Path, family: str) -> dict[str, Any]:
-    from basinguard.runtime.model_folder import read_json
+    from basinguard.model_format import read_json
 
     needed = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
               "scheduler/scheduler_config.json"]
