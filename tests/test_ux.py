@@ -227,8 +227,9 @@ def test_known_library_noise_is_silenced_and_the_rest_passes():
     handler = logging.StreamHandler(shown)  # what the libraries' own handlers would be given
     diffusers_logger = diffusers_logging.get_logger("diffusers.utils.import_utils")
     ray_logger = logging.getLogger(ray_auth.__name__)
-    before = ray_logger.level
+    before = ray_logger.level, diffusers_logger.level
     ray_logger.setLevel(logging.INFO)  # as Ray's own setup leaves it when it starts a local instance
+    diffusers_logger.setLevel(logging.WARNING)  # diffusers' default, whatever an earlier test set its verbosity to
     for logger in (diffusers_logger, ray_logger):
         logger.addHandler(handler)
     try:
@@ -240,7 +241,8 @@ def test_known_library_noise_is_silenced_and_the_rest_passes():
     finally:
         for logger in (diffusers_logger, ray_logger):
             logger.removeHandler(handler)
-        ray_logger.setLevel(before)
+        ray_logger.setLevel(before[0])
+        diffusers_logger.setLevel(before[1])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         quiet_known_noise()

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
 
-from basinguard.errors import BasinguardError, first_line
+from basinguard.diffusers.errors import AdapterError
+from basinguard.errors import first_line
 from basinguard.runtime.guidance import USED_BY, PolicyConfig, setting_problem
 
 if TYPE_CHECKING:
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["AdapterError", "guard", "policy_config"]
 
 INSTALL_HINT = "pip install 'basinguard[diffusers]' (torch, diffusers>=0.30,<0.37, transformers)"
-
-
-class AdapterError(BasinguardError, ValueError):
-    """A pipeline, call argument or setting the diffusers adapter does not take; the message says what it takes."""
 
 
 def policy_config(policy: str, guidance_scale: float, settings: Mapping[str, Any]) -> PolicyConfig:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from basinguard.diffusers import AdapterError
+from basinguard.diffusers.errors import AdapterError
 from basinguard.runtime.guidance import GuidancePolicy, PolicyConfig, make_policy
 
 SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
