@@ -22,11 +22,9 @@ from typing import IO, Any
 from basinguard.errors import BasinguardError
 
 MANIFEST = "basinguard.json"
-MODEL_INDEX = "model_index.json"
 REQUIRED = ("text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx", "tokenizer",
             "scheduler/scheduler_config.json")
 SDXL_REQUIRED = ("text_encoder_2/model.onnx", "tokenizer_2")  # beside REQUIRED, for a UNet conditioned on text_time
-ONNX_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # each <part>/model.onnx + config.json
 _JSON_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
                type(None): "null"}
 

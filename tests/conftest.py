@@ -7,6 +7,7 @@ onnxruntime + tokenizers) can still collect this file.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,17 @@ def _byte_chars() -> list[str]:
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     return list(bytes_to_unicode().values())
+
+
+def copy_model(src: Path, dest: Path) -> Path:
+    """The parts of a model folder that make images (the shipped one's memorization set stays behind)."""
+    dest.mkdir()
+    for part in ("text_encoder", "unet", "vae_decoder", "scheduler", "tokenizer"):
+        shutil.copytree(src / part, dest / part)
+    for name in ("basinguard.json", "model_index.json"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dest / name)
+    return dest
 
 
 def write_tiny_clip_vocab(folder: Path, words: tuple[str, ...] = TINY_WORDS) -> tuple[Path, Path]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_model
 from PIL import Image
 
 from basinguard.batch.output import ManifestWriter
@@ -51,17 +52,6 @@ def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "basinguard.cli", *args], capture_output=True, text=True, env=env,
                           **kwargs)
-
-
-def copy_model(src: Path, dest: Path) -> Path:
-    """The parts of a model folder that make images (the shipped one's memorization set stays behind)."""
-    dest.mkdir()
-    for part in ("text_encoder", "unet", "vae_decoder", "scheduler", "tokenizer"):
-        shutil.copytree(src / part, dest / part)
-    for name in ("basinguard.json", "model_index.json"):
-        if (src / name).exists():
-            shutil.copy2(src / name, dest / name)
-    return dest
 
 
 def manifest(out: Path) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_model
 from PIL import Image
 
 from basinguard.batch import prompts as prompt_files
@@ -23,15 +24,6 @@ from basinguard.runtime.settings import sampling_from, with_overrides
 from basinguard.runtime.spec import ModelSpec
 
 LONG = " ".join(["red square and blue circle"] * 10)  # 50 words: more than the shipped encoder's 30 prompt tokens
-
-
-def copy_model(dest: Path) -> Path:
-    dest.mkdir()
-    for part in ("text_encoder", "unet", "vae_decoder", "scheduler", "tokenizer"):
-        shutil.copytree(SHIPPED_MODEL / part, dest / part)
-    for name in ("basinguard.json", "model_index.json"):
-        shutil.copy2(SHIPPED_MODEL / name, dest / name)
-    return dest
 
 
 def edit_json(path: Path, **changes: object) -> None:
@@ -101,7 +93,7 @@ def test_one_tokenizer_rule_where_config_and_onnx_width_differ(tmp_path, capsys)
     """The tokenizer config states no length and the text encoder's config says 77, but its ONNX input is fixed at 32:
     the spec (which checks prompts before any model loads) and the pipeline (which encodes them) pad to 32 alike,
     so `--long-prompts error` refuses exactly the prompts the encoder would cut."""
-    model = copy_model(tmp_path / "model")
+    model = copy_model(SHIPPED_MODEL, tmp_path / "model")
     edit_json(model / "tokenizer/tokenizer_config.json", model_max_length=None)
     edit_json(model / "text_encoder/config.json", max_position_embeddings=77)
     spec = ModelSpec(model)
@@ -119,7 +111,7 @@ def test_one_tokenizer_rule_where_config_and_onnx_width_differ(tmp_path, capsys)
     ({"vocab_size": 700}, "the tokenizer has 761 ids, the text encoder's vocab_size is 700"),
 ])
 def test_a_tokenizer_that_does_not_fit_its_encoder_is_refused_naming_both(tmp_path, change, message):
-    model = copy_model(tmp_path / "model")
+    model = copy_model(SHIPPED_MODEL, tmp_path / "model")
     edit_json(model / "text_encoder/config.json", **change)
     with pytest.raises(ModelFolderError, match=message) as refused:
         ModelSpec(model)
@@ -130,7 +122,7 @@ def test_a_tokenizer_that_does_not_fit_its_encoder_is_refused_naming_both(tmp_pa
 def test_another_models_tokenizer_is_refused(tmp_path, tiny_onnx_dir):
     """The tokenizer folder of another model (the tiny test model's) in the shipped model: its special ids are not
     the ones the shipped text encoder was trained with, so the images would be wrong without a word."""
-    model = copy_model(tmp_path / "model")
+    model = copy_model(SHIPPED_MODEL, tmp_path / "model")
     shutil.rmtree(model / "tokenizer")
     shutil.copytree(tiny_onnx_dir / "tokenizer", model / "tokenizer")
     edit_json(model / "tokenizer/tokenizer_config.json", model_max_length=32)  # past the length check
@@ -140,7 +132,7 @@ def test_another_models_tokenizer_is_refused(tmp_path, tiny_onnx_dir):
 
 def test_the_legacy_clip_ids_are_not_the_tokenizers(tmp_path):
     """SD 1.x's text encoder config states bos/eos ids 0/2 whatever its tokenizer's (49406/49407): no refusal."""
-    model = copy_model(tmp_path / "model")
+    model = copy_model(SHIPPED_MODEL, tmp_path / "model")
     edit_json(model / "text_encoder/config.json", bos_token_id=0, eos_token_id=2)
     assert ModelSpec(model).tokenizer.eos_id == 760
 

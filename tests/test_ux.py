@@ -8,7 +8,6 @@ import errno
 import io
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import copy_model
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -37,17 +37,6 @@ CPUS = len(os.sched_getaffinity(0))
 def run_python(code: str, *args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, **kwargs)
-
-
-def copy_model(src: Path, dest: Path) -> Path:
-    """The parts of a model folder that make images."""
-    dest.mkdir()
-    for part in ("text_encoder", "unet", "vae_decoder", "scheduler", "tokenizer"):
-        shutil.copytree(src / part, dest / part)
-    for name in ("basinguard.json", "model_index.json"):
-        if (src / name).exists():
-            shutil.copy2(src / name, dest / name)
-    return dest
 
 
 # ------------------------------------------------------------------------------------------------ threads

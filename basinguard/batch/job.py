@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -48,7 +47,7 @@ from basinguard.runtime.guidance import make_policy
 from basinguard.runtime.pipeline import Pipeline
 from basinguard.runtime.settings import SamplingConfig
 from basinguard.runtime.spec import ModelSpec
-from basinguard.runtime.tokenizer import PromptTruncatedWarning
+from basinguard.runtime.tokenizer import quiet_truncation
 
 ON_ERROR = ("skip", "stop")
 
@@ -186,15 +185,6 @@ def load_job(job: BatchJob, spec: ModelSpec) -> PromptFile:
         for warning in calibration_warnings(*job.calibration, first, spec.accepted_ids):
             print(f"basinguard batch: warning: {warning}", file=sys.stderr)
     return parsed
-
-
-@contextmanager
-def quiet_truncation() -> Iterator[None]:
-    """The pipeline's PromptTruncatedWarning silenced: a job names each cut prompt once, with its line, when it reads
-    the prompt file (`load_job`)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PromptTruncatedWarning)
-        yield
 
 
 def progress_bar(total: int, enabled: bool):  # -> tqdm

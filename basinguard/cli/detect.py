@@ -32,7 +32,7 @@ def negative_prompt_record(negative_prompts: list[str]) -> bool | str:
 
 
 def cmd_detect(args: argparse.Namespace) -> None:
-    from basinguard.batch.job import check_settings, quiet_truncation
+    from basinguard.batch.job import check_settings
     from basinguard.batch.prompts import read_prompts
     from basinguard.runtime.detection import (
         calibrate,
@@ -42,6 +42,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     )
     from basinguard.runtime.pipeline import Pipeline
     from basinguard.runtime.spec import ModelSpec
+    from basinguard.runtime.tokenizer import quiet_truncation
 
     # d is scored along plain CFG whatever the policy (`detection_scores`): a policy setting would change nothing.
     ignored = [flag for flag in DETECT_IGNORES if getattr(args, flag[2:].replace("-", "_")) is not None]

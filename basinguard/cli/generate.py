@@ -41,12 +41,11 @@ def save_image(generation, path: Path, raw: bool = False) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from basinguard.batch.job import quiet_truncation
     from basinguard.batch.prompts import MAX_IMAGES_PER_LINE
     from basinguard.runtime.detection import calibration_warnings
     from basinguard.runtime.pipeline import Pipeline
     from basinguard.runtime.spec import ModelSpec
-    from basinguard.runtime.tokenizer import prompt_text
+    from basinguard.runtime.tokenizer import prompt_text, quiet_truncation
 
     if not 1 <= args.num_images <= MAX_IMAGES_PER_LINE:
         raise BasinguardError(f"--num-images must be in [1, {MAX_IMAGES_PER_LINE}] (got {args.num_images}; "

@@ -17,6 +17,8 @@ import re
 import sys
 import unicodedata
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +53,14 @@ _TRUNCATIONS_SHOWN: dict = {}  # warnings' registry for PromptTruncatedWarning (
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than the text encoder takes; the message names the dropped words."""
+
+
+@contextmanager
+def quiet_truncation() -> Iterator[None]:
+    """PromptTruncatedWarning silenced, where the caller names each cut prompt once itself (with its line or flag)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        yield
 
 
 @dataclass(frozen=True)
