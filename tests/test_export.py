@@ -404,7 +404,7 @@ def test_working_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path: 
     import subprocess
     import sys
 
-    from basinguard.export.onnx_export import _prepare_out
+    from basinguard.export.onnx_export import prepare_out
 
     killed = tmp_path / ".out.partial-killed"
     (killed / "unet").mkdir(parents=True)
@@ -420,17 +420,17 @@ def test_working_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path: 
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ExportError, match=f"another export into {tmp_path / 'out'} is running"):
-            _prepare_out(tmp_path / "out")
+            prepare_out(tmp_path / "out")
         assert killed.is_dir() and live.is_dir() and (tmp_path / ".out.partial-live.lock").exists()
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()
-    work, lock = _prepare_out(tmp_path / "out")  # the live one is gone now (killed): its folder goes too
+    work, lock = prepare_out(tmp_path / "out")  # the live one is gone now (killed): its folder goes too
     os.close(lock)
     assert not killed.exists() and not (tmp_path / ".out.partial-killed.lock").exists()
     assert not (tmp_path / ".out.partial-lonely.lock").exists() and not (tmp_path / ".out.partial-live.lock").exists()
     assert not live.exists() and work.is_dir() and work.name.startswith(".out.partial-")
     (tmp_path / "afile").write_text("")
     with pytest.raises(ExportError, match="cannot make the folder .*afile/sub for the output"):
-        _prepare_out(tmp_path / "afile" / "sub" / "out")
+        prepare_out(tmp_path / "afile" / "sub" / "out")

@@ -15,12 +15,15 @@ if TYPE_CHECKING:
 
 def cmd_export(args: argparse.Namespace) -> None:
     try:
-        from basinguard.export.onnx_export import ExportError, export_pipeline
+        from basinguard.export.onnx_export import ExportError, export_pipeline, is_exported_folder
     except ImportError as exc:
         if (exc.name or "").startswith("onnxruntime"):  # the export validates with ONNX Runtime: one of its sets
             raise BasinguardError(f"export needs ONNX Runtime: pip install 'basinguard[cpu]' (or a GPU set, "
                                   f"docs/gpu.md) ({exc})") from None
         raise BasinguardError(f"export needs the export extra: pip install 'basinguard[export]' ({exc})") from None
+    if getattr(args, "tensorrt", False) and args.quantize:
+        raise BasinguardError(f"--tensorrt and --quantize {args.quantize} do not go together: an int8 UNet is for "
+                              "ONNX Runtime's CPU provider; TensorRT builds from the float export")
     if getattr(args, "tensorrt", False):
         from basinguard.engine.tensorrt import native_problem
 
@@ -28,10 +31,18 @@ def cmd_export(args: argparse.Namespace) -> None:
         if problem:
             raise BasinguardError(f"--tensorrt: {problem}")
     try:
-        export_pipeline(args.src, Path(args.out), fp16=args.fp16, opset=args.opset, atol=args.atol,
-                        check_memory=not args.no_memory_check, config=args.config,
-                        prediction_type=args.prediction_type, allow_pickle=args.allow_pickle, loras=args.lora or (),
-                        vae=args.vae)
+        if is_exported_folder(Path(args.src)):  # an export already: only its UNet is quantized
+            from basinguard.export.quantize import quantize_folder
+
+            if not args.quantize:
+                raise ExportError(f"{args.src} is an exported basinguard folder already; export its diffusers "
+                                  "source, or give --quantize int8 to write an int8 copy of it")
+            quantize_folder(Path(args.src), Path(args.out), args.quantize, check_memory=not args.no_memory_check)
+        else:
+            export_pipeline(args.src, Path(args.out), fp16=args.fp16, opset=args.opset, atol=args.atol,
+                            check_memory=not args.no_memory_check, config=args.config,
+                            prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+                            loras=args.lora or (), vae=args.vae, quantize=args.quantize)
     except ExportError as exc:
         raise BasinguardError(str(exc)) from None
     if getattr(args, "tensorrt", False):
@@ -58,6 +69,9 @@ def cmd_build_engines(args: argparse.Namespace) -> None:
                 folder.check_size(*size)
         except BasinguardError as exc:
             raise BasinguardError(f"{flag}: {exc}") from None
+    if folder.unet_quantization and (not args.models or "unet" in args.models):
+        raise BasinguardError(f"{folder.path}'s UNet is quantized to {folder.unet_quantization} for ONNX Runtime's "
+                              "CPU provider; build TensorRT engines from its float export (fp32 or --fp16)")
     absent = [role for role in args.models or [] if not (folder.path / role / "model.onnx").is_file()]
     if absent:
         raise BasinguardError(f"--models {' '.join(absent)}: {folder.path} has no {absent[0]}/model.onnx")

@@ -28,11 +28,12 @@ from basinguard.export.graphs import unet_size_multiple as _unet_size_multiple
 from basinguard.export.lora import LoraSpec, check_lora_file, lora_modules, parse_lora
 from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
+from basinguard.export.quantize import QUANTIZE_MODES, quantize_unet
 from basinguard.export.single_file import PREDICTION_TYPES, copy_configs, pipeline_class, prepare_single_file
 from basinguard.export.sources import Extras, assemble, check_vae_source, sources_record
 from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
 from basinguard.files import lock_held
-from basinguard.model_format import read_json
+from basinguard.model_format import MANIFEST, read_json
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
 
 __all__ = ["DEFAULT_ATOL", "ExportError", "check_source", "export_pipeline"]
@@ -167,13 +168,13 @@ def _torch_models(loaded: dict[str, Any], folder: Path) -> TorchModels:
 
 
 def _running_export(out: Path, besides: Path | None = None) -> bool:
-    """Whether another export into `out` holds its lock (`.NAME.partial-XXXX.lock`, see `_prepare_out`). Two that
+    """Whether another export into `out` holds its lock (`.NAME.partial-XXXX.lock`, see `prepare_out`). Two that
     start at the same moment may both see the other and stop; never may both go on."""
     mine = None if besides is None else besides.resolve()  # mkstemp names it absolutely, glob as OUT was given
     return any(lock.resolve() != mine and lock_held(lock) for lock in out.parent.glob(f".{out.name}.partial-*.lock"))
 
 
-def _prepare_out(out: Path) -> tuple[Path, int]:
+def prepare_out(out: Path) -> tuple[Path, int]:
     """A fresh working folder next to OUT, which becomes OUT by one rename once everything is written, and the
     descriptor of its lock (`.NAME.partial-XXXX.lock` beside it, flock-held while this export runs). Working
     folders of exports that were killed (their lock free) are removed first: an SD export's is gigabytes."""
@@ -209,6 +210,12 @@ def _prepare_out(out: Path) -> tuple[Path, int]:
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode
     return tmp, lock
+
+
+def release_out(tmp: Path, lock: int) -> None:
+    """Drop `prepare_out`'s lock once its folder is OUT (or removed)."""
+    tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
+    os.close(lock)
 
 
 def _write_tokenizer(src: Path, dst: Path, validate: bool, log: Callable[[str], object]) -> dict:
@@ -373,6 +380,17 @@ def _build(folder: Path, tmp: Path, opts: _Options, extras: Extras, configs: Pat
             "models": entries, "validation": validation if opts.validate else None, **sources}
 
 
+def is_exported_folder(path: Path) -> bool:
+    """Whether `path` is a folder basinguard exported (its basinguard.json says so), not a diffusers source."""
+    manifest = path / MANIFEST
+    if not path.is_dir() or not manifest.is_file():
+        return False
+    try:
+        return read_json(manifest).get("format") == "basinguard-onnx"
+    except Exception:  # a corrupt manifest is the export's to report, as for any other source
+        return False
+
+
 def max_opset() -> int:
     """The highest opset the exporter basinguard uses writes."""
     from torch.onnx import _constants  # private, but the only place torch states it
@@ -384,7 +402,8 @@ def max_opset() -> int:
 def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: int = 17, atol: float | None = None,
                     validate: bool = True, log: Callable[[str], object] = print, check_memory: bool = True,
                     config: str | Path | None = None, prediction_type: str | None = None, allow_pickle: bool = False,
-                    loras: Sequence[LoraSpec | str] = (), vae: str | Path | None = None) -> dict:
+                    loras: Sequence[LoraSpec | str] = (), vae: str | Path | None = None,
+                    quantize: str | None = None) -> dict:
     """Export the diffusers pipeline `src` (folder or hub id) or the single-file checkpoint `src` to the ONNX folder
     `out`; returns the manifest.
 
@@ -405,11 +424,20 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
     (~3e-3 measured; ~8e-3 for the UNet through the onnxruntime conversion fallback). A float16 graph that
     ONNX Runtime's CPU provider cannot run is reported through `log` and not validated.
 
+    `quantize` ("int8") stores the UNet's MatMul weights as int8 for ONNX Runtime's CPU provider, after the fp32
+    UNet is validated against torch; its deviation from the fp32 graph is recorded (`basinguard.export.quantize`).
+
     `out` must not exist or be empty; it appears only when everything succeeded (the work happens in a hidden
     sibling folder renamed at the end). Raises ExportError with a one-line message on any failure, and before
     any model loads where the export's estimated peak memory exceeds what is available (`check_memory=False`
     skips that check; see `basinguard.export.memory`).
     """
+    if quantize is not None:
+        if quantize not in QUANTIZE_MODES:
+            raise ExportError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+        if fp16:
+            raise ExportError(f"--fp16 and --quantize {quantize} do not go together: the int8 UNet is made from the "
+                              "float32 one, for ONNX Runtime's CPU provider; float16 is for GPUs")
     if atol is not None and not atol >= 0:
         raise ExportError(f"atol must be a number >= 0, got {atol}")
     highest = max_opset()
@@ -455,20 +483,22 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
         if check_memory:  # before minutes of loading and tracing end in the kernel's OOM kill
             estimate = check_export_memory(counts, fp16)
             log(f"memory: the export needs about {estimate.peak / GIB:.1f} GiB ({estimate.describe()})")
-        tmp, lock = _prepare_out(out)
+        tmp, lock = prepare_out(out)
         try:
             manifest = {"format": "basinguard-onnx", "format_version": 1, "source": str(src),
                         "pipeline_class": index.get("_class_name"),
                         **_build(folder, tmp, _Options(fp16, opset, atol, validate, log), extras, configs)}
+            if quantize is not None:
+                manifest["models"]["unet"]["quantization"] = quantize_unet(
+                    tmp / "unet", log, multiple=manifest["latent_size_multiple"])
             (tmp / "basinguard.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             if out.exists():
-                out.rmdir()  # an empty folder left for us (checked in _prepare_out)
+                out.rmdir()  # an empty folder left for us (checked in prepare_out)
             tmp.rename(out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
-            tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
-            os.close(lock)
+            release_out(tmp, lock)
     log(f"wrote {out}")
     return manifest

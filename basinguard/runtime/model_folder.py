@@ -118,6 +118,12 @@ class ModelFolder:
         return self.family == "sdxl" and value
 
     @property
+    def unet_quantization(self) -> str | None:
+        """How the UNet's weights were quantized (`basinguard export --quantize`: "int8"), or None for a float one."""
+        record = self.manifest.get("models", {}).get("unet", {}).get("quantization")
+        return record.get("mode") if isinstance(record, dict) else None
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (_levels(self.vae_config, self.path / "vae_decoder/config.json", 4) - 1)
 

@@ -85,6 +85,10 @@ class Pipeline:
         self.provider = provider
         self.timer = StageTimer()
         path = self.folder.path
+        if provider != "cpu" and self.folder.unet_quantization:  # its integer ops would fall back to the CPU
+            raise ModelFolderError(f"{path}'s UNet is quantized to {self.folder.unet_quantization} for ONNX "
+                                   f"Runtime's CPU provider; run it with provider cpu, or use its float export "
+                                   f"on {provider}")
         self.text = self.spec.family.load_text(self.folder, self.spec.tokenizers, provider, threads, self.timer)
         unet = load_model(path / "unet/model.onnx", provider, threads, static_shapes)
         missing = [name for name in self.spec.family.unet_inputs if name not in unet.inputs]
