@@ -11,6 +11,7 @@ Variants (one UNet call at batch `--batch`, `--size` pixels, the same inputs for
   no-spinning      basinguard with intra-op thread spinning off (session.intra_op.allow_spinning 0)
   no-arena         basinguard without the CPU memory arena
   denormal-zero    basinguard with denormals flushed to zero (session.set_denormal_as_zero 1)
+  affinity         basinguard with each intra-op thread pinned to a CPU of its own (session.intra_op_thread_affinities)
   ort-fusions      onnxruntime.transformers' UNet optimizer (its fusions with CPU kernels: LayerNorm,
                    SkipLayerNorm, Gelu) written to --ort-fusions DIR (made on first use), then basinguard's
   int8             basinguard on `--int8 INT8_DIR` (`basinguard export --quantize int8`); also the deviation of
@@ -29,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,10 +42,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # basinguard from this checkout
 
-VARIANTS = ("optimum", "basinguard", "static-shapes", "no-spinning", "no-arena", "denormal-zero", "ort-fusions",
-            "int8")
+VARIANTS = ("optimum", "basinguard", "static-shapes", "no-spinning", "no-arena", "denormal-zero", "affinity",
+            "ort-fusions", "int8")
 SESSION_CONFIG = {"no-spinning": {"session.intra_op.allow_spinning": "0"},
                   "denormal-zero": {"session.set_denormal_as_zero": "1"}}
+
+
+def affinity_config(threads: int) -> dict[str, str]:
+    """Each intra-op thread ORT starts (threads - 1 of them; the caller's thread is the first) pinned to its own
+    logical processor, 2 .. threads (1-based, ';' between threads)."""
+    return {"session.intra_op_thread_affinities": ";".join(str(cpu) for cpu in range(2, threads + 1))}
 
 
 def unet_feed(session: Any, batch: int, latent: int) -> dict[str, np.ndarray]:
@@ -98,7 +104,8 @@ def child(args: argparse.Namespace) -> None:
 
     def options(threads: int | None) -> ort.SessionOptions:
         opts = base_options(threads)
-        for key, value in SESSION_CONFIG.get(variant, {}).items():
+        config = affinity_config(args.threads) if variant == "affinity" else SESSION_CONFIG.get(variant, {})
+        for key, value in config.items():
             opts.add_session_config_entry(key, value)
         if variant == "no-arena":
             opts.enable_cpu_mem_arena = False
@@ -134,7 +141,9 @@ def child(args: argparse.Namespace) -> None:
         call()
         seconds.append(time.perf_counter() - start)
     np.save(args.result.with_suffix(".npy"), first)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # VmHWM: this process's own peak (getrusage's ru_maxrss carries the parent's peak across fork and exec)
+    status = Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]
+    peak = int(status) / 2**20
     args.result.write_text(json.dumps({"load_s": load_s, "seconds": seconds, "peak_rss_gib": round(peak, 2),
                                        "fused_attention": getattr(locals().get("model"), "fused_attention", 0)}))
 
@@ -168,7 +177,11 @@ def main() -> None:
     if "ort-fusions" in variants:
         if not args.ort_fusions:
             raise SystemExit("the ort-fusions variant needs --ort-fusions DIR (made on first use)")
-        ort_fused_file(args.onnx_dir, args.ort_fusions)
+        if not (args.ort_fusions / "unet" / "model.onnx").is_file():  # in a process of its own: it takes GBs
+            subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                            "from benchmarks.unet_levers import ort_fused_file; from pathlib import Path; "
+                            f"ort_fused_file(Path({str(args.onnx_dir)!r}), Path({str(args.ort_fusions)!r}))"],
+                           check=True)
     args.work.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
     seconds: dict[str, list[float]] = {v: [] for v in variants}

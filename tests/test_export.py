@@ -404,7 +404,7 @@ def test_working_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path: 
     import subprocess
     import sys
 
-    from basinguard.export.onnx_export import prepare_out
+    from basinguard.export.out_folder import prepare_out
 
     killed = tmp_path / ".out.partial-killed"
     (killed / "unet").mkdir(parents=True)

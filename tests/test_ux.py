@@ -249,7 +249,7 @@ def test_known_library_noise_is_silenced_and_the_rest_passes():
 def test_an_export_into_a_relative_path_is_not_taken_for_a_second_one(tmp_path, monkeypatch):
     """OUT given relative to the working folder: the export's own lock (named absolutely) is not another export's."""
     pytest.importorskip("torch")
-    from basinguard.export.onnx_export import prepare_out
+    from basinguard.export.out_folder import prepare_out
 
     monkeypatch.chdir(tmp_path)
     work, lock = prepare_out(Path("build") / "out")

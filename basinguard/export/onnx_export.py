@@ -9,10 +9,8 @@ see `basinguard.export.graphs` for where dtypes and axes differ.
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -28,11 +26,11 @@ from basinguard.export.graphs import unet_size_multiple as _unet_size_multiple
 from basinguard.export.lora import LoraSpec, check_lora_file, lora_modules, parse_lora
 from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
+from basinguard.export.out_folder import prepare_out, release_out
 from basinguard.export.quantize import QUANTIZE_MODES, quantize_unet
 from basinguard.export.single_file import PREDICTION_TYPES, copy_configs, pipeline_class, prepare_single_file
 from basinguard.export.sources import Extras, assemble, check_vae_source, sources_record
 from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
-from basinguard.files import lock_held
 from basinguard.model_format import MANIFEST, read_json
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
 
@@ -165,57 +163,6 @@ def _torch_models(loaded: dict[str, Any], folder: Path) -> TorchModels:
     steps = read_json(folder / "scheduler/scheduler_config.json").get("num_train_timesteps", 1000)
     return TorchModels(loaded["text_encoder"], loaded["unet"], loaded["vae"], folder, int(steps),
                        loaded.get("text_encoder_2"))
-
-
-def _running_export(out: Path, besides: Path | None = None) -> bool:
-    """Whether another export into `out` holds its lock (`.NAME.partial-XXXX.lock`, see `prepare_out`). Two that
-    start at the same moment may both see the other and stop; never may both go on."""
-    mine = None if besides is None else besides.resolve()  # mkstemp names it absolutely, glob as OUT was given
-    return any(lock.resolve() != mine and lock_held(lock) for lock in out.parent.glob(f".{out.name}.partial-*.lock"))
-
-
-def prepare_out(out: Path) -> tuple[Path, int]:
-    """A fresh working folder next to OUT, which becomes OUT by one rename once everything is written, and the
-    descriptor of its lock (`.NAME.partial-XXXX.lock` beside it, flock-held while this export runs). Working
-    folders of exports that were killed (their lock free) are removed first: an SD export's is gigabytes."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"output {out} already exists; remove it or choose another path")
-    if _running_export(out):  # it would find OUT taken only once its own export is done
-        raise ExportError(f"another export into {out} is running; wait for it to finish or choose another path")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file where a folder of the path should be, or no permission
-        raise ExportError(f"cannot make the folder {out.parent} for the output: {exc.strerror or exc}") from None
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        folder = stale.with_name(stale.name.removesuffix(".lock"))
-        lock_path = folder.with_name(folder.name + ".lock")
-        if stale == folder and folder.is_dir() or stale != folder and not folder.exists():
-            if not lock_held(lock_path):  # its export was killed (or a lock outlived its folder)
-                shutil.rmtree(folder, ignore_errors=True)
-                lock_path.unlink(missing_ok=True)
-    # The lock first (a unique name, held at once), then its folder: another export's cleanup never sees this
-    # folder without its held lock.
-    try:
-        lock, lock_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", suffix=".lock", dir=out.parent)
-    except OSError as exc:  # a read-only folder: name the output asked for, not our lock file
-        raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    tmp = Path(lock_name[: -len(".lock")])
-    if _running_export(out, besides=Path(lock_name)):  # one that started between the check above and our lock
-        Path(lock_name).unlink(missing_ok=True)
-        os.close(lock)
-        raise ExportError(f"another export into {out} is running; wait for it to finish or choose another path")
-    tmp.mkdir()
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode
-    return tmp, lock
-
-
-def release_out(tmp: Path, lock: int) -> None:
-    """Drop `prepare_out`'s lock once its folder is OUT (or removed)."""
-    tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
-    os.close(lock)
 
 
 def _write_tokenizer(src: Path, dst: Path, validate: bool, log: Callable[[str], object]) -> dict:

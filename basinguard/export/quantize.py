@@ -29,15 +29,17 @@ import onnx
 from basinguard.export.errors import ExportError, first_line
 from basinguard.export.memory import GIB, available_memory
 from basinguard.export.onnx_files import EXTERNAL_DATA, save_checked
+from basinguard.export.out_folder import prepare_out, release_out
 from basinguard.model_format import MANIFEST, read_json
 
 QUANTIZE_MODES = ("int8",)
 METHOD = ("onnxruntime.quantization.quantize_dynamic: MatMul and Gemm weights int8 (symmetric, one scale per tensor), "
           "activations uint8 per call; Conv, attention scores, text encoders and VAE float32")
-# Peak memory of a quantization, in multiples of the fp32 UNet's bytes: the model loaded, its int8 copy, the
-# save's serialisation (measured: SD 1.5 and SDXL base UNets, see docs/speed.md), plus the interpreter.
-PEAK_FACTOR = 2.0
-BASE = 1.0 * GIB
+# Peak memory of a quantization in multiples of the fp32 UNet's bytes (onnxruntime.quantization holds the model,
+# its shape-inferred copy and the int8 weights; then both graphs run once for the deviation). Measured: SD 1.5's
+# 3.20 GiB UNet peaked at 10.23 GiB RSS (docs/speed.md).
+PEAK_FACTOR = 3.2
+BASE = 0.5 * GIB
 
 
 def unet_bytes(unet: Path) -> int:
@@ -148,8 +150,6 @@ def quantize_folder(src: Path, out: Path, mode: str = "int8", log: Callable[[str
 
     `out` appears only when everything succeeded (a hidden sibling renamed at the end), as an export's does.
     """
-    from basinguard.export.onnx_export import prepare_out, release_out
-
     if mode not in QUANTIZE_MODES:
         raise ExportError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     src, out = Path(src), Path(out)
