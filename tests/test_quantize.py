@@ -143,3 +143,23 @@ def test_a_failed_quantization_leaves_nothing(tiny_onnx_dir: Path, tmp_path: Pat
     with pytest.raises(ExportError, match="^int8 quantization of the UNet failed: unsupported node$"):
         quantize_folder(tiny_onnx_dir, tmp_path / "out", log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_policies_that_read_d_warn_once_on_an_int8_unet(int8_dir: Path, tiny_onnx_dir: Path) -> None:
+    """d is the method's signal; int8 moves it (8 % at the first step on the shipped model), so dtp's transition
+    and auto's detection move: said once per pipeline, and not for policies that never read d."""
+    import warnings
+
+    pipe = Pipeline(int8_dir, threads=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.generate(["a red circle"], seeds=[0], steps=2, policy="cfg")
+        pipe.generate(["a red circle"], seeds=[0], steps=2, policy="stp")
+        assert not caught
+        pipe.generate(["a red circle"], seeds=[0], steps=2, policy="dtp")
+        pipe.generate(["a red circle"], seeds=[0], steps=2, policy="og-dtp")
+    assert len(caught) == 1 and "UNet is int8: its d differs" in str(caught[0].message)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Pipeline(tiny_onnx_dir, threads=1).generate(["a red circle"], seeds=[0], steps=2, policy="dtp")
+    assert not caught

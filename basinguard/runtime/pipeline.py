@@ -8,6 +8,7 @@ table. The model family's text conditioning is chosen once, at load (`conditioni
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -71,6 +72,10 @@ class Sampled:
     policy: GuidancePolicy
 
 
+# Policies whose decisions read d: dtp's local minimum, auto's first-step detection.
+READS_D = ("dtp", "og-dtp", "auto")
+
+
 class Pipeline:
     """An exported model folder (or its `ModelSpec`) loaded on one provider. `static_shapes`: shape-specialised UNet
     sessions on CPU (see `OrtModel`), for jobs that run many generations at the same sizes."""
@@ -84,6 +89,7 @@ class Pipeline:
         self.folder, self.tokenizer = self.spec.folder, self.spec.tokenizer
         self.provider = provider
         self.timer = StageTimer()
+        self._warned_quantized = False
         path = self.folder.path
         if provider != "cpu" and self.folder.unet_quantization:  # its integer ops would fall back to the CPU
             raise ModelFolderError(f"{path}'s UNet is quantized to {self.folder.unet_quantization} for ONNX "
@@ -130,6 +136,13 @@ class Pipeline:
         if not isinstance(sampling, SamplingConfig) or not isinstance(sampling.policy, PolicyConfig):
             raise InputError(f"sampling must be a SamplingConfig with a PolicyConfig policy (got {type(sampling).__name__})")
         sampling = self.spec.resolve(sampling)
+        if self.folder.unet_quantization and sampling.policy.name in READS_D and not self._warned_quantized:
+            self._warned_quantized = True
+            warnings.warn(f"{self.folder.path}'s UNet is {self.folder.unet_quantization}: its d differs from the "
+                          f"float model's (8 % at the first step on the shipped model), which moves {sampling.policy.name}"
+                          "'s decisions (dtp's transition step, auto's detection against a threshold calibrated on "
+                          "the float model); docs/speed.md#what-int8-does-to-the-shipped-model", UserWarning,
+                          stacklevel=3)
         if latents is None:
             if seeds is None or isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__") or len(seeds) != n:
                 raise InputError(f"need a list of one seed per image ({n})")
