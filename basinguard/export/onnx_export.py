@@ -26,7 +26,7 @@ from basinguard.export.graphs import unet_size_multiple as _unet_size_multiple
 from basinguard.export.lora import LoraSpec, check_lora_file, lora_modules, parse_lora
 from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
-from basinguard.export.out_folder import prepare_out, release_out
+from basinguard.export.out_folder import output_folder
 from basinguard.export.quantize import QUANTIZE_MODES, quantize_unet
 from basinguard.export.single_file import PREDICTION_TYPES, copy_configs, pipeline_class, prepare_single_file
 from basinguard.export.sources import Extras, assemble, check_vae_source, sources_record
@@ -430,8 +430,7 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
         if check_memory:  # before minutes of loading and tracing end in the kernel's OOM kill
             estimate = check_export_memory(counts, fp16)
             log(f"memory: the export needs about {estimate.peak / GIB:.1f} GiB ({estimate.describe()})")
-        tmp, lock = prepare_out(out)
-        try:
+        with output_folder(out) as tmp:
             manifest = {"format": "basinguard-onnx", "format_version": 1, "source": str(src),
                         "pipeline_class": index.get("_class_name"),
                         **_build(folder, tmp, _Options(fp16, opset, atol, validate, log), extras, configs)}
@@ -439,13 +438,5 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
                 manifest["models"]["unet"]["quantization"] = quantize_unet(
                     tmp / "unet", log, multiple=manifest["latent_size_multiple"])
             (tmp / "basinguard.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            if out.exists():
-                out.rmdir()  # an empty folder left for us (checked in prepare_out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            release_out(tmp, lock)
     log(f"wrote {out}")
     return manifest

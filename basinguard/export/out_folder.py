@@ -6,6 +6,8 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from basinguard.export.errors import ExportError
@@ -61,3 +63,20 @@ def release_out(tmp: Path, lock: int) -> None:
     """Drop `prepare_out`'s lock once its folder is OUT (or removed)."""
     tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
     os.close(lock)
+
+
+@contextmanager
+def output_folder(out: Path) -> Iterator[Path]:
+    """The working folder to fill (`prepare_out`); it becomes OUT by one rename when the block ends without an
+    exception and is removed when it ends with one, a KeyboardInterrupt included."""
+    tmp, lock = prepare_out(out)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # an empty folder left for us (checked in prepare_out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        release_out(tmp, lock)

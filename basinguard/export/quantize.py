@@ -29,7 +29,7 @@ import onnx
 from basinguard.export.errors import ExportError, first_line
 from basinguard.export.memory import GIB, available_memory
 from basinguard.export.onnx_files import EXTERNAL_DATA, save_checked
-from basinguard.export.out_folder import prepare_out, release_out
+from basinguard.export.out_folder import output_folder
 from basinguard.model_format import MANIFEST, read_json
 
 QUANTIZE_MODES = ("int8",)
@@ -163,8 +163,7 @@ def quantize_folder(src: Path, out: Path, mode: str = "int8", log: Callable[[str
                           "export (without --fp16)")
     if check_memory:
         check_quantize_memory(src / "unet")
-    tmp, lock = prepare_out(out)
-    try:
+    with output_folder(out) as tmp:
         for item in src.iterdir():
             if item.name == "unet":
                 continue
@@ -180,13 +179,5 @@ def quantize_folder(src: Path, out: Path, mode: str = "int8", log: Callable[[str
         manifest["models"]["unet"]["quantization"] = record
         manifest["quantized_from"] = str(src)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        release_out(tmp, lock)
     log(f"wrote {out}")
     return manifest
