@@ -142,3 +142,14 @@ def onnx_input_shapes(path: Path) -> dict[str, tuple[int | str | None, ...]]:
     except OSError as exc:
         raise ModelFolderError(f"cannot read {path}: {exc.strerror or exc}") from None
     raise ModelFolderError(f"{path} is not a readable ONNX model (no graph found)")
+
+
+def is_exported_folder(path: Path) -> bool:
+    """Whether `path` is a folder basinguard exported (its basinguard.json says so), not a diffusers source."""
+    manifest = path / MANIFEST
+    if not path.is_dir() or not manifest.is_file():
+        return False
+    try:
+        return read_json(manifest).get("format") == "basinguard-onnx"
+    except Exception:  # a corrupt manifest: not ours to read here; whoever opens the folder reports it
+        return False

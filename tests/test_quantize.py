@@ -163,3 +163,23 @@ def test_policies_that_read_d_warn_once_on_an_int8_unet(int8_dir: Path, tiny_onn
         warnings.simplefilter("always")
         Pipeline(tiny_onnx_dir, threads=1).generate(["a red circle"], seeds=[0], steps=2, policy="dtp")
     assert not caught
+
+
+def test_quantizing_an_exported_folder_needs_no_torch(tiny_onnx_dir: Path, tmp_path: Path, capsys) -> None:
+    """The runtime's install (numpy, onnx, onnxruntime) is enough: the command imports no torch, diffusers or
+    transformers; export-only flags are refused in one line."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from basinguard.cli import main; "
+            f"code = main(['export', {str(tiny_onnx_dir)!r}, {str(tmp_path / 'q')!r}, '--quantize', 'int8']); "
+            "heavy = sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)); "
+            "print(code, heavy)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.stdout.strip().splitlines()[-1] == "0 []", (done.stdout, done.stderr)
+    assert (tmp_path / "q" / "unet" / "model.onnx").is_file()
+    assert cli_main(["export", str(tiny_onnx_dir), str(tmp_path / "r"), "--quantize", "int8", "--lora", "x.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora does not go with --quantize int8 of an exported folder" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

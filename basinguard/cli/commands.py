@@ -8,14 +8,18 @@ from typing import TYPE_CHECKING
 
 from basinguard.cli.common import calibrated_threshold, image_options, model_dir, refuse_overwriting, sampling_from_args
 from basinguard.errors import BasinguardError
+from basinguard.model_format import is_exported_folder
 
 if TYPE_CHECKING:
     pass
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if is_exported_folder(Path(args.src)):  # an export already: only its UNet is quantized, without torch
+        _quantize_exported(args)
+        return
     try:
-        from basinguard.export.onnx_export import ExportError, export_pipeline, is_exported_folder
+        from basinguard.export.onnx_export import ExportError, export_pipeline
     except ImportError as exc:
         if (exc.name or "").startswith("onnxruntime"):  # the export validates with ONNX Runtime: one of its sets
             raise BasinguardError(f"export needs ONNX Runtime: pip install 'basinguard[cpu]' (or a GPU set, "
@@ -31,18 +35,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         if problem:
             raise BasinguardError(f"--tensorrt: {problem}")
     try:
-        if is_exported_folder(Path(args.src)):  # an export already: only its UNet is quantized
-            from basinguard.export.quantize import quantize_folder
-
-            if not args.quantize:
-                raise ExportError(f"{args.src} is an exported basinguard folder already; export its diffusers "
-                                  "source, or give --quantize int8 to write an int8 copy of it")
-            quantize_folder(Path(args.src), Path(args.out), args.quantize, check_memory=not args.no_memory_check)
-        else:
-            export_pipeline(args.src, Path(args.out), fp16=args.fp16, opset=args.opset, atol=args.atol,
-                            check_memory=not args.no_memory_check, config=args.config,
-                            prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
-                            loras=args.lora or (), vae=args.vae, quantize=args.quantize)
+        export_pipeline(args.src, Path(args.out), fp16=args.fp16, opset=args.opset, atol=args.atol,
+                        check_memory=not args.no_memory_check, config=args.config,
+                        prediction_type=args.prediction_type, allow_pickle=args.allow_pickle, loras=args.lora or (),
+                        vae=args.vae, quantize=args.quantize)
     except ExportError as exc:
         raise BasinguardError(str(exc)) from None
     if getattr(args, "tensorrt", False):
@@ -51,6 +47,29 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         # build-engines' defaults: batch 1, the native size
         build_engines(Path(args.out), ModelSpec(Path(args.out)).engine_geometry())
+
+
+def _quantize_exported(args: argparse.Namespace) -> None:
+    """`export EXPORTED_DIR OUT --quantize int8`: an int8 copy of a folder basinguard exported."""
+    if not args.quantize:
+        raise BasinguardError(f"{args.src} is an exported basinguard folder already; export its diffusers source, "
+                              "or give --quantize int8 to write an int8 copy of it")
+    given = [flag for flag, value in (("--fp16", args.fp16), ("--tensorrt", args.tensorrt), ("--lora", args.lora),
+                                      ("--vae", args.vae), ("--config", args.config),
+                                      ("--prediction-type", args.prediction_type), ("--allow-pickle", args.allow_pickle))
+             if value]
+    if given:
+        raise BasinguardError(f"{given[0]} does not go with --quantize {args.quantize} of an exported folder: it "
+                              f"applies to a diffusers source or single file ({args.src} is exported already)")
+    try:
+        from basinguard.export.errors import ExportError
+        from basinguard.export.quantize import quantize_folder
+    except ImportError as exc:  # onnxruntime comes from an extra
+        raise BasinguardError(f"--quantize needs ONNX Runtime: pip install 'basinguard[cpu]' ({exc})") from None
+    try:
+        quantize_folder(Path(args.src), Path(args.out), args.quantize, check_memory=not args.no_memory_check)
+    except ExportError as exc:
+        raise BasinguardError(str(exc)) from None
 
 
 def cmd_build_engines(args: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ from basinguard.export.quantize import QUANTIZE_MODES, quantize_unet
 from basinguard.export.single_file import PREDICTION_TYPES, copy_configs, pipeline_class, prepare_single_file
 from basinguard.export.sources import Extras, assemble, check_vae_source, sources_record
 from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
-from basinguard.model_format import MANIFEST, read_json
+from basinguard.model_format import read_json
 from basinguard.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
 
 __all__ = ["DEFAULT_ATOL", "ExportError", "check_source", "export_pipeline"]
@@ -325,17 +325,6 @@ def _build(folder: Path, tmp: Path, opts: _Options, extras: Extras, configs: Pat
             "opset": opts.opset, "fp16": opts.fp16, "model_family": family,
             "latent_size_multiple": size_multiple,
             "models": entries, "validation": validation if opts.validate else None, **sources}
-
-
-def is_exported_folder(path: Path) -> bool:
-    """Whether `path` is a folder basinguard exported (its basinguard.json says so), not a diffusers source."""
-    manifest = path / MANIFEST
-    if not path.is_dir() or not manifest.is_file():
-        return False
-    try:
-        return read_json(manifest).get("format") == "basinguard-onnx"
-    except Exception:  # a corrupt manifest is the export's to report, as for any other source
-        return False
 
 
 def max_opset() -> int:
