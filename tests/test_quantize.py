@@ -127,9 +127,20 @@ def test_refusals(tiny_onnx_dir: Path, tiny_sd_pipeline_dir: Path, int8_dir: Pat
         Pipeline(int8_dir, provider="cuda")
 
 
-def test_memory_is_checked_before_loading(tiny_onnx_dir: Path) -> None:
-    with pytest.raises(ExportError, match=r"needs about \d+\.\d GiB but 0\.0 GiB is available \(test\)"):
-        check_quantize_memory(tiny_onnx_dir / "unet", available=(1, "test"))
+def test_memory_is_checked_before_loading(tiny_sd_pipeline_dir: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """3.2x the fp32 UNet's bytes (measured on SD 1.5); an export with --quantize checks it before loading."""
+    from basinguard.export import memory, onnx_export, quantize
+
+    with pytest.raises(ExportError, match=r"needs about 3\.7 GiB but 0\.0 GiB is available \(test\)"):
+        check_quantize_memory(2**30, available=(1, "test"))
+    room = (memory.check_export_memory(tiny_sd_pipeline_dir, False).peak + 2**20, "test")
+    monkeypatch.setattr(memory, "available_memory", lambda: room)  # the export itself fits
+    monkeypatch.setattr(quantize, "available_memory", lambda: (1, "test"))  # its quantization does not
+    monkeypatch.setattr(onnx_export, "_build", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(ExportError, match="quantizing the UNet"):
+        onnx_export.export_pipeline(tiny_sd_pipeline_dir, tmp_path / "out", quantize="int8", log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_quantization_leaves_nothing(tiny_onnx_dir: Path, tmp_path: Path,

@@ -27,7 +27,7 @@ from basinguard.export.lora import LoraSpec, check_lora_file, lora_modules, pars
 from basinguard.export.memory import GIB, check_export_memory
 from basinguard.export.onnx_files import convert_to_half, save_checked
 from basinguard.export.out_folder import output_folder
-from basinguard.export.quantize import QUANTIZE_MODES, quantize_unet
+from basinguard.export.quantize import QUANTIZE_MODES, check_quantize_memory, quantize_unet
 from basinguard.export.single_file import PREDICTION_TYPES, copy_configs, pipeline_class, prepare_single_file
 from basinguard.export.sources import Extras, assemble, check_vae_source, sources_record
 from basinguard.export.validate import Expected, expected_outputs, graph_io, validate_graph
@@ -418,6 +418,8 @@ def export_pipeline(src: str | Path, out: Path, *, fp16: bool = False, opset: in
             log(f"warning: {problem}")
         if check_memory:  # before minutes of loading and tracing end in the kernel's OOM kill
             estimate = check_export_memory(counts, fp16)
+            if quantize is not None:  # at the end, once torch's modules are freed: it stands alone
+                check_quantize_memory(4 * estimate.parameters["unet"])
             log(f"memory: the export needs about {estimate.peak / GIB:.1f} GiB ({estimate.describe()})")
         with output_folder(out) as tmp:
             manifest = {"format": "basinguard-onnx", "format_version": 1, "source": str(src),

@@ -46,14 +46,14 @@ def unet_bytes(unet: Path) -> int:
     return sum(f.stat().st_size for f in (unet / "model.onnx", unet / EXTERNAL_DATA) if f.is_file())
 
 
-def check_quantize_memory(unet: Path, available: tuple[int, str] | None = None) -> float:
-    """Raise ExportError before loading when the quantization's estimated peak exceeds the memory available;
+def check_quantize_memory(fp32_bytes: int, available: tuple[int, str] | None = None) -> float:
+    """Raise ExportError before loading when quantizing a UNet of `fp32_bytes` would exceed the memory available;
     returns the estimate in bytes."""
-    need = PEAK_FACTOR * unet_bytes(unet) + BASE
+    need = PEAK_FACTOR * fp32_bytes + BASE
     available = available if available is not None else available_memory()
     if available is not None and need > available[0]:
-        raise ExportError(f"quantizing {unet / 'model.onnx'} needs about {need / GIB:.1f} GiB but "
-                          f"{available[0] / GIB:.1f} GiB is available ({available[1]}); free memory first")
+        raise ExportError(f"quantizing the UNet ({fp32_bytes / GIB:.1f} GiB in fp32) needs about {need / GIB:.1f} "
+                          f"GiB but {available[0] / GIB:.1f} GiB is available ({available[1]}); free memory first")
     return need
 
 
@@ -162,7 +162,7 @@ def quantize_folder(src: Path, out: Path, mode: str = "int8", log: Callable[[str
         raise ExportError(f"{src}'s UNet is {unet_entry.get('dtype')}; int8 quantization starts from a float32 "
                           "export (without --fp16)")
     if check_memory:
-        check_quantize_memory(src / "unet")
+        check_quantize_memory(unet_bytes(src / "unet"))
     with output_folder(out) as tmp:
         for item in src.iterdir():
             if item.name == "unet":
